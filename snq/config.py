@@ -1,0 +1,344 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The TOML configuration, loaded into frozen dataclasses.
+
+Every key has a default, so no file at all is a valid configuration (the
+embedded SQLite default).  Every problem in a file is collected and reported
+together, each naming the file, the key and what was expected; nothing
+starts on a configuration that did not validate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_VAR = "SNQ_CONFIG"
+BACKENDS = ("db", "stomp", "redis")
+
+
+class ConfigError(Exception):
+    """One or more problems, each a line: C{file: key: what was expected}."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _check(predicate, expected: str):
+    return {"check": (predicate, expected)}
+
+
+_positive = _check(lambda v: v > 0, "a number greater than 0")
+_notNegative = _check(lambda v: v >= 0, "a number not below 0")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_name = _check(lambda v: bool(_NAME.match(v)), "a name of letters, digits, _ . -")
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)b?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parseSize(value: int | str) -> int | None:
+    """C{512m} → bytes; C{""} or 0 → None (no limit)."""
+    if isinstance(value, int):
+        return value or None
+    if not value.strip():
+        return None
+    m = _SIZE.match(value)
+    if not m:
+        raise ValueError(value)
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()]) or None
+
+
+def _isSize(value) -> bool:
+    try:
+        parseSize(value)
+    except (ValueError, AttributeError):
+        return False
+    return True
+
+
+_size = _check(_isSize, 'bytes as an integer or a string like "512m" ("" = none)')
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    id: str = field(default="generic", metadata=_name)
+    #: Worker processes; 0 = one per CPU.
+    workers: int = field(default=0, metadata=_notNegative)
+    #: Seconds a stopping worker waits for in-flight items before giving up.
+    kill_time: float = field(default=30.0, metadata=_positive)
+    #: A worker that lived less than this many seconds died young …
+    threshold: float = field(default=1.0, metadata=_positive)
+    #: … and waits this long before its respawn, doubling each time …
+    min_restart_delay: float = field(default=1.0, metadata=_positive)
+    #: … up to this.
+    max_restart_delay: float = field(default=60.0, metadata=_positive)
+    #: UNIX socket for snqctl (mode 0600); relative to the run directory.
+    control_socket: str = "snq.sock"
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    backend: str = field(
+        default="db", metadata=_check(lambda v: v in BACKENDS, " | ".join(BACKENDS))
+    )
+    groups: list[str] = field(
+        default_factory=lambda: ["main"],
+        metadata=_check(
+            lambda v: bool(v) and all(_NAME.match(g) for g in v),
+            "a non-empty list of group names",
+        ),
+    )
+    max_retries: int = field(default=10, metadata=_notNegative)
+    #: First retry delay in seconds; it doubles per attempt, with jitter.
+    retry_delay: float = field(default=1.0, metadata=_positive)
+    retry_max_delay: float = field(default=3600.0, metadata=_positive)
+    #: Items a worker holds at once (claimed, running or waiting for a slot).
+    prefetch: int = field(default=100, metadata=_positive)
+    #: Items a worker runs at once, across transports.
+    concurrency: int = field(default=50, metadata=_positive)
+    #: Longest wait between polls when a polling backend finds nothing.
+    poll_interval: float = field(default=1.0, metadata=_positive)
+    #: Seconds a claimed item stays reserved; renewed while it is held.
+    lease: float = field(default=60.0, metadata=_positive)
+    dead_letter_dir: str = ""
+    #: STOMP destinations are basename + group (or + breakout spec).
+    basename: str = "/queue/snq/"
+    #: "group/transport" or "group/transport/site": own broker queue.
+    breakout: list[str] = field(
+        default_factory=list,
+        metadata=_check(
+            lambda v: all(1 < len(b.split("/")) < 4 and all(b.split("/"))
+                          for b in v),
+            '"group/transport" or "group/transport/site" entries'))
+    #: A worker's resident memory limit; "" = none.
+    memory_limit: str | int = field(default="", metadata=_size)
+    #: Where a worker recycles itself: bytes, or a percentage of memory_limit.
+    softlimit: str | int = field(default="90%", metadata=_check(
+        lambda v: (isinstance(v, str) and re.match(r"^\d+(\.\d+)?%$", v.strip()))
+        or _isSize(v), 'bytes, a size like "400m", or a percentage like "90%"'))
+    #: Recycle a worker after this many items; 0 = never.
+    max_items: int = field(default=0, metadata=_notNegative)
+    #: Seconds between starting two workers.
+    spawndelay: float = field(default=0.2, metadata=_notNegative)
+
+    def softLimitBytes(self) -> int | None:
+        """The soft limit in bytes, or None when neither key gives one."""
+        soft = self.softlimit
+        if isinstance(soft, str) and soft.strip().endswith("%"):
+            hard = parseSize(self.memory_limit)
+            if hard is None:
+                return None
+            return int(hard * float(soft.strip()[:-1]) / 100)
+        return parseSize(soft)
+
+
+@dataclass(frozen=True)
+class DbConfig:
+    url: str = field(
+        default="sqlite:///snq.sqlite",
+        metadata=_check(
+            lambda v: v.split("://", 1)[0] in ("sqlite", "mysql", "postgresql")
+            and "://" in v,
+            "sqlite:///PATH, mysql://USER:PASS@HOST:PORT/DB "
+            "or postgresql://USER:PASS@HOST:PORT/DB",
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class StompConfig:
+    servers: list[str] = field(
+        default_factory=lambda: ["tcp://127.0.0.1:61613"],
+        metadata=_check(lambda v: bool(v) and all(
+            re.match(r"^(tcp|ssl)://[^:/]+:\d+$", s) for s in v),
+            'a non-empty list of "tcp://HOST:PORT" or "ssl://HOST:PORT"'))
+    login: str = "guest"
+    passcode: str = "guest"
+    vhost: str = "/"
+    #: Seconds between heart-beats each way; 0 = none.
+    heartbeat: float = field(default=10.0, metadata=_notNegative)
+    control_channel: str = "/topic/snq/control"
+    #: HMAC-SHA256 key control messages must be signed with; "" = unsigned.
+    control_secret: str = ""
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = field(default="redis://127.0.0.1:6379/0", metadata=_check(
+        lambda v: v.startswith(("redis://", "rediss://")),
+        "redis://[USER:PASSWORD@]HOST:PORT/DB or rediss://…"))
+    #: Every key snq reads or writes starts with this.
+    prefix: str = field(default="snq:", metadata=_check(bool, "a non-empty prefix"))
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    #: Items of this transport run at once in one worker; 0 = no own limit.
+    concurrency: int = field(default=0, metadata=_notNegative)
+    #: Seconds before a running item counts as failed; 0 = no timeout.
+    timeout: float = field(default=0.0, metadata=_notNegative)
+    #: None = the [queue] max_retries.
+    max_retries: int | None = field(default=None, metadata=_notNegative)
+    priority: int = 0
+    #: None = the handler's own group (usually "main").
+    group: str | None = field(default=None, metadata=_name)
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    db: DbConfig = field(default_factory=DbConfig)
+    stomp: StompConfig = field(default_factory=StompConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    transports: dict[str, TransportConfig] = field(default_factory=dict)
+    #: transport name → "package.module:Class"
+    handlers: dict[str, str] = field(default_factory=dict)
+    #: site nick → free-form settings handed to handlers.
+    sites: dict[str, dict] = field(default_factory=dict)
+    #: The file this came from, or None for the embedded default.
+    source: str | None = None
+
+    def transport(self, name: str) -> TransportConfig:
+        return self.transports.get(name) or _DEFAULT_TRANSPORT
+
+    def maxRetries(self, transport: str) -> int:
+        own = self.transport(transport).max_retries
+        return self.queue.max_retries if own is None else own
+
+    def siteConfig(self, site: str) -> dict:
+        """
+        A site's settings: C{[sites.default]} overridden by C{[sites.SITE]}.
+        """
+        merged = dict(self.sites.get("default", {}))
+        merged.update(self.sites.get(site, {}))
+        return merged
+
+
+_DEFAULT_TRANSPORT = TransportConfig()
+_SECTIONS = {"daemon": DaemonConfig, "queue": QueueConfig, "db": DbConfig,
+             "stomp": StompConfig, "redis": RedisConfig}
+
+
+def load(path: str | None = None, environ: typing.Mapping = os.environ) -> Config:
+    """
+    Load C{path}, else the file named by C{$SNQ_CONFIG}, else the embedded
+    default.  Raises L{ConfigError}.
+    """
+    path = path or environ.get(ENV_VAR) or None
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"])
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: not valid TOML: {e}"])
+    return parse(data, path)
+
+
+def parse(data: dict, source: str = "<config>") -> Config:
+    problems: list[str] = []
+
+    def problem(key: str, message: str) -> None:
+        problems.append(f"{source}: {key}: {message}")
+
+    known = {*_SECTIONS, "transports", "handlers", "sites"}
+    for key in sorted(set(data) - known):
+        problem(key, f"unknown section (known: {', '.join(sorted(known))})")
+
+    sections = {
+        name: _build(cls, _table(data, name, problem), name, problem)
+        for name, cls in _SECTIONS.items()
+    }
+    transports = {
+        name: _build(TransportConfig, _asTable(table, f"transports.{name}", problem),
+                     f"transports.{name}", problem)
+        for name, table in _table(data, "transports", problem).items()
+    }
+    handlers = {}
+    for name, path in _table(data, "handlers", problem).items():
+        if not isinstance(path, str) or not re.match(r"^[\w.]+:[\w.]+$", path):
+            problem(f"handlers.{name}", 'expected "package.module:Class"')
+        else:
+            handlers[name] = path
+    sites = {
+        nick: _asTable(table, f"sites.{nick}", problem)
+        for nick, table in _table(data, "sites", problem).items()
+    }
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        **sections, transports=transports, handlers=handlers, sites=sites,
+        source=source,
+    )
+
+
+def _table(data: dict, key: str, problem) -> dict:
+    return _asTable(data.get(key, {}), key, problem)
+
+
+def _asTable(value: Any, key: str, problem) -> dict:
+    if not isinstance(value, dict):
+        problem(key, f"expected a table, got {_typeName(value)}")
+        return {}
+    return value
+
+
+def _build(cls, table: dict, where: str, problem):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in sorted(set(table) - set(fields)):
+        problem(f"{where}.{key}", f"unknown key (known: {', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        if name not in table:
+            continue
+        key, value = f"{where}.{name}", table[name]
+        expected = _coerce(hints[name], value)
+        if expected is not None:
+            problem(key, f"expected {expected}, got {_typeName(value)} {value!r}")
+            continue
+        check = f.metadata.get("check")
+        if check and value is not None and not check[0](value):
+            problem(key, f"expected {check[1]}, got {value!r}")
+            continue
+        values[name] = float(value) if hints[name] is float else value
+    return cls(**values)
+
+
+def _coerce(hint, value) -> str | None:
+    """The expectation C{value} fails for C{hint}, or None if it fits."""
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int or hint == (int | None):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else "an integer"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else "a number"
+    if hint is str or hint == (str | None):
+        return None if isinstance(value, str) else "a string"
+    if hint == (str | int):
+        ok = isinstance(value, (str, int)) and not isinstance(value, bool)
+        return None if ok else "a string or an integer"
+    if hint == list[str]:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return None if ok else "a list of strings"
+    raise TypeError(f"no coercion for {hint}")
+
+
+def _typeName(value: Any) -> str:
+    return {
+        bool: "boolean", int: "integer", float: "number", str: "string",
+        list: "array", dict: "table",
+    }.get(type(value), type(value).__name__)

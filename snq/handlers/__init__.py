@@ -1,0 +1,112 @@
+# -*- test-case-name: tests.test_handlers -*-
+"""
+The handler API, public: C{from snq.handlers import QueueHandler, Reject}.
+
+A handler is found by its transport, first among the C{snq.handlers} entry
+points (the built-ins are registered that way too), then in the config's
+C{[handlers]} table, which wins, so an operator can replace a plugin's
+handler without touching the plugin.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+from twisted.logger import Logger
+
+ENTRY_POINT_GROUP = "snq.handlers"
+
+
+class Reject(Exception):
+    """
+    Raised by a handler for an item that can never succeed: it goes to the
+    dead letters at once, with this exception's message as the reason.
+    """
+
+
+class HandlerError(Exception):
+    """A configured handler could not be loaded."""
+
+
+class QueueHandler:
+    """
+    Subclass, set C{transport}, define C{handle(item)}.
+
+    C{handle} returns True or None when done, False to have the item retried;
+    it may return a Deferred or be a coroutine.  Raising retries the item too,
+    except L{Reject}.  Set C{blocking = True} for a handler that blocks: it
+    then runs in a thread pool, off the event loop.
+
+    Delivery is at least once: the same item can reach C{handle} twice (a
+    worker killed between the work and its acknowledgement), so make
+    handling idempotent, e.g. keyed on C{item.id}.
+    """
+
+    transport: str | None = None
+    #: The group whose queue carries this transport; see README "Groups".
+    group: str = "main"
+    blocking: bool = False
+
+    def __init__(self, context):
+        #: L{snq.queues.base.HandlerContext}: config, enqueue, clock.
+        self.context = context
+
+    def handle(self, item):
+        raise NotImplementedError(f"{type(self).__name__}.handle")
+
+    def stop(self):
+        """Called once as the worker stops: close connections (a Deferred)."""
+
+
+def importHandler(path: str) -> type[QueueHandler]:
+    """C{"package.module:Class"} → the class, or L{HandlerError} saying why."""
+    moduleName, _, attr = path.partition(":")
+    try:
+        obj = importlib.import_module(moduleName)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as e:
+        raise HandlerError(f"cannot load {path}: {type(e).__name__}: {e}")
+    if not (isinstance(obj, type) and issubclass(obj, QueueHandler)):
+        raise HandlerError(f"{path} is not a QueueHandler subclass")
+    return obj
+
+
+class HandlerRegistry:
+    """Transport name → handler class, from entry points and config."""
+
+    log = Logger()
+
+    def __init__(self, classes: dict[str, type[QueueHandler]]):
+        self.classes = classes
+
+    @classmethod
+    def load(cls, configured: dict[str, str]) -> HandlerRegistry:
+        """
+        A broken plugin is logged and left out (its items then dead-letter as
+        C{badhandler}); a broken C{[handlers]} entry raises L{HandlerError},
+        since the operator asked for it by name.
+        """
+        classes = {}
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                classes[ep.name] = importHandler(ep.value)
+            except HandlerError as e:
+                cls.log.error("plugin handler {name} left out: {why}",
+                              name=ep.name, why=e)
+        errors = []
+        for name, path in configured.items():
+            try:
+                classes[name] = importHandler(path)
+            except HandlerError as e:
+                errors.append(f"handlers.{name}: {e}")
+        if errors:
+            raise HandlerError("; ".join(errors))
+        return cls(classes)
+
+    def groupOf(self, transport: str, override: str | None = None) -> str:
+        if override:
+            return override
+        handler = self.classes.get(transport)
+        return handler.group if handler else "main"

@@ -1,0 +1,92 @@
+# -*- test-case-name: tests.test_iomanager -*-
+"""
+IoManagers: the services an IoMaster runs.  Each is woken either by input on
+a connection (a listening manager) or by its own timer (a L{PollingManager}).
+"""
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+
+class IoManager(Service):
+    """A service with an injectable clock, so tests drive its time."""
+
+    log = Logger()
+
+    def __init__(self, clock=None):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+
+
+class PollingManager(IoManager):
+    """
+    Calls L{poll} repeatedly, never two at once.
+
+    StatusNet's rule: after a poll that found work, poll again at once; after
+    one that found nothing, wait 1, 2, 4 … seconds, at most C{pollInterval}.
+    C{poll} returns (or fires with) True for "found work", False for "found
+    nothing", and None for "cannot take work now": then it sleeps until
+    L{wake} is called.  An error counts as "found nothing", so a database
+    that is down is retried with the same backoff.
+    """
+
+    def __init__(self, pollInterval: float, clock=None):
+        super().__init__(clock)
+        self.pollInterval = pollInterval
+        self._delay = 0.0
+        self._timer = None
+        self._polling = None
+
+    def poll(self):
+        raise NotImplementedError
+
+    def startService(self):
+        super().startService()
+        self._delay = 0.0
+        self._schedule(0)
+
+    def stopService(self):
+        super().stopService()
+        self._cancel()
+        polling = self._polling or defer.succeed(None)
+        # Callers wait for the poll in progress, not for its result.
+        waiter = defer.Deferred()
+        polling.addBoth(lambda r: (waiter.callback(None), r)[1])
+        return waiter
+
+    def wake(self):
+        """Poll now, unless a poll is running (it will decide what is next)."""
+        if self.running and self._polling is None:
+            self._delay = 0.0
+            self._schedule(0)
+
+    def _cancel(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _schedule(self, delay):
+        self._cancel()
+        self._timer = self.clock.callLater(delay, self._run)
+
+    def _run(self):
+        self._timer = None
+        self._polling = defer.maybeDeferred(self.poll)
+        self._polling.addErrback(self._failed)
+        self._polling.addCallback(self._polled)
+
+    def _failed(self, failure):
+        self.log.failure("{manager} poll failed", failure, manager=self)
+        return False
+
+    def _polled(self, found):
+        self._polling = None
+        if not self.running or found is None:
+            return
+        if found:
+            self._delay = 0.0
+        else:
+            self._delay = min(max(self._delay * 2, 1.0), self.pollInterval)
+        self._schedule(self._delay)

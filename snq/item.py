@@ -1,0 +1,125 @@
+# -*- test-case-name: tests.test_item -*-
+"""
+The envelope: the one JSON object every producer, in any language, puts on
+a queue.  Decoding is strict so that a bad frame is refused with a reason
+once, instead of failing a handler again and again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+VERSION = 1
+DEFAULT_SITE = "default"
+
+
+class BadItem(ValueError):
+    """A frame that is not a valid envelope; its message is the reason."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """
+    One unit of work.  Handlers read it; only backends make new copies
+    (with C{attempts} raised) when they retry it.
+    """
+
+    transport: str
+    payload: Any
+    site: str = DEFAULT_SITE
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    attempts: int = 0
+    created: float = field(default_factory=time.time)
+    priority: int = 0
+
+    def toJSON(self) -> bytes:
+        return json.dumps(
+            {
+                "v": VERSION,
+                "id": self.id,
+                "site": self.site,
+                "transport": self.transport,
+                "payload": self.payload,
+                "attempts": self.attempts,
+                "created": self.created,
+                "priority": self.priority,
+            },
+            separators=(",", ":"),
+            ensure_ascii=False,
+        ).encode("utf-8")
+
+    def retried(self) -> Item:
+        return replace(self, attempts=self.attempts + 1)
+
+    @classmethod
+    def fromJSON(cls, frame: bytes | str) -> Item:
+        try:
+            if isinstance(frame, bytes):
+                frame = frame.decode("utf-8")
+            obj = json.loads(frame)
+        except UnicodeDecodeError as e:
+            raise BadItem(f"frame is not UTF-8: {e}")
+        except ValueError as e:
+            raise BadItem(f"frame is not JSON: {e}")
+        if not isinstance(obj, dict):
+            raise BadItem(f"frame is a JSON {type(obj).__name__}, not an object")
+        return cls.fromDict(obj)
+
+    @classmethod
+    def fromDict(cls, obj: dict) -> Item:
+        unknown = set(obj) - _FIELDS
+        if unknown:
+            raise BadItem(f"unknown envelope keys: {', '.join(sorted(unknown))}")
+        v = obj.get("v", VERSION)
+        if v != VERSION:
+            raise BadItem(f"envelope version {v!r} is not supported (expected 1)")
+        if "payload" not in obj:
+            raise BadItem("envelope has no 'payload'")
+        transport = _name(obj, "transport", None)
+        site = _name(obj, "site", DEFAULT_SITE)
+        itemId = obj.get("id") or uuid.uuid4().hex
+        if not isinstance(itemId, str):
+            raise BadItem("'id' must be a string")
+        attempts = obj.get("attempts", 0)
+        if not _isInt(attempts) or attempts < 0:
+            raise BadItem("'attempts' must be a non-negative integer")
+        priority = obj.get("priority", 0)
+        if not _isInt(priority):
+            raise BadItem("'priority' must be an integer")
+        created = obj.get("created", time.time())
+        if (
+            isinstance(created, bool)
+            or not isinstance(created, (int, float))
+            or not math.isfinite(created)
+        ):
+            raise BadItem("'created' must be UNIX seconds as a number")
+        return cls(
+            transport=transport,
+            payload=obj["payload"],
+            site=site,
+            id=itemId,
+            attempts=attempts,
+            created=float(created),
+            priority=priority,
+        )
+
+
+_FIELDS = {"v", "id", "site", "transport", "payload", "attempts", "created", "priority"}
+
+
+def _isInt(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _name(obj: dict, key: str, default: str | None) -> str:
+    value = obj.get(key, default)
+    if value is None:
+        raise BadItem(f"envelope has no '{key}'")
+    if not isinstance(value, str) or not value or "/" in value or value != value.strip():
+        raise BadItem(f"'{key}' must be a non-empty name without '/' or spaces")
+    return value

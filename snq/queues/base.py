@@ -1,0 +1,493 @@
+# -*- test-case-name: tests.test_dispatcher -*-
+"""
+What every backend shares: the L{Queue} store interface, the L{Dispatcher}
+that runs one item's life (decode, route, limit, run, settle), and the
+L{QueueManager} that keeps the dispatcher fed.
+
+A backend supplies only storage: claiming, acknowledging, retrying later,
+dead-lettering.  The rules of an item's life live here, once.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import inspect
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer, threads
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from snq.handlers import HandlerRegistry, Reject
+from snq.iomanager import PollingManager
+from snq.item import DEFAULT_SITE, BadItem, Item
+from snq.stats import Stats
+
+
+@dataclass(eq=False)
+class Delivery:
+    """One claimed frame, as its backend handed it over."""
+
+    frame: bytes
+    #: The backend's own handle on it (a row id, a STOMP frame, …).
+    token: Any = None
+    #: The backend's attempt count, when it keeps one apart from the frame.
+    attempts: int | None = None
+    #: What the backend knows without decoding (for dead letters of bad frames).
+    transport: str | None = None
+    site: str | None = None
+
+
+@dataclass(frozen=True)
+class TransportFilter:
+    """
+    Which transports a worker claims: those in C{include}, or, when C{include}
+    is None (the "main" group is active, which catches every transport no
+    other group claims), all but those in C{exclude}.
+    """
+
+    include: frozenset | None = None
+    exclude: frozenset = field(default_factory=frozenset)
+
+    @classmethod
+    def forGroups(cls, groups, groupOf: dict[str, str]) -> TransportFilter:
+        if "main" in groups:
+            return cls(exclude=frozenset(
+                t for t, g in groupOf.items() if g not in groups))
+        return cls(include=frozenset(t for t, g in groupOf.items() if g in groups))
+
+    def accepts(self, transport: str) -> bool:
+        if self.include is not None:
+            return transport in self.include
+        return transport not in self.exclude
+
+
+@dataclass
+class DeadLetter:
+    id: Any
+    item_id: str | None
+    transport: str | None
+    site: str | None
+    reason: str
+    error: str
+    attempts: int
+    died: float
+    frame: bytes
+
+
+class Queue:
+    """
+    A backend's storage.  Every method returns a Deferred.  Used by the
+    dispatcher (settling items), by handlers (enqueueing) and by snqctl.
+    """
+
+    #: The IoManager that feeds a dispatcher from this backend; None = the
+    #: polling L{QueueManager}.  Listening backends bring their own.
+    managerClass = None
+
+    def describe(self) -> str:
+        """Where the queue is, for logs (no passwords)."""
+        raise NotImplementedError
+
+    def open(self):
+        """Connect and create what is missing (tables, …)."""
+        raise NotImplementedError
+
+    def close(self):
+        raise NotImplementedError
+
+    def enqueue(self, items: list[Item], delay: float = 0.0):
+        raise NotImplementedError
+
+    def claim(self, limit: int, transports: TransportFilter):
+        """Up to C{limit} ready L{Delivery}s, leased to this worker."""
+        raise NotImplementedError
+
+    def ack(self, delivery: Delivery):
+        raise NotImplementedError
+
+    def retry(self, delivery: Delivery, item: Item, delay: float, error: str):
+        """Put C{item} (attempts already raised) back, due in C{delay} s."""
+        raise NotImplementedError
+
+    def release(self, deliveries: list[Delivery]):
+        """Give back claimed, unstarted deliveries, unchanged, for others."""
+        raise NotImplementedError
+
+    def deadLetter(self, delivery: Delivery, reason: str, error: str,
+                   attempts: int):
+        raise NotImplementedError
+
+    def tend(self, deliveries: list[Delivery]):
+        """
+        Periodic housekeeping: renew the leases of what this worker holds,
+        and return others' expired leases to the queue.
+        """
+        raise NotImplementedError
+
+    def deadList(self, limit: int = 50):
+        raise NotImplementedError
+
+    def deadShow(self, deadId):
+        raise NotImplementedError
+
+    def deadRetry(self, deadIds=None):
+        """Requeue these dead letters (None: all), attempts reset; → count."""
+        raise NotImplementedError
+
+    def deadPurge(self, deadIds=None):
+        raise NotImplementedError
+
+
+def backoff(attempts: int, base: float, ceiling: float, rng=random) -> float:
+    """
+    Exponential backoff with "equal jitter": half the delay is fixed, so a
+    retry never comes at once, and half random, so a burst of failures does
+    not come back as a burst.
+    """
+    delay = min(ceiling, base * 2 ** max(attempts - 1, 0))
+    return delay / 2 + rng.uniform(0, delay / 2)
+
+
+class HandlerContext:
+    """What a handler may use of the daemon: config, enqueueing, the clock."""
+
+    def __init__(self, config, queue: Queue, stats: Stats, clock):
+        self.config = config
+        self.queue = queue
+        self.stats = stats
+        self.clock = clock
+
+    def siteConfig(self, site: str) -> dict:
+        return self.config.siteConfig(site)
+
+    def item(self, transport: str, payload, site: str = DEFAULT_SITE,
+             priority: int | None = None) -> Item:
+        if priority is None:
+            priority = self.config.transport(transport).priority
+        return Item(transport=transport, payload=payload, site=site,
+                    priority=priority, created=self.clock.seconds())
+
+    def enqueue(self, transport: str, payload, site: str = DEFAULT_SITE,
+                priority: int | None = None, delay: float = 0.0):
+        """Put a new item on the queue; fires when it is stored."""
+        return self.enqueueItems([self.item(transport, payload, site, priority)],
+                                 delay)
+
+    def enqueueItems(self, items: list[Item], delay: float = 0.0):
+        """Store several items at once (in one transaction where there is one)."""
+
+        def counted(_):
+            for item in items:
+                self.stats.count("enqueued", item.transport, item.site)
+
+        return self.queue.enqueue(items, delay).addCallback(counted)
+
+
+class Dispatcher:
+    """
+    Runs claimed deliveries through their handlers and settles each one
+    exactly once: acknowledged, retried later, or dead-lettered.
+
+    At most C{concurrency} items run at once, and at most a transport's own
+    C{concurrency} of that transport, so one slow remote cannot take every
+    slot; the rest wait in arrival order.
+    """
+
+    log = Logger()
+
+    def __init__(self, queue: Queue, registry: HandlerRegistry, config,
+                 stats: Stats | None = None, clock=None, rng=random,
+                 onSettled=None):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.queue = queue
+        self.config = config
+        self.stats = stats or Stats()
+        self.clock = clock
+        self.rng = rng
+        self.context = HandlerContext(config, queue, self.stats, clock)
+        self.handlers = {name: cls(self.context)
+                         for name, cls in registry.classes.items()}
+        #: Called after each settled item: the manager claims more.
+        self.onSettled = onSettled
+        self.held: set[Delivery] = set()
+        self._waiting: collections.deque = collections.deque()
+        self._running: collections.Counter = collections.Counter()
+        self._drained: list[defer.Deferred] = []
+
+    @property
+    def running(self) -> int:
+        return sum(self._running.values())
+
+    def dispatch(self, delivery: Delivery) -> defer.Deferred:
+        """Fires (never fails) once the delivery has been settled."""
+        self.held.add(delivery)
+        done = defer.Deferred()
+        try:
+            item = self._decode(delivery)
+        except BadItem as e:
+            self._settle(self._deadLetter(delivery, None, "baditem", str(e)),
+                         delivery, done)
+            return done
+        if item.transport not in self.handlers:
+            reason = f"no handler for transport {item.transport!r}"
+            self._settle(self._deadLetter(delivery, item, "badhandler", reason),
+                         delivery, done)
+            return done
+        limit = self.config.maxRetries(item.transport)
+        if item.attempts > limit:
+            # A lease that expired too often: the item keeps killing its
+            # workers, so it must not come round again.
+            error = f"{item.attempts} attempts, limit {limit} (leases expired)"
+            self._settle(self._deadLetter(delivery, item, "retries", error),
+                         delivery, done)
+            return done
+        self._waiting.append((delivery, item, done))
+        self._pump()
+        return done
+
+    def releaseWaiting(self) -> defer.Deferred:
+        """Hand back what has not started, so other workers can take it."""
+        waiting = list(self._waiting)
+        self._waiting.clear()
+        for delivery, _, done in waiting:
+            self.held.discard(delivery)
+            done.callback(None)
+        d = self.queue.release([delivery for delivery, _, _ in waiting])
+        d.addErrback(lambda f: self.log.failure("releasing items failed", f))
+        return d
+
+    def drain(self) -> defer.Deferred:
+        """Fires when nothing is held any more."""
+        if not self.held:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._drained.append(d)
+        return d
+
+    def stopHandlers(self) -> defer.Deferred:
+        return defer.gatherResults(
+            [defer.maybeDeferred(h.stop) for h in self.handlers.values()])
+
+    def _decode(self, delivery: Delivery) -> Item:
+        item = Item.fromJSON(delivery.frame)
+        if delivery.attempts is not None and delivery.attempts != item.attempts:
+            item = dataclasses.replace(item, attempts=delivery.attempts)
+        return item
+
+    def _pump(self):
+        limit = self.config.queue.concurrency
+        blocked = set()
+        index = 0
+        while self.running < limit and index < len(self._waiting):
+            delivery, item, done = self._waiting[index]
+            own = self.config.transport(item.transport).concurrency
+            if item.transport in blocked or (
+                    own and self._running[item.transport] >= own):
+                blocked.add(item.transport)
+                index += 1
+                continue
+            del self._waiting[index]
+            self._start(delivery, item, done)
+
+    def _start(self, delivery: Delivery, item: Item, done: defer.Deferred):
+        self._running[item.transport] += 1
+        started = self.clock.seconds()
+        d = self._call(item)
+        timeout = self.config.transport(item.transport).timeout
+        if timeout:
+            d.addTimeout(timeout, self.clock)
+
+        def finished(result):
+            # The slot is free once the handler is; settling needs none.
+            self._running[item.transport] -= 1
+            self.stats.timing(item.transport, self.clock.seconds() - started)
+            self._pump()
+            return result
+
+        d.addBoth(finished)
+        d.addBoth(self._outcome, delivery, item)
+        self._settle(d, delivery, done)
+
+    def _call(self, item: Item) -> defer.Deferred:
+        handler = self.handlers[item.transport]
+        if handler.blocking:
+            return threads.deferToThread(handler.handle, item)
+        try:
+            result = handler.handle(item)
+        except BaseException:
+            return defer.fail()
+        if inspect.iscoroutine(result):
+            return defer.Deferred.fromCoroutine(result)
+        return defer.maybeDeferred(lambda: result)
+
+    def _outcome(self, result, delivery: Delivery, item: Item):
+        if not isinstance(result, Failure):
+            if result is True or result is None:
+                self.stats.count("handled", item.transport, item.site)
+                return self.queue.ack(delivery)
+            return self._failed(delivery, item, f"handler returned {result!r}")
+        if result.check(Reject):
+            reason = str(result.value) or "rejected by the handler"
+            return self._deadLetter(delivery, item, "rejected", reason)
+        if result.check(defer.TimeoutError, defer.CancelledError):
+            timeout = self.config.transport(item.transport).timeout
+            error = f"timed out after {timeout:g} s"
+        else:
+            error = f"{result.type.__name__}: {result.getErrorMessage()}"
+            self.log.failure("{transport} item {id} failed (attempt {n})",
+                             result, transport=item.transport, id=item.id,
+                             n=item.attempts + 1)
+        return self._failed(delivery, item, error)
+
+    def _failed(self, delivery: Delivery, item: Item, error: str):
+        self.stats.count("error", item.transport, item.site)
+        retried = item.retried()
+        limit = self.config.maxRetries(item.transport)
+        if retried.attempts > limit:
+            return self._deadLetter(
+                delivery, retried, "retries",
+                f"gave up after {retried.attempts} attempts; last error: {error}")
+        delay = backoff(retried.attempts, self.config.queue.retry_delay,
+                        self.config.queue.retry_max_delay, self.rng)
+        self.stats.count("requeued", item.transport, item.site)
+        return self.queue.retry(delivery, retried, delay, error)
+
+    def _deadLetter(self, delivery: Delivery, item: Item | None, kind: str,
+                    error: str):
+        """
+        C{kind} is the reason's short name and, for C{baditem} and
+        C{badhandler}, the counter bumped; every dead letter counts as
+        C{deadletter} too.
+        """
+        transport = item.transport if item else delivery.transport
+        site = item.site if item else delivery.site
+        attempts = item.attempts if item else (delivery.attempts or 0)
+        if kind in ("baditem", "badhandler"):
+            self.stats.count(kind, transport or "", site or "")
+        self.stats.count("deadletter", transport or "", site or "")
+        self.log.warn("dead letter ({kind}) {transport} {id}: {error}",
+                      kind=kind, transport=transport,
+                      id=item.id if item else delivery.token, error=error)
+        self._writeDeadFile(delivery, item, kind, error, attempts)
+        return self.queue.deadLetter(delivery, kind, error, attempts)
+
+    def _writeDeadFile(self, delivery, item, kind, error, attempts):
+        """StatusNet's dead-letter files, for operators who grep."""
+        directory = self.config.queue.dead_letter_dir
+        if not directory:
+            return
+        name = f"{time.time():.6f}-{item.id if item else os.urandom(6).hex()}.json"
+        record = {"reason": kind, "error": error, "attempts": attempts,
+                  "frame": delivery.frame.decode("utf-8", "replace")}
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with open(os.path.join(directory, name), "w") as f:
+                json.dump(record, f)
+        except OSError:
+            self.log.failure("cannot write dead letter file in {dir}",
+                             dir=directory)
+
+    def _settle(self, d: defer.Deferred, delivery: Delivery,
+                done: defer.Deferred):
+        def failed(failure):
+            # The store refused the outcome (connection lost, …).  The lease
+            # will expire and the item come back: at least once, not lost.
+            self.log.failure("settling an item failed; its lease will expire",
+                             failure)
+
+        def settled(_):
+            self.held.discard(delivery)
+            done.callback(None)
+            if not self.held:
+                drained, self._drained = self._drained, []
+                for waiter in drained:
+                    waiter.callback(None)
+            if self.onSettled is not None:
+                self.onSettled()
+
+        d.addErrback(failed)
+        d.addCallback(settled)
+
+
+class QueueManager(PollingManager):
+    """
+    Keeps a dispatcher fed from a polling backend: claims while fewer than
+    C{prefetch} items are held, renews held leases, and on stop gives back
+    what has not started and waits (at most C{kill_time}) for what has.
+    """
+
+    def __init__(self, queue: Queue, dispatcher: Dispatcher, config,
+                 transports: TransportFilter, clock=None):
+        super().__init__(config.queue.poll_interval, clock)
+        self.queue = queue
+        self.dispatcher = dispatcher
+        self.config = config
+        self.transports = transports
+        dispatcher.onSettled = self._settled
+        self._paused = False
+        self._tender = LoopingCall(self._tend)
+        self._tender.clock = self.clock
+
+    def startService(self):
+        super().startService()
+        self._tender.start(self.config.queue.lease / 3, now=False)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        yield super().stopService()
+        yield self.dispatcher.releaseWaiting()
+        yield self._waitForInFlight()
+        if self._tender.running:
+            self._tender.stop()
+        yield self.dispatcher.stopHandlers()
+
+    def _waitForInFlight(self):
+        drained = self.dispatcher.drain()
+        if drained.called:
+            return drained
+        killTime = self.config.daemon.kill_time
+
+        def timedOut(failure):
+            failure.trap(defer.TimeoutError, defer.CancelledError)
+            self.log.warn("{n} items still running after {t} s; their leases "
+                          "will expire and others will retry them",
+                          n=len(self.dispatcher.held), t=killTime)
+
+        drained.addTimeout(killTime, self.clock)
+        drained.addErrback(timedOut)
+        return drained
+
+    def poll(self):
+        free = self.config.queue.prefetch - len(self.dispatcher.held)
+        if free <= 0:
+            self._paused = True
+            return None
+        d = self.queue.claim(free, self.transports)
+        d.addCallback(self._claimed)
+        return d
+
+    def _claimed(self, deliveries):
+        for delivery in deliveries:
+            self.dispatcher.dispatch(delivery)
+        return bool(deliveries)
+
+    def _settled(self):
+        # Claim again once half the window is free: one query per item
+        # settled would cost more than the items.
+        if self._paused and len(self.dispatcher.held) <= self.config.queue.prefetch // 2:
+            self._paused = False
+            self.wake()
+
+    def _tend(self):
+        d = self.queue.tend(list(self.dispatcher.held))
+        d.addErrback(lambda f: self.log.failure("queue housekeeping failed", f))
+        return d

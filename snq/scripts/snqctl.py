@@ -1,0 +1,167 @@
+# -*- test-case-name: tests.test_snqctl -*-
+"""
+snqctl: the operator's command.  Everything here talks to the queue itself,
+so it works whether or not a daemon is running.
+"""
+
+import argparse
+import datetime
+import json
+import sys
+
+from twisted.internet import defer, task
+
+from snq import config as snqconfig
+from snq.item import DEFAULT_SITE, Item
+from snq.queues import makeQueue
+
+
+class CommandError(Exception):
+    """A failure to report in one line, exit status 1."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="snqctl", description=__doc__.strip())
+    p.add_argument("-c", "--config",
+                   help="TOML config file (default: $SNQ_CONFIG, else built-in)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("enqueue", help="put an item on the queue")
+    e.add_argument("transport")
+    e.add_argument("payload",
+                   help="the payload as JSON, or - to read one payload per line "
+                        "from standard input")
+    e.add_argument("--site", default=DEFAULT_SITE)
+    e.add_argument("--priority", type=int, default=None,
+                   help="higher runs first (default: the transport's priority)")
+    e.add_argument("--delay", type=float, default=0.0,
+                   help="seconds before the item may run")
+
+    d = sub.add_parser("dead", help="inspect and handle dead letters")
+    dsub = d.add_subparsers(dest="action", required=True)
+    dl = dsub.add_parser("list", help="newest dead letters first")
+    dl.add_argument("--limit", type=int, default=50)
+    dl.add_argument("--json", action="store_true", help="one JSON object a line")
+    ds = dsub.add_parser("show", help="one dead letter with its frame")
+    ds.add_argument("id", type=int)
+    for action, helpText in (("retry", "put dead letters back on the queue"),
+                             ("purge", "delete dead letters")):
+        a = dsub.add_parser(action, help=helpText)
+        a.add_argument("ids", type=int, nargs="*")
+        a.add_argument("--all", action="store_true")
+
+    db = sub.add_parser("db", help="database schema")
+    dbsub = db.add_subparsers(dest="action", required=True)
+    dbsub.add_parser("init", help="create or upgrade the tables")
+    return p
+
+
+def _payloads(text: str, stdin):
+    lines = stdin if text == "-" else [text]
+    for number, line in enumerate(lines, 1):
+        if text == "-" and not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except ValueError as e:
+            where = f"line {number}" if text == "-" else "payload"
+            raise CommandError(f"{where} is not JSON: {e}")
+
+
+def _when(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds).isoformat(" ", "seconds")
+
+
+@defer.inlineCallbacks
+def run(reactor, args, out=sys.stdout, stdin=sys.stdin):
+    config = snqconfig.load(args.config)
+    queue = makeQueue(config, reactor)
+    yield queue.open()
+    try:
+        result = yield _COMMANDS[args.command](queue, config, args, out, stdin,
+                                               reactor)
+    finally:
+        yield queue.close()
+    return result
+
+
+@defer.inlineCallbacks
+def _enqueue(queue, config, args, out, stdin, reactor):
+    priority = args.priority
+    if priority is None:
+        priority = config.transport(args.transport).priority
+    items = [Item(transport=args.transport, payload=p, site=args.site,
+                  priority=priority, created=reactor.seconds())
+             for p in _payloads(args.payload, stdin)]
+    # Large batches go in chunks: one transaction each, bounded memory.
+    for start in range(0, len(items), 1000):
+        yield queue.enqueue(items[start:start + 1000], args.delay)
+    if args.payload == "-":
+        print(f"enqueued {len(items)} items on {args.transport}", file=out)
+    else:
+        print(items[0].id, file=out)
+
+
+@defer.inlineCallbacks
+def _dead(queue, config, args, out, stdin, reactor):
+    if args.action == "list":
+        letters = yield queue.deadList(args.limit)
+        for dl in letters:
+            if args.json:
+                record = {k: v for k, v in dl.__dict__.items() if k != "frame"}
+                print(json.dumps(record), file=out)
+            else:
+                print(f"{dl.id:>6}  {_when(dl.died)}  {dl.transport or '-':<12} "
+                      f"{dl.site or '-':<10} {dl.reason:<10} {dl.error}", file=out)
+        if not letters and not args.json:
+            print("no dead letters", file=out)
+    elif args.action == "show":
+        dl = yield queue.deadShow(args.id)
+        if dl is None:
+            raise CommandError(f"no dead letter {args.id}")
+        for key in ("id", "item_id", "transport", "site", "reason", "error",
+                    "attempts"):
+            print(f"{key}: {getattr(dl, key)}", file=out)
+        print(f"died: {_when(dl.died)}", file=out)
+        print(f"frame: {dl.frame.decode('utf-8', 'replace')}", file=out)
+    else:
+        if bool(args.ids) == args.all:
+            raise CommandError(f"dead {args.action}: give ids or --all, not both")
+        ids = None if args.all else args.ids
+        method = queue.deadRetry if args.action == "retry" else queue.deadPurge
+        count = yield method(ids)
+        verb = "requeued" if args.action == "retry" else "purged"
+        print(f"{verb} {count} dead letters", file=out)
+
+
+def _db(queue, config, args, out, stdin, reactor):
+    # Opening the queue created or upgraded the schema already.
+    print(f"schema ready in {queue.describe()}", file=out)
+
+
+_COMMANDS = {"enqueue": _enqueue, "dead": _dead, "db": _db}
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+
+    def react(reactor):
+        d = run(reactor, args)
+
+        def failed(failure):
+            if failure.check(snqconfig.ConfigError):
+                print(f"snqctl: invalid configuration:\n{failure.value}",
+                      file=sys.stderr)
+                raise SystemExit(2)
+            if failure.check(CommandError):
+                print(f"snqctl: {failure.value}", file=sys.stderr)
+                raise SystemExit(1)
+            return failure
+
+        return d.addErrback(failed)
+
+    task.react(react)
+
+
+if __name__ == "__main__":
+    main()
