@@ -120,6 +120,7 @@ def _name(obj: dict, key: str, default: str | None) -> str:
     value = obj.get(key, default)
     if value is None:
         raise BadItem(f"envelope has no '{key}'")
-    if not isinstance(value, str) or not value or "/" in value or value != value.strip():
+    if (not isinstance(value, str) or not value or "/" in value
+            or value != value.strip()):
         raise BadItem(f"'{key}' must be a non-empty name without '/' or spaces")
     return value

@@ -483,7 +483,8 @@ class QueueManager(PollingManager):
     def _settled(self):
         # Claim again once half the window is free: one query per item
         # settled would cost more than the items.
-        if self._paused and len(self.dispatcher.held) <= self.config.queue.prefetch // 2:
+        lowWater = self.config.queue.prefetch // 2
+        if self._paused and len(self.dispatcher.held) <= lowWater:
             self._paused = False
             self.wake()
 
