@@ -1,0 +1,83 @@
+# -*- test-case-name: tests.test_config -*-
+from twisted.trial.unittest import SynchronousTestCase
+
+from snq import config
+
+
+class ConfigTests(SynchronousTestCase):
+    def test_embeddedDefault(self):
+        """No file, no environment: the SQLite default, usable as is."""
+        c = config.load(None, environ={})
+        self.assertEqual((c.queue.backend, c.db.url, c.source),
+                         ("db", "sqlite:///snq.sqlite", None))
+        self.assertEqual(c.queue.groups, ["main"])
+        self.assertEqual(c.maxRetries("anything"), 10)
+
+    def test_environment(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('[queue]\nmax_retries = 3\n')
+        c = config.load(None, environ={"SNQ_CONFIG": path})
+        self.assertEqual((c.queue.max_retries, c.source), (3, path))
+
+    def test_everyProblemNamed(self):
+        """All problems at once, each with file, key and expectation."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('[queue]\nbackend = "kafka"\nmax_retries = "ten"\n'
+                    'typo = 1\n[transports.webhook]\nconcurrency = -1\n'
+                    '[handlers]\nx = "not a path"\n[nonsense]\n')
+        e = self.assertRaises(config.ConfigError, config.load, path, {})
+        self.assertEqual(sorted(e.problems), sorted([
+            f"{path}: nonsense: unknown section (known: daemon, db, handlers, "
+            "queue, redis, sites, stomp, transports)",
+            f"{path}: queue.typo: unknown key (known: backend, groups, "
+            "max_retries, retry_delay, retry_max_delay, prefetch, concurrency, "
+            "poll_interval, lease, dead_letter_dir, basename, breakout, "
+            "memory_limit, softlimit, max_items, spawndelay)",
+            f"{path}: queue.backend: expected db | stomp | redis, got 'kafka'",
+            f"{path}: queue.max_retries: expected an integer, got string 'ten'",
+            f"{path}: transports.webhook.concurrency: expected a number not "
+            "below 0, got -1",
+            f'{path}: handlers.x: expected "package.module:Class"',
+        ]))
+
+    def test_notToml(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[queue\n")
+        e = self.assertRaises(config.ConfigError, config.load, path, {})
+        self.assertIn(f"{path}: not valid TOML", str(e))
+
+    def test_missingFile(self):
+        e = self.assertRaises(config.ConfigError, config.load, "/nonexistent.toml")
+        self.assertIn("/nonexistent.toml: cannot read", str(e))
+
+    def test_transportsAndSites(self):
+        c = config.parse({
+            "queue": {"max_retries": 4},
+            "transports": {"webhook": {"concurrency": 2, "timeout": 5,
+                                       "max_retries": 1}},
+            "sites": {"default": {"webhook_url": "http://a", "x": 1},
+                      "ex": {"webhook_url": "http://b"}},
+        })
+        self.assertEqual(c.transport("webhook").concurrency, 2)
+        self.assertEqual(c.transport("webhook").timeout, 5.0)
+        self.assertIsInstance(c.transport("webhook").timeout, float)
+        self.assertEqual((c.maxRetries("webhook"), c.maxRetries("log")), (1, 4))
+        self.assertEqual(c.siteConfig("ex"), {"webhook_url": "http://b", "x": 1})
+        self.assertEqual(c.siteConfig("other"), {"webhook_url": "http://a", "x": 1})
+
+    def test_sizes(self):
+        self.assertEqual(config.parseSize("512m"), 512 * 1024**2)
+        self.assertEqual(config.parseSize("1.5k"), 1536)
+        self.assertEqual(config.parseSize(""), None)
+        self.assertEqual(config.parseSize(4096), 4096)
+        c = config.parse({"queue": {"memory_limit": "100m"}})
+        self.assertEqual(c.queue.softLimitBytes(), 90 * 1024**2)
+        c = config.parse({"queue": {"memory_limit": "100m", "softlimit": "20m"}})
+        self.assertEqual(c.queue.softLimitBytes(), 20 * 1024**2)
+        self.assertIsNone(config.parse({}).queue.softLimitBytes())
+        e = self.assertRaises(config.ConfigError, config.parse,
+                              {"queue": {"softlimit": "lots"}}, "f")
+        self.assertIn("f: queue.softlimit: expected bytes", str(e))

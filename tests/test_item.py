@@ -1,0 +1,47 @@
+# -*- test-case-name: tests.test_item -*-
+import json
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from snq.item import BadItem, Item
+
+
+class ItemTests(SynchronousTestCase):
+    def test_roundTrip(self):
+        item = Item(transport="webhook", payload={"a": [1, "é"]}, site="ex",
+                    priority=3, created=12.5)
+        again = Item.fromJSON(item.toJSON())
+        self.assertEqual(again, item)
+
+    def test_minimalProducerFrame(self):
+        """A producer in another language needs only transport and payload."""
+        item = Item.fromJSON(b'{"transport": "log", "payload": null}')
+        self.assertEqual((item.site, item.attempts, item.priority, item.payload),
+                         ("default", 0, 0, None))
+        self.assertEqual(len(item.id), 32)
+
+    def test_retriedCountsAttempts(self):
+        item = Item(transport="log", payload=1)
+        self.assertEqual(item.retried().retried().attempts, 2)
+        self.assertEqual(item.retried().id, item.id)
+
+    def assertBad(self, frame, reason):
+        e = self.assertRaises(BadItem, Item.fromJSON, frame)
+        self.assertIn(reason, str(e))
+
+    def test_badFrames(self):
+        self.assertBad(b"\xff\xfe", "not UTF-8")
+        self.assertBad(b"{nope", "not JSON")
+        self.assertBad(b"[1]", "JSON list, not an object")
+        self.assertBad(b'{"payload": 1}', "no 'transport'")
+        self.assertBad(b'{"transport": "log"}', "no 'payload'")
+        self.assertBad(b'{"transport": "a/b", "payload": 1}', "'transport' must")
+        self.assertBad(b'{"transport": "log", "payload": 1, "v": 2}', "version 2")
+        self.assertBad(b'{"transport": "log", "payload": 1, "x": 2}',
+                       "unknown envelope keys: x")
+        self.assertBad(json.dumps({"transport": "log", "payload": 1,
+                                   "attempts": -1}), "'attempts'")
+        self.assertBad(json.dumps({"transport": "log", "payload": 1,
+                                   "created": "yesterday"}), "'created'")
+        self.assertBad(json.dumps({"transport": "log", "payload": 1,
+                                   "priority": True}), "'priority'")
