@@ -1,0 +1,189 @@
+# -*- test-case-name: tests.test_db -*-
+"""
+The SQL queue on a real SQLite file.  The queue's own clock is a Clock (it
+only reads the time from it), so leases and delays are driven; the queries
+run in adbapi's threads on the real reactor.
+"""
+
+import json
+import sqlite3
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from snq.item import Item
+from snq.queues.base import TransportFilter
+from snq.queues.db import DbQueue
+
+ALL = TransportFilter()
+
+
+class DbQueueTests(TestCase):
+    def setUp(self):
+        self.path = self.mktemp()
+        self.clock = Clock()
+        self.clock.advance(1000)
+        return self.open("a")
+
+    def open(self, claimant, lease=60.0):
+        queue = DbQueue(f"sqlite:///{self.path}", lease, clock=self.clock,
+                        claimant=claimant)
+        self.addCleanup(queue.close)
+        setattr(self, claimant, queue)
+        return queue.open()
+
+    def items(self, n, transport="log", **kw):
+        return [Item(transport=transport, payload=i, created=0, **kw)
+                for i in range(n)]
+
+    def rows(self, sql="SELECT id, attempts, claimed_by, run_at FROM queue_item"):
+        with sqlite3.connect(self.path) as conn:
+            return conn.execute(sql).fetchall()
+
+    @defer.inlineCallbacks
+    def test_schemaIsIdempotent(self):
+        yield self.open("b")
+        yield self.a.enqueue(self.items(1))
+        yield self.open("c")
+        self.assertEqual(len(self.rows()), 1)
+
+    @defer.inlineCallbacks
+    def test_claimOrderAndExclusivity(self):
+        """Priority first, then FIFO; a claimed row is nobody else's."""
+        yield self.a.enqueue(self.items(3))
+        [urgent] = self.items(1, priority=5)
+        yield self.a.enqueue([urgent])
+        first = yield self.a.claim(2, ALL)
+        self.assertEqual([Item.fromJSON(d.frame).payload for d in first], [0, 0])
+        self.assertEqual(Item.fromJSON(first[0].frame).priority, 5)
+        yield self.open("b")
+        rest = yield self.b.claim(10, ALL)
+        self.assertEqual([Item.fromJSON(d.frame).payload for d in rest], [1, 2])
+        again = yield self.a.claim(10, ALL)
+        self.assertEqual(again, [])
+
+    @defer.inlineCallbacks
+    def test_delayedItemsWait(self):
+        yield self.a.enqueue(self.items(1), delay=30)
+        self.assertEqual((yield self.a.claim(10, ALL)), [])
+        self.clock.advance(30)
+        self.assertEqual(len((yield self.a.claim(10, ALL))), 1)
+
+    @defer.inlineCallbacks
+    def test_acksGroupedAndAllDeleted(self):
+        yield self.a.enqueue(self.items(500))
+        deliveries = yield self.a.claim(500, ALL)
+        yield defer.gatherResults([self.a.ack(d) for d in deliveries])
+        self.assertEqual(self.rows(), [])
+
+    @defer.inlineCallbacks
+    def test_retryFreesAndDelays(self):
+        yield self.a.enqueue(self.items(1))
+        [d] = yield self.a.claim(1, ALL)
+        item = Item.fromJSON(d.frame).retried()
+        yield self.a.retry(d, item, 20, "HTTP 503")
+        [(_, attempts, claimedBy, runAt)] = self.rows()
+        self.assertEqual((attempts, claimedBy, runAt), (1, None, 1020))
+        self.clock.advance(20)
+        [d] = yield self.a.claim(1, ALL)
+        self.assertEqual((d.attempts, Item.fromJSON(d.frame).attempts), (1, 1))
+
+    @defer.inlineCallbacks
+    def test_release(self):
+        yield self.a.enqueue(self.items(2))
+        deliveries = yield self.a.claim(2, ALL)
+        yield self.a.release(deliveries)
+        self.assertEqual([r[2] for r in self.rows()], [None, None])
+
+    @defer.inlineCallbacks
+    def test_tendRenewsOwnAndReapsExpired(self):
+        """
+        A worker that died leaves leases that expire; the reaper returns
+        those items with one more attempt, and leaves live workers' alone.
+        """
+        yield self.open("dead")
+        yield self.a.enqueue(self.items(2))
+        yield self.a.claim(1, ALL)
+        yield self.dead.claim(1, ALL)
+        self.clock.advance(45)
+        yield self.a.tend([])
+        self.clock.advance(45)
+        yield self.a.tend([])
+        rows = sorted(self.rows(), key=lambda r: r[2] or "")
+        self.assertEqual([(r[1], r[2]) for r in rows], [(1, None), (0, "a")])
+        [d] = yield self.a.claim(5, ALL)
+        self.assertEqual(d.attempts, 1)
+
+    @defer.inlineCallbacks
+    def test_transportFilter(self):
+        yield self.a.enqueue(self.items(1, "log") + self.items(1, "xmppout")
+                             + self.items(1, "other"))
+        xmpp = yield self.a.claim(10, TransportFilter(include=frozenset(
+            {"xmppout"})))
+        self.assertEqual([d.transport for d in xmpp], ["xmppout"])
+        main = yield self.a.claim(10, TransportFilter(exclude=frozenset(
+            {"xmppout"})))
+        self.assertEqual(sorted(d.transport for d in main), ["log", "other"])
+        none = yield self.a.claim(10, TransportFilter(include=frozenset()))
+        self.assertEqual(none, [])
+
+    @defer.inlineCallbacks
+    def test_deadLetters(self):
+        yield self.a.enqueue(self.items(3, site="ex"))
+        deliveries = yield self.a.claim(3, ALL)
+        for d in deliveries:
+            yield self.a.deadLetter(d, "rejected", "HTTP 404", 2)
+        self.assertEqual(self.rows(), [])
+        letters = yield self.a.deadList(2)
+        self.assertEqual([(dl.reason, dl.error, dl.attempts, dl.site, dl.died)
+                          for dl in letters], [("rejected", "HTTP 404", 2, "ex",
+                                                1000)] * 2)
+        shown = yield self.a.deadShow(letters[0].id)
+        self.assertEqual(Item.fromJSON(shown.frame).payload, 2)
+        self.assertIsNone((yield self.a.deadShow(99999)))
+        self.assertEqual((yield self.a.deadRetry([letters[0].id])), 1)
+        [d] = yield self.a.claim(5, ALL)
+        self.assertEqual((d.attempts, Item.fromJSON(d.frame).attempts), (0, 0))
+        self.assertEqual((yield self.a.deadPurge()), 2)
+        self.assertEqual((yield self.a.deadList()), [])
+
+    @defer.inlineCallbacks
+    def test_badFrameDeadLetterKeepsRowColumns(self):
+        yield self.a.open()
+        with sqlite3.connect(self.path) as conn:
+            conn.execute("INSERT INTO queue_item (frame, transport, site, created,"
+                         " run_at) VALUES ('{broken', 'log', 'ex', 0, 0)")
+        [d] = yield self.a.claim(1, ALL)
+        yield self.a.deadLetter(d, "baditem", "frame is not JSON", 0)
+        [dl] = yield self.a.deadList()
+        self.assertEqual((dl.item_id, dl.transport, dl.site, dl.frame),
+                         (None, "log", "ex", b"{broken"))
+
+    @defer.inlineCallbacks
+    def test_producerInsertWithPlainSql(self):
+        """The documented INSERT, from outside snq, makes a claimable item."""
+        frame = json.dumps({"transport": "log", "payload": {"hi": 1}})
+        with sqlite3.connect(self.path) as conn:
+            conn.execute(
+                "INSERT INTO queue_item (frame, transport, site, created, run_at)"
+                " VALUES (?, 'log', 'default', strftime('%s','now'), 0)", (frame,))
+        [d] = yield self.a.claim(1, ALL)
+        self.assertEqual(Item.fromJSON(d.frame).payload, {"hi": 1})
+
+    @defer.inlineCallbacks
+    def test_concurrentClaimersNeverShare(self):
+        """Two workers (connections) claiming at once split the rows."""
+        yield self.open("b")
+        yield self.a.enqueue(self.items(400))
+        claimed = []
+        for _ in range(20):
+            batches = yield defer.gatherResults([self.a.claim(15, ALL),
+                                                 self.b.claim(15, ALL)])
+            claimed += [d.token for batch in batches for d in batch]
+        self.assertEqual(len(claimed), 400)
+        self.assertEqual(len(set(claimed)), 400)
+
+    def test_describeHidesPassword(self):
+        q = DbQueue("sqlite:///x.sqlite", 60)
+        self.assertEqual(q.describe(), "sqlite:///x.sqlite")
