@@ -47,6 +47,9 @@ class QueueHandler:
     #: The group whose queue carries this transport; see README "Groups".
     group: str = "main"
     blocking: bool = False
+    #: Seconds before a running item counts as failed, unless the transport's
+    #: config sets its own; 0 = none.
+    timeout: float = 0
 
     def __init__(self, context):
         #: L{snq.queues.base.HandlerContext}: config, enqueue, clock.

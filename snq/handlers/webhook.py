@@ -4,7 +4,8 @@ C{webhook}: POST an item's payload as JSON.
 
 The URL is the payload's own C{url} (with the JSON to send in C{body}), or
 else the site's C{webhook_url} (the whole payload is sent).  2xx is done;
-5xx, 408, 429, a timeout or a connection error are retried; any other answer
+5xx, 408, 429, a timeout (30 s unless the transport sets one) or a
+connection error are retried; any other answer
 is final and dead-letters the item.  With the site's C{webhook_secret} set,
 each request carries C{X-Snq-Signature: sha256=HEX}, the HMAC-SHA256 of the
 exact body, so the receiver can tell it came from us.
@@ -19,7 +20,6 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from snq.handlers import QueueHandler, Reject
 
-DEFAULT_TIMEOUT = 30.0
 _RETRY_STATUSES = {408, 429}
 
 
@@ -34,6 +34,8 @@ def signature(secret: str, body: bytes) -> str:
 
 class WebhookHandler(QueueHandler):
     transport = "webhook"
+    #: A remote that has not answered in 30 s is retried later.
+    timeout = 30.0
     log = Logger()
 
     def __init__(self, context):
@@ -67,10 +69,7 @@ class WebhookHandler(QueueHandler):
         secret = self.context.siteConfig(item.site).get("webhook_secret")
         if secret:
             headers["X-Snq-Signature"] = signature(secret, body)
-        timeout = (self.context.config.transport(item.transport).timeout
-                   or DEFAULT_TIMEOUT)
-        response = await self._http().post(url, data=body, headers=headers,
-                                           timeout=timeout)
+        response = await self._http().post(url, data=body, headers=headers)
         text = (await response.content())[:200].decode("utf-8", "replace")
         code = response.code
         if 200 <= code < 300:

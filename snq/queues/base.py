@@ -302,20 +302,29 @@ class Dispatcher:
         self._running[item.transport] += 1
         started = self.clock.seconds()
         d = self._call(item)
-        timeout = self.config.transport(item.transport).timeout
+        timeout = self._timeout(item.transport)
+        timer = None
         if timeout:
-            d.addTimeout(timeout, self.clock)
+            # Cancelling surfaces as whatever the handler's library raises
+            # (treq: ResponseNeverReceived), so remember that we did it.
+            timer = self.clock.callLater(timeout, d.cancel)
 
         def finished(result):
             # The slot is free once the handler is; settling needs none.
+            timedOut = timer is not None and not timer.active()
+            if timer is not None and not timedOut:
+                timer.cancel()
             self._running[item.transport] -= 1
             self.stats.timing(item.transport, self.clock.seconds() - started)
             self._pump()
-            return result
+            return self._outcome(result, delivery, item, timedOut)
 
         d.addBoth(finished)
-        d.addBoth(self._outcome, delivery, item)
         self._settle(d, delivery, done)
+
+    def _timeout(self, transport: str) -> float:
+        return (self.config.transport(transport).timeout
+                or self.handlers[transport].timeout)
 
     def _call(self, item: Item) -> defer.Deferred:
         handler = self.handlers[item.transport]
@@ -329,7 +338,10 @@ class Dispatcher:
             return defer.Deferred.fromCoroutine(result)
         return defer.maybeDeferred(lambda: result)
 
-    def _outcome(self, result, delivery: Delivery, item: Item):
+    def _outcome(self, result, delivery: Delivery, item: Item, timedOut: bool):
+        if timedOut:
+            return self._failed(delivery, item, f"timed out after "
+                                f"{self._timeout(item.transport):g} s")
         if not isinstance(result, Failure):
             if result is True or result is None:
                 self.stats.count("handled", item.transport, item.site)
@@ -338,14 +350,10 @@ class Dispatcher:
         if result.check(Reject):
             reason = str(result.value) or "rejected by the handler"
             return self._deadLetter(delivery, item, "rejected", reason)
-        if result.check(defer.TimeoutError, defer.CancelledError):
-            timeout = self.config.transport(item.transport).timeout
-            error = f"timed out after {timeout:g} s"
-        else:
-            error = f"{result.type.__name__}: {result.getErrorMessage()}"
-            self.log.failure("{transport} item {id} failed (attempt {n})",
-                             result, transport=item.transport, id=item.id,
-                             n=item.attempts + 1)
+        error = f"{result.type.__name__}: {result.getErrorMessage()}"
+        self.log.failure("{transport} item {id} failed (attempt {n})",
+                         result, transport=item.transport, id=item.id,
+                         n=item.attempts + 1)
         return self._failed(delivery, item, error)
 
     def _failed(self, delivery: Delivery, item: Item, error: str):
