@@ -32,8 +32,11 @@ class XmppSettings:
     """
     The C{[xmpp]} section of snq's configuration.
 
-    C{host} "" means the JID's domain; C{ca_file} "" means the system trust
-    store; C{tls} is one of L{TLS_MODES}.
+    C{host} "" means the JID's domain. C{tls}: "required" (STARTTLS or no
+    connection), "optional" (STARTTLS when offered) or "off"; when used,
+    TLS verifies the server's certificate for the JID's domain against
+    C{ca_file}, or the system trust store if "". C{auto_subscribe} is for
+    the manager above this module.
     """
 
     jid: str
@@ -218,6 +221,7 @@ class XmppClient(client.XMPPClient):
         self._connector = None
         self._waiting = []
         self._closing = []
+        self._closeTimeout = None
         PingHandler(jid.host, settings.ping_interval, settings.ping_timeout,
                     reactor).setHandlerParent(self)
         PresenceAnnouncer(settings.priority, settings.status
@@ -248,6 +252,10 @@ class XmppClient(client.XMPPClient):
         if self._initialized:
             self.xmlstream.sendFooter()
             self.xmlstream.transport.loseConnection()
+            # A dead peer would hold a graceful close until TCP gives up.
+            self._closeTimeout = self._reactor.callLater(
+                self.settings.connect_timeout,
+                self.xmlstream.transport.abortConnection)
         else:
             # A half-done TLS handshake could hold a graceful close forever.
             self.xmlstream.transport.abortConnection()
@@ -277,13 +285,16 @@ class XmppClient(client.XMPPClient):
         else:
             self.xmlstream.transport.abortConnection()
 
-    def _attemptFailed(self, reason):
+    def _attemptFailed(self, reason, final=False):
         """
-        End the current attempt, telling those waiting; later reports of
-        the same attempt (its connection closing) are ignored.
+        End the current attempt (stopping the service if C{final}), then
+        tell those waiting; later reports of the same attempt (its
+        connection closing) are ignored.
         """
         if not self._endAttempt():
             return
+        if final:
+            self.stopService()
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.errback(reason)
@@ -318,12 +329,13 @@ class XmppClient(client.XMPPClient):
             " not retrying: {error!r}",
             host=self.host, port=self.port, jid=self.jid.full(),
             error=reason.value)
-        self._attemptFailed(reason)
-        self.stopService()
+        self._attemptFailed(reason, final=True)
 
     def _disconnected(self, reason):
         wasInitialized = self._initialized
         super()._disconnected(reason)
+        if self._closeTimeout is not None and self._closeTimeout.active():
+            self._closeTimeout.cancel()
         closing, self._closing = self._closing, []
         for d in closing:
             d.callback(None)
@@ -351,5 +363,4 @@ class XmppClient(client.XMPPClient):
             f" certificate for {self.jid.host} must verify against {trust}:"
             f" {reason.getErrorMessage()}")
         self.log.error("{message}; not retrying", message=message)
-        self._attemptFailed(Failure(TLSHandshakeError(message)))
-        self.stopService()
+        self._attemptFailed(Failure(TLSHandshakeError(message)), final=True)
