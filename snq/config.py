@@ -105,7 +105,7 @@ class QueueConfig:
     #: Items a worker runs at once, across transports.
     concurrency: int = field(default=50, metadata=_positive)
     #: Longest wait between polls when a polling backend finds nothing.
-    poll_interval: float = field(default=1.0, metadata=_positive)
+    poll_interval: float = field(default=0.5, metadata=_positive)
     #: Seconds a claimed item stays reserved; renewed while it is held.
     lease: float = field(default=60.0, metadata=_positive)
     dead_letter_dir: str = ""

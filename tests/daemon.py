@@ -1,0 +1,76 @@
+"""
+Running a real C{twistd -n snq} in a test: start it, wait for a log line,
+signal it, and make sure it never outlives the test.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def environ(**extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    env.pop("SNQ_CONFIG", None)
+    env.update(extra)
+    return env
+
+
+def snqctl(*args, cwd, stdin=None, check=True):
+    result = subprocess.run(
+        [sys.executable, "-m", "snq.scripts.snqctl", *args], cwd=cwd,
+        input=stdin, capture_output=True, text=True, env=environ(), timeout=120)
+    if check and result.returncode:
+        raise AssertionError(f"snqctl {args} failed: {result.stderr}")
+    return result
+
+
+class Daemon:
+    """One twistd process; C{testCase.addCleanup} kills it whatever happens."""
+
+    def __init__(self, testCase, cwd, *args):
+        self.cwd = cwd
+        self.logPath = os.path.join(cwd, f"twistd-{time.monotonic_ns()}.log")
+        self.log = open(self.logPath, "w")  # noqa: SIM115 (closed in kill)
+        self.process = subprocess.Popen(
+            [*TWISTD, "-n", "--pidfile=", "snq", *args], cwd=cwd,
+            stdout=self.log, stderr=subprocess.STDOUT, env=environ())
+        testCase.addCleanup(self.kill)
+
+    def output(self):
+        with open(self.logPath) as f:
+            return f.read()
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(30)
+        self.log.close()
+
+    def alive(self):
+        return self.process.poll() is None
+
+
+@defer.inlineCallbacks
+def waitFor(condition, timeout=60.0, interval=0.05, what="condition"):
+    """Poll C{condition} on the real reactor until true, or fail."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        yield deferLater(reactor, interval, lambda: None)
+
+
+def handledIds(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
