@@ -80,6 +80,8 @@ class DaemonConfig:
     min_restart_delay: float = field(default=1.0, metadata=_positive)
     #: … up to this.
     max_restart_delay: float = field(default=60.0, metadata=_positive)
+    #: Seconds a worker started by a rolling restart has to report ready.
+    start_timeout: float = field(default=60.0, metadata=_positive)
     #: UNIX socket for snqctl (mode 0600); relative to the run directory.
     control_socket: str = "snq.sock"
 
