@@ -266,6 +266,8 @@ class StompClientProtocol(Protocol):
         if not frame:
             # A heart-beat: dataReceived has already noted that data came in.
             return
+        # Build the headers dict once: on a parsed frame each .headers access
+        # rebuilds it, and session, commands and handlers read it often.
         frame.unraw()
         handler = getattr(self, f"_frame_{frame.command}", None)
         if handler is None:
@@ -329,13 +331,15 @@ class StompClientProtocol(Protocol):
         """
         Log the error, fail whatever waits for an answer, and close.
 
-        STOMP 1.1+ brokers close the connection after ERROR; doing it here too
-        keeps our state simple and lets ClientService reconnect.
+        STOMP 1.1+ says the broker closes the connection after ERROR, but
+        RabbitMQ does not always (rabbitmq-stomp#16); closing here keeps our
+        state simple and lets ClientService reconnect.
         """
         error = StompServerError(frame)
         self.log.error(
-            "STOMP broker sent ERROR: {message}\n{details}",
-            message=error.message,
+            # Not "message": the legacy log bridge owns that event key.
+            "STOMP broker sent ERROR: {errorMessage}\n{details}",
+            errorMessage=error.message,
             details=error.details,
         )
         self._failPending(error)
