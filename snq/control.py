@@ -1,0 +1,195 @@
+# -*- test-case-name: tests.test_control -*-
+"""
+How the processes of a daemon talk: AMP between the master and each worker
+(over extra pipes, see L{snq.pool}) and between C{snqctl} and the master
+(over a UNIX socket, L{ControlService}), and the exit statuses by which a
+worker tells the master what to do next.
+"""
+
+import json
+import os
+import signal
+
+from twisted.application.service import Service
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+#: A worker exiting with this asks not to be started again (shutdown).
+EXIT_SHUTDOWN = 100
+#: A worker exiting with this asks to be replaced at once (it recycled
+#: itself: soft memory limit or max_items).  0, 1 and signals are failures.
+EXIT_RECYCLE = 101
+
+
+class JSON(amp.Argument):
+    """
+    Any JSON value.  AMP caps one value at 64 KiB; a worker's counters grow
+    with its sites, so a long document is split over C{name}, C{name.1}, ….
+    """
+
+    CHUNK = 0xFFFF
+
+    def toString(self, inObject):
+        return json.dumps(inObject, separators=(",", ":")).encode("utf-8")
+
+    def fromString(self, inString):
+        return json.loads(inString)
+
+    def toBox(self, name, strings, objects, proto):
+        super().toBox(name, strings, objects, proto)
+        data = strings[name]
+        strings[name] = data[:self.CHUNK]
+        for n, start in enumerate(range(self.CHUNK, len(data), self.CHUNK), 1):
+            strings[b"%s.%d" % (name, n)] = data[start:start + self.CHUNK]
+
+    def fromBox(self, name, strings, objects, proto):
+        n = 1
+        while (key := b"%s.%d" % (name, n)) in strings:
+            strings[name] += strings[key]
+            n += 1
+        super().fromBox(name, strings, objects, proto)
+
+
+class ControlError(Exception):
+    """A control request that cannot be carried out; the message says why."""
+
+
+class Report(amp.Command):
+    """Worker → master, once a second and on each change of state."""
+
+    arguments = [(b"report", JSON())]
+    requiresAnswer = False
+
+
+class Status(amp.Command):
+    """snqctl → master: the pool's state."""
+
+    response = [(b"status", JSON())]
+
+
+class Stop(amp.Command):
+    """snqctl → master: stop gracefully (the answer comes first)."""
+
+
+class Restart(amp.Command):
+    """snqctl → master: a rolling restart; answers once it is over."""
+
+    response = [(b"restarted", JSON())]
+    errors = {ControlError: b"CONTROL_ERROR"}
+
+
+class Channel(amp.AMP):
+    """
+    AMP without AMP's connection log lines, which ask the transport for
+    addresses a pipe to a child process does not have (Twisted #6618).
+    """
+
+    def makeConnection(self, transport):
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason):
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
+class ControlClient(Channel):
+    """snqctl's end: knows when the master has closed the connection."""
+
+    def __init__(self):
+        super().__init__()
+        self.lost = defer.Deferred()
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self.lost.callback(None)
+
+
+def connect(path, reactor) -> defer.Deferred:
+    """A L{ControlClient} connected to the master listening on C{path}."""
+    return connectProtocol(UNIXClientEndpoint(reactor, path, timeout=10),
+                           ControlClient())
+
+
+class _ControlProtocol(Channel):
+    def __init__(self, service):
+        super().__init__()
+        self.service = service
+
+    @Status.responder
+    def status(self):
+        return {"status": self.service.status()}
+
+    @Stop.responder
+    def stop(self):
+        self.service.log.info("stop requested on the control socket")
+        self.service.reactor.callLater(0, self.service.stopDaemon)
+        return {}
+
+    @Restart.responder
+    def restart(self):
+        self.service.log.info("rolling restart requested on the control socket")
+        return self.service.pool.restart().addCallback(
+            lambda replaced: {"restarted": replaced})
+
+
+class ControlService(Service):
+    """
+    The master's control: C{snqctl status|stop|restart} on a UNIX socket
+    that only the daemon's user can use (mode 0600), and SIGUSR1 for a
+    rolling restart.  SIGTERM and SIGINT are twistd's: they stop the
+    daemon, which stops the pool gracefully.
+    """
+
+    log = Logger()
+
+    def __init__(self, pool, path, reactor=None, stopDaemon=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.pool = pool
+        self.path = path
+        self.reactor = reactor
+        self.stopDaemon = stopDaemon or reactor.stop
+        self.started = None
+        self._port = None
+        self._previousHandler = None
+
+    def startService(self):
+        # The path is resolved now: twistd has moved to its run directory.
+        self.path = os.path.abspath(self.path)
+        factory = protocol.Factory.forProtocol(lambda: _ControlProtocol(self))
+        factory.noisy = False
+        # wantPID: a socket left by a dead master is replaced, one in use by
+        # a live master makes this one refuse to start.
+        self._port = self.reactor.listenUNIX(self.path, factory, mode=0o600,
+                                             wantPID=True)
+        self._previousHandler = signal.signal(signal.SIGUSR1, self._sigusr1)
+        self.started = self.reactor.seconds()
+        super().startService()
+        self.log.info("control socket {path}", path=self.path)
+
+    def stopService(self):
+        super().stopService()
+        signal.signal(signal.SIGUSR1, self._previousHandler)
+        return defer.maybeDeferred(self._port.stopListening)
+
+    def status(self) -> dict:
+        return {"pid": os.getpid(), "started": self.started,
+                "uptime": self.reactor.seconds() - self.started,
+                "restarting": self.pool.restarting, "workers": self.pool.status()}
+
+    def _sigusr1(self, signum, frame):
+        self.reactor.callFromThread(self._restart)
+
+    def _restart(self):
+        self.log.info("rolling restart on SIGUSR1")
+
+        def failed(failure):
+            failure.trap(ControlError)
+            self.log.error("rolling restart failed: {why}",
+                           why=failure.getErrorMessage())
+
+        d = self.pool.restart()
+        d.addErrback(failed)
+        d.addErrback(lambda f: self.log.failure("rolling restart failed", f))

@@ -1,0 +1,434 @@
+# -*- test-case-name: tests.test_pool -*-
+"""
+The master's worker pool: N child processes (C{python -m snq.child}), each
+a competing consumer on the queues.  The pool hands out no work; it starts
+the children, respawns them by their exit status (with procmon's backoff
+for children that die young), replaces them one at a time on request,
+keeps what they report, and on stop waits until every one is gone.
+
+Each child gets two extra pipes for AMP (fd 3 master → child, fd 4 child →
+master); its stdout and stderr carry log lines, which the master logs again
+tagged with the worker's id and pid.
+"""
+
+import contextlib
+import os
+import sys
+
+from twisted.application.service import Service
+from twisted.internet import defer, error, protocol
+from twisted.logger import Logger, LogLevel
+
+from snq.control import EXIT_RECYCLE, EXIT_SHUTDOWN, Channel, ControlError, Report
+
+TO_CHILD, FROM_CHILD = 3, 4
+CHILD_FDS = {0: "w", 1: "r", 2: "r", TO_CHILD: "w", FROM_CHILD: "r"}
+_LEVELS = {level.name: level for level in LogLevel.iterconstants()}
+
+
+def childCommand(config) -> list[str]:
+    """How to start a worker for C{config} (its id is appended)."""
+    command = [sys.executable, "-m", "snq.child"]
+    if config.source is not None:
+        # Absolute: twistd moves to its run directory after this.
+        command += ["--config", os.path.abspath(config.source)]
+    return command
+
+
+class _ChildPipe:
+    """The master end of the AMP channel: writes go to the child's fd 3."""
+
+    def __init__(self, process):
+        self.process = process
+
+    def write(self, data):
+        self.process.writeToChild(TO_CHILD, data)
+
+    def writeSequence(self, data):
+        self.write(b"".join(data))
+
+    def loseConnection(self):
+        self.process.closeChildFD(TO_CHILD)
+
+
+class _MasterChannel(Channel):
+    def __init__(self, process):
+        super().__init__()
+        self.process = process
+
+    @Report.responder
+    def report(self, report):
+        self.process.reported(report)
+        return {}
+
+
+class WorkerProcess(protocol.ProcessProtocol):
+    """One child process of a slot, from spawn to exit."""
+
+    log = Logger()
+
+    def __init__(self, worker, clock):
+        self.worker = worker
+        self.clock = clock
+        self.pid = None
+        self.started = clock.seconds()
+        #: starting → running (it said so) → stopping → exited
+        self.state = "starting"
+        #: The child's last report (L{snq.child.WorkerProcess.snapshot}).
+        self.report: dict = {}
+        self.ready = False
+        self.ended = False
+        self._terminated = False
+        self._killCall = None
+        self._endWaiters: list[defer.Deferred] = []
+        self._readyWaiters: list[defer.Deferred] = []
+        self._partial = {1: b"", 2: b""}
+        self.channel = _MasterChannel(self)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.worker.wid}:{self.pid}"
+
+    def connectionMade(self):
+        self.pid = self.transport.pid
+        self.transport.closeStdin()
+        self.channel.makeConnection(_ChildPipe(self.transport))
+
+    def childDataReceived(self, childFD, data):
+        if childFD == FROM_CHILD:
+            self.channel.dataReceived(data)
+            return
+        lines = (self._partial[childFD] + data).split(b"\n")
+        self._partial[childFD] = lines.pop()
+        for line in lines:
+            self._logLine(childFD, line)
+
+    def _logLine(self, childFD, line: bytes):
+        """
+        A worker writes C{"level text"}; anything else (output before its
+        logging started, a crash of the interpreter) is logged as is.
+        """
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        word, _, rest = text.partition(" ")
+        level = _LEVELS.get(word)
+        if level is None:
+            level, rest = (LogLevel.info if childFD == 1 else LogLevel.error), text
+        self.log.emit(level, "{line}", line=rest,
+                      log_system=f"{self.tag}#{level.name}")
+
+    def childConnectionLost(self, childFD):
+        if childFD == FROM_CHILD:
+            self.channel.connectionLost(protocol.connectionDone)
+
+    def processEnded(self, reason):
+        for childFD, rest in self._partial.items():
+            if rest:
+                self._logLine(childFD, rest)
+        self.ended = True
+        self.state = "exited"
+        if self._killCall is not None and self._killCall.active():
+            self._killCall.cancel()
+        self.worker.pool._processEnded(self, reason.value)
+        self._fire(self._readyWaiters, False)
+        self._fire(self._endWaiters, None)
+
+    def reported(self, report: dict):
+        self.report = report
+        if not self._terminated:
+            self.state = report.get("state", self.state)
+        if self.state == "running" and not self.ready:
+            self.ready = True
+            self.log.info("worker {wid} (pid {pid}) is ready",
+                          wid=self.worker.wid, pid=self.pid)
+            self._fire(self._readyWaiters, True)
+
+    def whenReady(self) -> defer.Deferred:
+        """Fires with True once the child is ready, False if it ends first."""
+        if self.ready or self.ended:
+            return defer.succeed(self.ready)
+        d = defer.Deferred()
+        self._readyWaiters.append(d)
+        return d
+
+    def stop(self, killTime: float) -> defer.Deferred:
+        """TERM now, KILL after C{killTime}; fires once the process is gone."""
+        if self.ended:
+            return defer.succeed(None)
+        if not self._terminated:
+            self._terminated = True
+            self.state = "stopping"
+            self.signal("TERM")
+            self._killCall = self.clock.callLater(killTime, self._kill, killTime)
+        d = defer.Deferred()
+        self._endWaiters.append(d)
+        return d
+
+    def _kill(self, killTime):
+        self.log.warn("worker {wid} (pid {pid}) still running {t} s after TERM: "
+                      "killing it", wid=self.worker.wid, pid=self.pid, t=killTime)
+        self.signal("KILL")
+
+    def signal(self, name: str):
+        with contextlib.suppress(error.ProcessExitedAlready):
+            self.transport.signalProcess(name)
+
+    @staticmethod
+    def _fire(waiters, result):
+        while waiters:
+            d = waiters.pop(0)
+            if not d.called:
+                d.callback(result)
+
+
+class Worker:
+    """
+    A slot of the pool: an id (C{<daemon id>.<n>}) and the process holding it
+    now, with the history that outlives processes: the backoff delay,
+    restarts, the last exit.
+    """
+
+    def __init__(self, pool, index: int, wid: str, delay: float):
+        self.pool = pool
+        self.index = index
+        self.wid = wid
+        self.process: WorkerProcess | None = None
+        #: Started by a rolling restart, not ready yet; takes over from
+        #: C{process} once it is.
+        self.replacement: WorkerProcess | None = None
+        #: What the next death within C{threshold} of a start waits.
+        self.delay = delay
+        self.respawnCall = None
+        #: Times this slot's process exited and was started again.
+        self.restarts = 0
+        self.lastExit: str | None = None
+        #: It exited with EXIT_SHUTDOWN and stays down.
+        self.done = False
+
+    @property
+    def state(self) -> str:
+        if self.process is not None:
+            return self.process.state
+        if self.respawnCall is not None and self.respawnCall.active():
+            return "waiting"
+        return "exited" if self.done else "stopped"
+
+
+def _describe(status) -> tuple[int | None, str]:
+    """A process end → (exit code or None for a signal, words for logs)."""
+    if status.signal is not None:
+        return None, f"killed by signal {status.signal}"
+    return status.exitCode, f"exit status {status.exitCode}"
+
+
+class WorkerPool(Service):
+    """
+    C{count} worker slots, started C{spawndelay} apart.  A worker exiting
+    with 100 stays down (and when all have, the daemon stops); with 101 it
+    is replaced at once; any other end (status 0 or 1, a signal) is a
+    failure: replaced at once if it lived at least C{threshold} seconds,
+    else after a delay that doubles from C{min_restart_delay} up to
+    C{max_restart_delay} and goes back to the minimum after a long life.
+    """
+
+    log = Logger()
+
+    def __init__(self, config, count: int, reactor=None, command=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.config = config
+        self.reactor = reactor
+        self.command = command or childCommand(config)
+        self.workers = [
+            Worker(self, n, f"{config.daemon.id}.{n}",
+                   config.daemon.min_restart_delay)
+            for n in range(count)]
+        #: Replaced by a rolling restart, stopping.
+        self.retiring: set[WorkerProcess] = set()
+        self.restarting = False
+
+    def startService(self):
+        super().startService()
+        self.log.info("starting {n} workers", n=len(self.workers))
+        for worker in self.workers:
+            worker.respawnCall = self.reactor.callLater(
+                worker.index * self.config.queue.spawndelay, self._respawn, worker)
+
+    def stopService(self):
+        super().stopService()
+        for worker in self.workers:
+            if worker.respawnCall is not None and worker.respawnCall.active():
+                worker.respawnCall.cancel()
+        processes = [p for w in self.workers for p in (w.process, w.replacement)
+                     if p is not None] + list(self.retiring)
+        if processes:
+            self.log.info("stopping {n} workers", n=len(processes))
+        killTime = self.config.daemon.kill_time
+        d = defer.gatherResults([p.stop(killTime) for p in processes])
+        d.addCallback(lambda _: self.log.info("all workers stopped"))
+        return d
+
+    def _spawn(self, worker) -> WorkerProcess | None:
+        process = WorkerProcess(worker, self.reactor)
+        try:
+            self.reactor.spawnProcess(
+                process, self.command[0], [*self.command, "--id", worker.wid],
+                env=None, childFDs=CHILD_FDS)
+        except Exception:
+            self.log.failure("cannot start a process for worker {wid}",
+                             wid=worker.wid)
+            return None
+        self.log.info("worker {wid} started as pid {pid}", wid=worker.wid,
+                      pid=process.pid)
+        return process
+
+    def _respawn(self, worker):
+        worker.respawnCall = None
+        worker.process = self._spawn(worker)
+        if worker.process is None:
+            self._scheduleRespawn(worker, self._backoff(worker))
+
+    def _scheduleRespawn(self, worker, delay: float):
+        worker.respawnCall = self.reactor.callLater(delay, self._respawn, worker)
+
+    def _backoff(self, worker) -> float:
+        delay = worker.delay
+        worker.delay = min(delay * 2, self.config.daemon.max_restart_delay)
+        return delay
+
+    def _processEnded(self, process, status):
+        worker = process.worker
+        code, how = _describe(status)
+        if process in self.retiring:
+            self.retiring.discard(process)
+            self.log.info("worker {wid} (pid {pid}), replaced, has exited ({how})",
+                          wid=worker.wid, pid=process.pid, how=how)
+            return
+        if process is worker.replacement:
+            worker.replacement = None
+            self.log.error("the replacement for worker {wid} (pid {pid}) exited "
+                           "({how}) before it was ready", wid=worker.wid,
+                           pid=process.pid, how=how)
+            return
+        worker.lastExit = how
+        # A rolling restart's replacement, if any, takes over the slot.
+        worker.process, worker.replacement = worker.replacement, None
+        if not self.running:
+            self.log.info("worker {wid} (pid {pid}) stopped ({how})",
+                          wid=worker.wid, pid=process.pid, how=how)
+            return
+        if worker.process is not None:
+            self.log.warn("worker {wid} (pid {pid}) exited ({how}); its "
+                          "replacement (pid {new}) takes over", wid=worker.wid,
+                          pid=process.pid, how=how, new=worker.process.pid)
+            return
+        self._afterExit(worker, process, code, how)
+
+    def _afterExit(self, worker, process, code, how):
+        lived = self.reactor.seconds() - process.started
+        fields = dict(wid=worker.wid, pid=process.pid, how=how, lived=lived)
+        if code == EXIT_SHUTDOWN:
+            worker.done = True
+            self.log.info("worker {wid} (pid {pid}) exited with {how} after "
+                          "{lived:.1f} s: shut down, not restarting", **fields)
+            if all(w.done for w in self.workers):
+                self.log.info("every worker has shut down; stopping")
+                self.reactor.stop()
+            return
+        worker.restarts += 1
+        threshold = self.config.daemon.threshold
+        if code == EXIT_RECYCLE:
+            delay = 0.0
+            self.log.info("worker {wid} (pid {pid}) recycled itself ({how}) "
+                          "after {lived:.1f} s: restarting now", **fields)
+        elif lived < threshold:
+            delay = self._backoff(worker)
+            self.log.warn("worker {wid} (pid {pid}) exited with {how} after "
+                          "{lived:.1f} s, under the {threshold:g} s threshold: "
+                          "restarting in {delay:g} s", threshold=threshold,
+                          delay=delay, **fields)
+        else:
+            delay = 0.0
+            worker.delay = self.config.daemon.min_restart_delay
+            self.log.warn("worker {wid} (pid {pid}) exited with {how} after "
+                          "{lived:.1f} s: restarting now", **fields)
+        self._scheduleRespawn(worker, delay)
+
+    def restart(self) -> defer.Deferred:
+        """
+        Replace every running worker, one at a time.  Each replacement
+        starts first; the old process is stopped only once its replacement
+        reports ready, and the next slot waits for that, so capacity never
+        drops.  Fires with C{[{"id", "old", "new"}]}, or fails with
+        L{ControlError} (a replacement that fails keeps the old process and
+        ends the restart there).
+        """
+        if not self.running:
+            return defer.fail(ControlError("snq is stopping"))
+        if self.restarting:
+            return defer.fail(ControlError("a rolling restart is in progress"))
+        self.restarting = True
+        d = self._restartAll()
+
+        def over(result):
+            self.restarting = False
+            return result
+
+        return d.addBoth(over)
+
+    @defer.inlineCallbacks
+    def _restartAll(self):
+        replaced = []
+        timeout = self.config.daemon.start_timeout
+        for worker in self.workers:
+            old = worker.process
+            # An empty slot gets a fresh process when it respawns anyway.
+            if old is None or not self.running:
+                continue
+            new = worker.replacement = self._spawn(worker)
+            if new is None:
+                raise ControlError(f"cannot start a replacement for {worker.wid}")
+            try:
+                ready = yield new.whenReady().addTimeout(timeout, self.reactor)
+                why = "exited before it was ready"
+            except defer.TimeoutError:
+                new.stop(self.config.daemon.kill_time)
+                ready, why = False, f"was not ready within {timeout:g} s"
+            if not ready:
+                raise ControlError(
+                    f"the replacement for {worker.wid} {why}; it keeps pid "
+                    f"{old.pid}, and the restart stops there (see the log)")
+            if worker.replacement is new:
+                worker.process, worker.replacement = new, None
+            if not old.ended:
+                self.retiring.add(old)
+                old.stop(self.config.daemon.kill_time)
+            replaced.append({"id": worker.wid, "old": old.pid, "new": new.pid})
+            self.log.info("worker {wid} replaced: pid {old} → {new}",
+                          wid=worker.wid, old=old.pid, new=new.pid)
+        return replaced
+
+    def status(self) -> list[dict]:
+        """Every slot and process, for snqctl and monitors."""
+        now = self.reactor.seconds()
+        rows = []
+
+        def row(worker, process, role):
+            entry = {"id": worker.wid, "role": role, "restarts": worker.restarts,
+                     "last_exit": worker.lastExit}
+            if process is None:
+                entry["state"] = worker.state
+                if worker.respawnCall is not None and worker.respawnCall.active():
+                    entry["respawn_in"] = worker.respawnCall.getTime() - now
+            else:
+                entry.update(pid=process.pid, state=process.state,
+                             started=process.started,
+                             uptime=now - process.started, report=process.report)
+            rows.append(entry)
+
+        for worker in self.workers:
+            row(worker, worker.process, "current")
+            if worker.replacement is not None:
+                row(worker, worker.replacement, "replacement")
+        for process in self.retiring:
+            row(process.worker, process, "retiring")
+        return rows
