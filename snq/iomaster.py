@@ -1,11 +1,18 @@
-# -*- test-case-name: tests.test_iomaster -*-
+# -*- test-case-name: tests.test_child -*-
 """
 The IoMaster: one worker's service tree.  It opens the queue, runs the
 managers that feed handlers from it, and on stop lets them finish before
-the queue is closed.
+the queue is closed.  In a worker process a L{MemoryWatch} recycles it
+before a leak grows.
 """
 
+import os
+import resource
+import sys
+
+from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from snq.handlers import HandlerRegistry
@@ -14,12 +21,106 @@ from snq.queues.base import Dispatcher, QueueManager, TransportFilter
 from snq.service import AsyncMultiService
 from snq.stats import Stats
 
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def residentMemory() -> int:
+    """This process's resident set size in bytes."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        # No /proc (macOS, BSD): the peak, the best these systems offer.
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
+
+
+class MemoryLimitError(Exception):
+    """The worker is over its soft limit before it has done anything."""
+
+
+class MemoryWatch(Service):
+    """
+    Recycles a worker before a leak hurts: once its resident memory is over
+    the soft limit (checked after every item and once a second) or it has
+    done C{maxItems} items, it calls C{recycle(reason)} once, and the worker
+    stops claiming, finishes what it holds and exits to be replaced.
+
+    A worker already over the limit at start refuses to start
+    (L{MemoryLimitError}): replacing it would only loop.
+    """
+
+    log = Logger()
+
+    def __init__(self, softLimit: int | None, maxItems: int, recycle, clock,
+                 measure=residentMemory, interval: float = 1.0):
+        self.softLimit = softLimit
+        self.maxItems = maxItems
+        self.recycle = recycle
+        self.measure = measure
+        self.interval = interval
+        #: Items settled (done, retried or dead-lettered) by this worker.
+        self.items = 0
+        self.recycling = False
+        self._timer = LoopingCall(self.check)
+        self._timer.clock = clock
+
+    def startService(self):
+        rss = self.measure()
+        if self.softLimit and rss > self.softLimit:
+            raise MemoryLimitError(
+                f"resident memory {_mb(rss)} at start is already over the soft "
+                f"limit {_mb(self.softLimit)}; raise [queue] memory_limit or "
+                f"softlimit")
+        super().startService()
+        if self.softLimit:
+            self._timer.start(self.interval, now=False)
+
+    def stopService(self):
+        super().stopService()
+        if self._timer.running:
+            self._timer.stop()
+
+    def itemSettled(self):
+        self.items += 1
+        if self.maxItems and self.items >= self.maxItems:
+            self._recycle(f"{self.items} items done (max_items {self.maxItems})")
+        else:
+            self.check()
+
+    def check(self):
+        if not self.softLimit or self.recycling:
+            return
+        rss = self.measure()
+        if rss > self.softLimit:
+            self._recycle(f"resident memory {_mb(rss)} is over the soft limit "
+                          f"{_mb(self.softLimit)}")
+
+    def _recycle(self, reason: str):
+        if not self.recycling:
+            self.recycling = True
+            self.recycle(reason)
+
 
 class IoMaster(AsyncMultiService):
+    """
+    C{recycle}, when given (in a worker process), is called with a reason
+    when the worker should be replaced; without it (C{--inline}) nothing
+    watches memory or counts items.
+
+    C{groups}, when given, replaces C{[queue] groups} for this worker: the
+    pool runs one worker of its own for the "xmpp" group.  A worker with
+    "xmpp" among its groups holds the XMPP connections.
+    """
+
     log = Logger()
 
     def __init__(self, config, workerId="inline", clock=None, queue=None,
-                 registry=None):
+                 registry=None, recycle=None, groups=None):
         super().__init__()
         if clock is None:
             from twisted.internet import reactor as clock
@@ -27,17 +128,40 @@ class IoMaster(AsyncMultiService):
         self.workerId = workerId
         self.clock = clock
         self.stats = Stats()
+        self.groups = list(groups or config.queue.groups)
         self.queue = queue if queue is not None else makeQueue(config, clock)
         self.registry = registry or HandlerRegistry.load(config.handlers)
         self.dispatcher = Dispatcher(self.queue, self.registry, config,
                                      self.stats, clock)
+        self.watch = None
+        if recycle is not None:
+            self.watch = MemoryWatch(config.queue.softLimitBytes(),
+                                     config.queue.max_items, recycle, clock)
+            self.watch.setServiceParent(self)
+            self.dispatcher.settledHooks.append(self.watch.itemSettled)
+        if "xmpp" in self.groups:
+            self._addXmppManagers()
         groupOf = {name: self.registry.groupOf(name, config.transport(name).group)
                    for name in {*self.registry.classes, *config.transports}}
         managerClass = self.queue.managerClass or QueueManager
         self.manager = managerClass(
             self.queue, self.dispatcher, config,
-            TransportFilter.forGroups(config.queue.groups, groupOf), clock)
+            TransportFilter.forGroups(self.groups, groupOf), clock)
         self.manager.setServiceParent(self)
+
+    def _addXmppManagers(self):
+        """
+        One connection per site with an account, started before the queue
+        manager and so stopped after it: items in flight can still finish.
+        """
+        # wokkel and OpenSSL only in the worker that uses them.
+        from snq.xmpp.manager import XmppManager
+
+        context = self.dispatcher.context
+        for site, account in self.config.xmppAccounts().items():
+            manager = XmppManager(site, account, context, self.clock)
+            manager.setServiceParent(self)
+            context.xmppManagers[site] = manager
 
     @defer.inlineCallbacks
     def startService(self):
@@ -47,7 +171,7 @@ class IoMaster(AsyncMultiService):
         yield super().startService()
         self.log.info("worker {wid} consuming groups {groups}; handlers: "
                       "{handlers}", wid=self.workerId,
-                      groups=", ".join(self.config.queue.groups),
+                      groups=", ".join(self.groups),
                       handlers=", ".join(sorted(self.dispatcher.handlers)))
 
     @defer.inlineCallbacks

@@ -164,9 +164,15 @@ class HandlerContext:
         self.queue = queue
         self.stats = stats
         self.clock = clock
+        #: Site → its XmppManager, in a worker that runs the "xmpp" group.
+        self.xmppManagers: dict = {}
 
     def siteConfig(self, site: str) -> dict:
         return self.config.siteConfig(site)
+
+    def xmpp(self, site: str):
+        """The XmppManager that serves C{site} in this worker, or None."""
+        return self.xmppManagers.get(self.config.xmppSite(site))
 
     def item(self, transport: str, payload, site: str = DEFAULT_SITE,
              priority: int | None = None) -> Item:
@@ -218,6 +224,9 @@ class Dispatcher:
                          for name, cls in registry.classes.items()}
         #: Called after each settled item: the manager claims more.
         self.onSettled = onSettled
+        #: Also called after each settled item, for whoever else counts
+        #: them (the worker's memory watch).
+        self.settledHooks: list = []
         self.held: set[Delivery] = set()
         self._waiting: collections.deque = collections.deque()
         self._running: collections.Counter = collections.Counter()
@@ -421,6 +430,8 @@ class Dispatcher:
                     waiter.callback(None)
             if self.onSettled is not None:
                 self.onSettled()
+            for hook in self.settledHooks:
+                hook()
 
         d.addErrback(failed)
         d.addCallback(settled)

@@ -1,0 +1,187 @@
+# -*- test-case-name: tests.test_child -*-
+"""
+A worker process, started by the master's L{snq.pool.WorkerPool} as
+C{python -m snq.child [--config PATH] --id ID}; not meant to be run by hand.
+
+It runs one L{IoMaster}, reports to the master over AMP on fds 3 (in) and
+4 (out) once a second, writes its log to stderr as C{"level text"} lines
+(the master logs them again, tagged), and tells the master what to do next
+by its exit status: 0 after an ordinary stop, 1 if it could not start,
+101 to be replaced at once (it recycled itself).  It stops gracefully on
+SIGTERM or SIGINT, and when the pipe from the master closes (the master
+died).
+"""
+
+import argparse
+import os
+import signal
+import sys
+
+from twisted.internet import defer, stdio
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger, LogLevel, eventAsText, globalLogBeginner
+
+from snq import config as snqconfig
+from snq.control import EXIT_RECYCLE, Channel, Report
+from snq.iomaster import IoMaster, residentMemory
+
+FROM_MASTER, TO_MASTER = 3, 4
+REPORT_INTERVAL = 1.0
+
+
+class _WorkerChannel(Channel):
+    def __init__(self, worker):
+        super().__init__()
+        self.worker = worker
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self.worker.masterGone()
+
+
+class WorkerProcess:
+    """This process's life: start, report, stop, and the exit status."""
+
+    log = Logger()
+
+    def __init__(self, config, workerId: str, reactor, iomasterFactory=IoMaster):
+        self.config = config
+        self.workerId = workerId
+        self.reactor = reactor
+        self.iomasterFactory = iomasterFactory
+        self.exitCode = 0
+        #: starting → running → stopping
+        self.state = "starting"
+        self.started = reactor.seconds()
+        self.iomaster = None
+        self.channel = _WorkerChannel(self)
+        self._starting = defer.succeed(None)
+        self._reporter = LoopingCall(self.report)
+        self._reporter.clock = reactor
+
+    def start(self):
+        """Called once the reactor runs: start reporting, then the IoMaster."""
+        self._reporter.start(REPORT_INTERVAL)
+        self._starting = defer.maybeDeferred(self._build)
+        self._starting.addCallback(lambda _: self.iomaster.startService())
+        self._starting.addCallbacks(self._running, self._cannotStart)
+
+    def _build(self):
+        self.iomaster = self.iomasterFactory(
+            self.config, workerId=self.workerId, clock=self.reactor,
+            recycle=lambda reason: self.exit(EXIT_RECYCLE, reason))
+
+    def _running(self, _):
+        if self.state == "starting":
+            self.state = "running"
+            self.report()
+
+    def _cannotStart(self, failure):
+        self.log.failure("worker {wid} cannot start", failure, wid=self.workerId)
+        self.exit(1, "it could not start")
+
+    def exit(self, code: int, reason: str):
+        """Stop gracefully, then exit with C{code}; the first call decides."""
+        if self.state == "stopping":
+            return
+        self.log.info("worker {wid} stopping, exit status {code}: {reason}",
+                      wid=self.workerId, code=code, reason=reason)
+        self.exitCode = code
+        self.state = "stopping"
+        self.reactor.stop()
+
+    def signalled(self, signum, frame):
+        """SIGTERM, SIGINT: a graceful stop, asked for once however often."""
+        self.reactor.callFromThread(self.exit, 0, signal.Signals(signum).name)
+
+    def masterGone(self):
+        if self.state != "stopping":
+            self.exit(0, "the master has gone")
+
+    @defer.inlineCallbacks
+    def stop(self):
+        """
+        The reactor's before-shutdown trigger: stop claiming, finish what is
+        held, acknowledge, close the queue; waits for a start in progress.
+        """
+        self.state = "stopping"
+        self.report()
+        yield self._starting
+        if self.iomaster is not None and self.iomaster.running:
+            yield self.iomaster.stopService()
+        if self._reporter.running:
+            self._reporter.stop()
+
+    def report(self):
+        if self.channel.transport is not None:
+            self.channel.callRemote(Report, report=self.snapshot())
+
+    def snapshot(self) -> dict:
+        """What the master keeps of this worker (see L{snq.pool})."""
+        snapshot = {"state": self.state, "pid": os.getpid(),
+                    "started": self.started, "rss": residentMemory()}
+        master = self.iomaster
+        if master is not None:
+            stats, dispatcher = master.stats, master.dispatcher
+            snapshot.update(
+                handled=stats.total("handled"), errors=stats.total("error"),
+                items=master.watch.items,
+                inflight=dispatcher.running, held=len(dispatcher.held),
+                counts=[[*key, n] for key, n in stats.counts.items()],
+                timings=stats.timings)
+        return snapshot
+
+
+def lineObserver(stream):
+    """
+    Log events as C{"level text"} lines, one per line of text, for the
+    master to read; once the master is gone nobody reads, and that is fine.
+    """
+
+    def observe(event):
+        level = event.get("log_level", LogLevel.info).name
+        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+        try:
+            stream.write("".join(f"{level} {line}\n" for line in text.splitlines()))
+            stream.flush()
+        except OSError:
+            pass
+
+    return observe
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m snq.child",
+                                     description="An snq worker process.")
+    parser.add_argument("--config", help="TOML config file (default: built-in)")
+    parser.add_argument("--id", required=True, help="the worker id")
+    args = parser.parse_args(argv)
+    globalLogBeginner.beginLoggingTo([lineObserver(sys.stderr)])
+    log = Logger(namespace="snq.child")
+    try:
+        config = snqconfig.load(args.config)
+    except snqconfig.ConfigError as e:
+        log.critical("worker {wid}: invalid configuration:\n{e}", wid=args.id, e=e)
+        return 1
+
+    from twisted.internet import reactor
+
+    worker = WorkerProcess(config, args.id, reactor)
+    stdio.StandardIO(worker.channel, stdin=FROM_MASTER, stdout=TO_MASTER,
+                     reactor=reactor)
+    reactor.addSystemEventTrigger("before", "shutdown", worker.stop)
+
+    def started():
+        # Instead of the reactor's handlers, which stop it again on a second
+        # signal (Ctrl-C reaches master and workers, then the master's TERM).
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, worker.signalled)
+        worker.start()
+
+    reactor.callWhenRunning(started)
+    reactor.run()
+    return worker.exitCode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
