@@ -7,8 +7,6 @@ but takes no TLS options, has no connect timeout, and resets its backoff as
 soon as TCP connects. L{XmppClient} adds those, keepalive pings and presence.
 """
 
-from dataclasses import dataclass
-
 from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from twisted.application import service
@@ -24,51 +22,8 @@ from wokkel.xmppim import AvailabilityPresence
 
 from snq.xmpp.ping import PingHandler
 
-TLS_MODES = ("required", "optional", "off")
-
-
-@dataclass(frozen=True)
-class XmppSettings:
-    """
-    The C{[xmpp]} section of snq's configuration.
-
-    C{host} "" means the JID's domain. C{tls}: "required" (STARTTLS or no
-    connection), "optional" (STARTTLS when offered) or "off"; when used,
-    TLS verifies the server's certificate for the JID's domain against
-    C{ca_file}, or the system trust store if "". C{auto_subscribe} is for
-    the manager above this module.
-    """
-
-    jid: str
-    password: str
-    host: str = ""
-    port: int = 5222
-    resource: str = "snq"
-    priority: int = 0
-    status: str = ""
-    tls: str = "required"
-    ca_file: str = ""
-    connect_timeout: float = 30.0
-    ping_interval: float = 120.0
-    ping_timeout: float = 30.0
-    auto_subscribe: bool = False
-
-    def __post_init__(self):
-        problems = []
-        if "@" not in self.jid:
-            problems.append(f"jid: expected user@domain, got {self.jid!r}")
-        if self.tls not in TLS_MODES:
-            problems.append(
-                f"tls: expected one of {', '.join(TLS_MODES)}, got {self.tls!r}")
-        if not 0 < self.port < 65536:
-            problems.append(f"port: expected 1-65535, got {self.port!r}")
-        if not -128 <= self.priority <= 127:
-            problems.append(f"priority: expected -128-127, got {self.priority!r}")
-        for key in ("connect_timeout", "ping_interval", "ping_timeout"):
-            if not getattr(self, key) > 0:
-                problems.append(f"{key}: expected seconds > 0")
-        if problems:
-            raise ValueError("; ".join(problems))
+# Re-exported: the settings lived here first.
+from snq.xmpp.settings import XmppSettings  # noqa: F401
 
 
 class ConnectTimeoutError(Exception):
@@ -226,6 +181,14 @@ class XmppClient(client.XMPPClient):
                     reactor).setHandlerParent(self)
         PresenceAnnouncer(settings.priority, settings.status
                           ).setHandlerParent(self)
+
+    @property
+    def initialized(self):
+        """
+        Whether a stream is up and authenticated now: what is sent then goes
+        out at once instead of waiting in wokkel's memory for the next one.
+        """
+        return self._initialized
 
     def whenInitialized(self):
         """

@@ -6,12 +6,29 @@ Written here because C{wokkel.ping} no longer imports with current Twisted.
 """
 
 from twisted.logger import Logger
+from twisted.words.protocols.jabber.jid import internJID
 from twisted.words.protocols.jabber.xmlstream import toResponse
-from twisted.words.xish import domish
+from wokkel.generic import Request
 from wokkel.subprotocols import XMPPHandler
 
 NS_PING = "urn:xmpp:ping"
 PING_REQUEST = f"/iq[@type='get']/ping[@xmlns='{NS_PING}']"
+
+
+class PingRequest(Request):
+    """
+    A ping to C{recipient}, for wokkel's C{StreamManager.request}, which
+    tracks the reply and fails it when the stream is lost.
+    """
+
+    def __init__(self, recipient, timeout=None):
+        super().__init__(internJID(recipient))
+        self.timeout = timeout
+
+    def toElement(self):
+        element = super().toElement()
+        element.addElement((NS_PING, "ping"))
+        return element
 
 
 class PingHandler(XMPPHandler):
@@ -58,11 +75,7 @@ class PingHandler(XMPPHandler):
 
     def _sendPing(self):
         self._nextPing = None
-        iq = domish.Element((None, "iq"))
-        iq["type"] = "get"
-        iq["to"] = self.server
-        iq.addUniqueId()
-        iq.addElement((NS_PING, "ping"))
+        iq = PingRequest(self.server).toElement()
         self._pingID = iq["id"]
         self.xmlstream.addObserver(self._replyQuery(), self._onReply)
         self._pingTimeout = self._clock.callLater(self.timeout, self._onTimeout)
