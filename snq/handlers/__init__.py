@@ -76,6 +76,16 @@ def importHandler(path: str) -> type[QueueHandler]:
     return obj
 
 
+def handlerPaths(configured: dict[str, str]) -> dict[str, str]:
+    """
+    Transport → C{"module:Class"}: the C{snq.handlers} entry points, then the
+    config's C{[handlers]}, which win.  Nothing is imported.
+    """
+    paths = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    paths.update(configured)
+    return paths
+
+
 class HandlerRegistry:
     """Transport name → handler class, from entry points and config."""
 
@@ -92,18 +102,16 @@ class HandlerRegistry:
         since the operator asked for it by name.
         """
         classes = {}
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            try:
-                classes[ep.name] = importHandler(ep.value)
-            except HandlerError as e:
-                cls.log.error("plugin handler {name} left out: {why}",
-                              name=ep.name, why=e)
         errors = []
-        for name, path in configured.items():
+        for name, path in handlerPaths(configured).items():
             try:
                 classes[name] = importHandler(path)
             except HandlerError as e:
-                errors.append(f"handlers.{name}: {e}")
+                if name in configured:
+                    errors.append(f"handlers.{name}: {e}")
+                else:
+                    cls.log.error("plugin handler {name} left out: {why}",
+                                  name=name, why=e)
         if errors:
             raise HandlerError("; ".join(errors))
         return cls(classes)

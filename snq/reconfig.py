@@ -1,0 +1,125 @@
+# -*- test-case-name: tests.test_reconfig -*-
+"""
+What a reload changes, and how each change can be applied.
+
+Compared by name, in the manner of buildbot's reconfigService: a site, a
+transport, a handler or a config key is added, removed or changed.  Most
+changes apply in place; a few (another backend, other handler code) can
+only take effect in fresh worker processes, which the pool then starts one
+at a time (a rolling restart).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+LIVE = "live"
+ROLLING = "rolling"
+
+#: Keys whose change needs new worker processes: the queue they talk to.
+_ROLLING_KEYS = {
+    "daemon.id", "queue.backend", "queue.basename", "db", "stomp", "redis",
+}
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str
+    kind: str  # added | removed | changed
+    old: Any
+    new: Any
+    how: str  # live | rolling
+
+    def describe(self) -> str:
+        if self.kind == "added":
+            what = f"{self.key} added"
+        elif self.kind == "removed":
+            what = f"{self.key} removed"
+        else:
+            what = f"{self.key}: {_show(self.old)} → {_show(self.new)}"
+        how = "applied in place" if self.how == LIVE else "rolling restart"
+        return f"{what} ({how})"
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def diff(old, new, oldCode: dict | None = None,
+         newCode: dict | None = None) -> list[Change]:
+    """
+    The changes from C{old} to C{new} (both L{snq.config.Config}), with the
+    handler code fingerprints (L{codeFingerprints}) of each, if known.
+    """
+    changes: list[Change] = []
+    sections = [f.name for f in dataclasses.fields(new)
+                if dataclasses.is_dataclass(getattr(new, f.name))]
+    for section in sections:
+        before, after = getattr(old, section), getattr(new, section)
+        if before == after:
+            continue
+        if section in _ROLLING_KEYS:
+            changes.append(Change(section, "changed", before, after, ROLLING))
+            continue
+        for f in dataclasses.fields(after):
+            a, b = getattr(before, f.name), getattr(after, f.name)
+            if a != b:
+                key = f"{section}.{f.name}"
+                how = ROLLING if key in _ROLLING_KEYS else LIVE
+                changes.append(Change(key, "changed", a, b, how))
+    for table in ("transports", "handlers", "sites"):
+        changes += _diffTable(table, getattr(old, table), getattr(new, table))
+    for module, fingerprint in sorted((newCode or {}).items()):
+        before = (oldCode or {}).get(module)
+        if before is not None and before != fingerprint:
+            changes.append(Change(f"code {module}", "changed", before[:12],
+                                  fingerprint[:12], ROLLING))
+    return changes
+
+
+def _diffTable(table: str, old: dict, new: dict) -> list[Change]:
+    changes = []
+    for name in sorted(old.keys() | new.keys()):
+        key = f"{table}.{name}"
+        if name not in old:
+            changes.append(Change(key, "added", None, new[name], LIVE))
+        elif name not in new:
+            changes.append(Change(key, "removed", old[name], None, LIVE))
+        elif old[name] != new[name]:
+            changes.append(Change(key, "changed", old[name], new[name], LIVE))
+    return changes
+
+
+def needsRollingRestart(changes: list[Change]) -> bool:
+    return any(c.how == ROLLING for c in changes)
+
+
+def codeFingerprints(paths: dict[str, str]) -> dict[str, str]:
+    """
+    C{transport → "module:Class"} → C{module → sha256 of its source file},
+    found without importing the module, so the master never runs handler
+    code.  A module that cannot be found is left out (loading it will fail
+    with its own error).
+    """
+    fingerprints = {}
+    for path in paths.values():
+        module = path.partition(":")[0]
+        if module in fingerprints:
+            continue
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            continue
+        if spec is None or not spec.origin or not spec.has_location:
+            continue
+        try:
+            with open(spec.origin, "rb") as f:
+                fingerprints[module] = hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            continue
+    return fingerprints
