@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_child -*-
 """
 A worker process, started by the master's L{snq.pool.WorkerPool} as
-C{python -m snq.child [--config PATH] --id ID}; not meant to be run by hand.
+C{python -m snq.child [--config PATH] --id ID [--groups G,…]}; not meant to
+be run by hand.
 
 It runs one L{IoMaster}, reports to the master over AMP on fds 3 (in) and
 4 (out) once a second, writes its log to stderr as C{"level text"} lines
@@ -44,9 +45,12 @@ class WorkerProcess:
 
     log = Logger()
 
-    def __init__(self, config, workerId: str, reactor, iomasterFactory=IoMaster):
+    def __init__(self, config, workerId: str, reactor, iomasterFactory=IoMaster,
+                 groups=None):
         self.config = config
         self.workerId = workerId
+        #: None: C{[queue] groups}.
+        self.groups = groups
         self.reactor = reactor
         self.iomasterFactory = iomasterFactory
         self.exitCode = 0
@@ -69,7 +73,8 @@ class WorkerProcess:
     def _build(self):
         self.iomaster = self.iomasterFactory(
             self.config, workerId=self.workerId, clock=self.reactor,
-            recycle=lambda reason: self.exit(EXIT_RECYCLE, reason))
+            recycle=lambda reason: self.exit(EXIT_RECYCLE, reason),
+            groups=self.groups)
 
     def _running(self, _):
         if self.state == "starting":
@@ -155,6 +160,8 @@ def main(argv=None) -> int:
                                      description="An snq worker process.")
     parser.add_argument("--config", help="TOML config file (default: built-in)")
     parser.add_argument("--id", required=True, help="the worker id")
+    parser.add_argument("--groups", help="comma-separated groups to consume "
+                        "instead of [queue] groups")
     args = parser.parse_args(argv)
     globalLogBeginner.beginLoggingTo([lineObserver(sys.stderr)])
     log = Logger(namespace="snq.child")
@@ -166,7 +173,8 @@ def main(argv=None) -> int:
 
     from twisted.internet import reactor
 
-    worker = WorkerProcess(config, args.id, reactor)
+    groups = args.groups.split(",") if args.groups else None
+    worker = WorkerProcess(config, args.id, reactor, groups=groups)
     stdio.StandardIO(worker.channel, stdin=FROM_MASTER, stdout=TO_MASTER,
                      reactor=reactor)
     reactor.addSystemEventTrigger("before", "shutdown", worker.stop)

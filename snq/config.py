@@ -18,6 +18,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from snq.xmpp.settings import SettingsError, XmppSettings
+
 ENV_VAR = "SNQ_CONFIG"
 BACKENDS = ("db", "stomp", "redis")
 
@@ -195,12 +197,29 @@ class TransportConfig:
 
 
 @dataclass(frozen=True)
+class XmppConfig(XmppSettings):
+    """
+    An XMPP account: C{[xmpp]} for the default site, C{[sites.NICK.xmpp]}
+    for another; C{jid} "" (the default) means none.  The keys and their
+    checks are L{XmppSettings}', so this is what the connection takes.
+    """
+
+    jid: str = ""
+    password: str = field(default="", repr=False)
+
+    def __post_init__(self):
+        if self.jid:
+            super().__post_init__()
+
+
+@dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     db: DbConfig = field(default_factory=DbConfig)
     stomp: StompConfig = field(default_factory=StompConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
+    xmpp: XmppConfig = field(default_factory=XmppConfig)
     transports: dict[str, TransportConfig] = field(default_factory=dict)
     #: transport name → "package.module:Class"
     handlers: dict[str, str] = field(default_factory=dict)
@@ -224,10 +243,29 @@ class Config:
         merged.update(self.sites.get(site, {}))
         return merged
 
+    def xmppAccounts(self) -> dict[str, XmppConfig]:
+        """Site → its own XMPP account, for the sites that have one."""
+        accounts = {"default": self.xmpp} if self.xmpp.jid else {}
+        for nick, table in self.sites.items():
+            account = table.get("xmpp")
+            if isinstance(account, XmppConfig) and account.jid:
+                accounts[nick] = account
+        return accounts
+
+    def xmppSite(self, site: str) -> str | None:
+        """
+        The site whose account serves C{site}'s XMPP: its own, else (unless
+        its C{[sites.NICK.xmpp]} says C{jid = ""}) the C{[xmpp]} one.
+        """
+        account = self.sites.get(site, {}).get("xmpp")
+        if isinstance(account, XmppConfig):
+            return site if account.jid else None
+        return "default" if self.xmpp.jid else None
+
 
 _DEFAULT_TRANSPORT = TransportConfig()
 _SECTIONS = {"daemon": DaemonConfig, "queue": QueueConfig, "db": DbConfig,
-             "stomp": StompConfig, "redis": RedisConfig}
+             "stomp": StompConfig, "redis": RedisConfig, "xmpp": XmppConfig}
 
 
 def load(path: str | None = None, environ: typing.Mapping = os.environ) -> Config:
@@ -277,12 +315,19 @@ def parse(data: dict, source: str = "<config>") -> Config:
         nick: _asTable(table, f"sites.{nick}", problem)
         for nick, table in _table(data, "sites", problem).items()
     }
+    _siteXmpp(sites, sections["xmpp"], problem)
     if problems:
         raise ConfigError(problems)
-    return Config(
+    config = Config(
         **sections, transports=transports, handlers=handlers, sites=sites,
         source=source,
     )
+    queueTable = data.get("queue", {})
+    if config.xmppAccounts() and "groups" not in queueTable:
+        # Filling in [xmpp] is all it takes to use XMPP.
+        config = dataclasses.replace(config, queue=dataclasses.replace(
+            config.queue, groups=["main", "xmpp"]))
+    return config
 
 
 def _table(data: dict, key: str, problem) -> dict:
@@ -315,7 +360,42 @@ def _build(cls, table: dict, where: str, problem):
             problem(key, f"expected {check[1]}, got {value!r}")
             continue
         values[name] = float(value) if hints[name] is float else value
-    return cls(**values)
+    try:
+        return cls(**values)
+    except SettingsError as e:
+        for key, expected in e.problems:
+            problem(f"{where}.{key}", expected)
+        return cls()
+
+
+def _siteXmpp(sites: dict, default: XmppConfig, problem) -> None:
+    """
+    Turn each C{[sites.NICK.xmpp]} table into an L{XmppConfig}, and refuse
+    a JID two sites would log in with: two connections of one account throw
+    each other out.
+    """
+    owners = {_bareJid(default.jid): "xmpp"} if default.jid else {}
+    for nick, table in sites.items():
+        if "xmpp" not in table:
+            continue
+        where = f"sites.{nick}.xmpp"
+        if nick == "default":
+            problem(where, "the default site's account is the [xmpp] section")
+            continue
+        account = _build(XmppConfig, _asTable(table["xmpp"], where, problem),
+                         where, problem)
+        sites[nick] = {**table, "xmpp": account}
+        if not account.jid:
+            continue
+        other = owners.setdefault(_bareJid(account.jid), where)
+        if other != where:
+            problem(f"{where}.jid", f"{account.jid} is already the account of "
+                    f"[{other}]; give each site its own JID, or leave out "
+                    f"{where} to use the [xmpp] account")
+
+
+def _bareJid(jid: str) -> str:
+    return jid.partition("/")[0].lower()
 
 
 def _coerce(hint, value) -> str | None:

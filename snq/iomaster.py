@@ -111,12 +111,16 @@ class IoMaster(AsyncMultiService):
     C{recycle}, when given (in a worker process), is called with a reason
     when the worker should be replaced; without it (C{--inline}) nothing
     watches memory or counts items.
+
+    C{groups}, when given, replaces C{[queue] groups} for this worker: the
+    pool runs one worker of its own for the "xmpp" group.  A worker with
+    "xmpp" among its groups holds the XMPP connections.
     """
 
     log = Logger()
 
     def __init__(self, config, workerId="inline", clock=None, queue=None,
-                 registry=None, recycle=None):
+                 registry=None, recycle=None, groups=None):
         super().__init__()
         if clock is None:
             from twisted.internet import reactor as clock
@@ -124,6 +128,7 @@ class IoMaster(AsyncMultiService):
         self.workerId = workerId
         self.clock = clock
         self.stats = Stats()
+        self.groups = list(groups or config.queue.groups)
         self.queue = queue if queue is not None else makeQueue(config, clock)
         self.registry = registry or HandlerRegistry.load(config.handlers)
         self.dispatcher = Dispatcher(self.queue, self.registry, config,
@@ -134,13 +139,29 @@ class IoMaster(AsyncMultiService):
                                      config.queue.max_items, recycle, clock)
             self.watch.setServiceParent(self)
             self.dispatcher.settledHooks.append(self.watch.itemSettled)
+        if "xmpp" in self.groups:
+            self._addXmppManagers()
         groupOf = {name: self.registry.groupOf(name, config.transport(name).group)
                    for name in {*self.registry.classes, *config.transports}}
         managerClass = self.queue.managerClass or QueueManager
         self.manager = managerClass(
             self.queue, self.dispatcher, config,
-            TransportFilter.forGroups(config.queue.groups, groupOf), clock)
+            TransportFilter.forGroups(self.groups, groupOf), clock)
         self.manager.setServiceParent(self)
+
+    def _addXmppManagers(self):
+        """
+        One connection per site with an account, started before the queue
+        manager and so stopped after it: items in flight can still finish.
+        """
+        # wokkel and OpenSSL only in the worker that uses them.
+        from snq.xmpp.manager import XmppManager
+
+        context = self.dispatcher.context
+        for site, account in self.config.xmppAccounts().items():
+            manager = XmppManager(site, account, context, self.clock)
+            manager.setServiceParent(self)
+            context.xmppManagers[site] = manager
 
     @defer.inlineCallbacks
     def startService(self):
@@ -150,7 +171,7 @@ class IoMaster(AsyncMultiService):
         yield super().startService()
         self.log.info("worker {wid} consuming groups {groups}; handlers: "
                       "{handlers}", wid=self.workerId,
-                      groups=", ".join(self.config.queue.groups),
+                      groups=", ".join(self.groups),
                       handlers=", ".join(sorted(self.dispatcher.handlers)))
 
     @defer.inlineCallbacks

@@ -6,6 +6,11 @@ the children, respawns them by their exit status (with procmon's backoff
 for children that die young), replaces them one at a time on request,
 keeps what they report, and on stop waits until every one is gone.
 
+When the "xmpp" group is active, one more worker, C{<daemon id>.xmpp},
+consumes that group alone and the others the rest: an XMPP account logged
+in twice throws one session out, so its connection must live in exactly
+one process.
+
 Each child gets two extra pipes for AMP (fd 3 master → child, fd 4 child →
 master); its stdout and stderr carry log lines, which the master logs again
 tagged with the worker's id and pid.
@@ -187,10 +192,13 @@ class Worker:
     restarts, the last exit.
     """
 
-    def __init__(self, pool, index: int, wid: str, delay: float):
+    def __init__(self, pool, index: int, wid: str, delay: float,
+                 groups: list[str] | None = None):
         self.pool = pool
         self.index = index
         self.wid = wid
+        #: What it consumes, if not C{[queue] groups} (C{--groups}).
+        self.groups = groups
         self.process: WorkerProcess | None = None
         #: Started by a rolling restart, not ready yet; takes over from
         #: C{process} once it is.
@@ -238,10 +246,15 @@ class WorkerPool(Service):
         self.config = config
         self.reactor = reactor
         self.command = command or childCommand(config)
+        slots = [(f"{config.daemon.id}.{n}", None) for n in range(count)]
+        groups = config.queue.groups
+        if "xmpp" in groups:
+            others = [g for g in groups if g != "xmpp"]
+            slots = [(wid, others) for wid, _ in slots] if others else []
+            slots.append((f"{config.daemon.id}.xmpp", ["xmpp"]))
         self.workers = [
-            Worker(self, n, f"{config.daemon.id}.{n}",
-                   config.daemon.min_restart_delay)
-            for n in range(count)]
+            Worker(self, n, wid, config.daemon.min_restart_delay, slotGroups)
+            for n, (wid, slotGroups) in enumerate(slots)]
         #: Replaced by a rolling restart, stopping.
         self.retiring: set[WorkerProcess] = set()
         self.restarting = False
@@ -270,8 +283,10 @@ class WorkerPool(Service):
     def _spawn(self, worker) -> WorkerProcess | None:
         process = WorkerProcess(worker, self.reactor)
         try:
+            groups = ["--groups", ",".join(worker.groups)] if worker.groups else []
             self.reactor.spawnProcess(
-                process, self.command[0], [*self.command, "--id", worker.wid],
+                process, self.command[0],
+                [*self.command, "--id", worker.wid, *groups],
                 env=None, childFDs=CHILD_FDS)
         except Exception:
             self.log.failure("cannot start a process for worker {wid}",

@@ -164,9 +164,15 @@ class HandlerContext:
         self.queue = queue
         self.stats = stats
         self.clock = clock
+        #: Site → its XmppManager, in a worker that runs the "xmpp" group.
+        self.xmppManagers: dict = {}
 
     def siteConfig(self, site: str) -> dict:
         return self.config.siteConfig(site)
+
+    def xmpp(self, site: str):
+        """The XmppManager that serves C{site} in this worker, or None."""
+        return self.xmppManagers.get(self.config.xmppSite(site))
 
     def item(self, transport: str, payload, site: str = DEFAULT_SITE,
              priority: int | None = None) -> Item:
