@@ -117,6 +117,14 @@ class _ControlProtocol(Channel):
         super().__init__()
         self.service = service
 
+    def connectionMade(self):
+        super().connectionMade()
+        self.service.connections.add(self)
+
+    def connectionLost(self, reason):
+        self.service.connections.discard(self)
+        super().connectionLost(reason)
+
     @Status.responder
     def status(self):
         return {"status": self.service.status()}
@@ -152,26 +160,31 @@ class ControlService(Service):
         self.reactor = reactor
         self.stopDaemon = stopDaemon or reactor.stop
         self.started = None
+        #: Open snqctl connections; closed on stop, which tells a waiting
+        #: C{snqctl stop} that the daemon is done.
+        self.connections: set = set()
         self._port = None
         self._previousHandler = None
 
     def startService(self):
-        # The path is resolved now: twistd has moved to its run directory.
-        self.path = os.path.abspath(self.path)
         factory = protocol.Factory.forProtocol(lambda: _ControlProtocol(self))
         factory.noisy = False
         # wantPID: a socket left by a dead master is replaced, one in use by
-        # a live master makes this one refuse to start.
+        # a live master makes this one refuse to start.  A relative path is
+        # bound as it is (in twistd's run directory by now): socket paths
+        # are limited to about 100 bytes.
         self._port = self.reactor.listenUNIX(self.path, factory, mode=0o600,
                                              wantPID=True)
         self._previousHandler = signal.signal(signal.SIGUSR1, self._sigusr1)
         self.started = self.reactor.seconds()
         super().startService()
-        self.log.info("control socket {path}", path=self.path)
+        self.log.info("control socket {path}", path=os.path.abspath(self.path))
 
     def stopService(self):
         super().stopService()
         signal.signal(signal.SIGUSR1, self._previousHandler)
+        for connection in list(self.connections):
+            connection.transport.loseConnection()
         return defer.maybeDeferred(self._port.stopListening)
 
     def status(self) -> dict:

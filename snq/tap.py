@@ -1,6 +1,8 @@
 # -*- test-case-name: tests.test_tap -*-
 """
-C{twistd snq}: command-line options and the service they build.
+C{twistd snq}: command-line options and the service they build: a master
+supervising a pool of worker processes (L{snq.pool}) with its control
+socket (L{snq.control}), or with C{--inline} one IoMaster in this process.
 """
 
 import os
@@ -10,24 +12,44 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from snq import config as snqconfig
-from snq.handlers import HandlerError
+from snq.handlers import HandlerError, HandlerRegistry
 from snq.service import AsyncMultiService
+
+
+def _workerCount(value: str) -> int:
+    count = int(value)
+    if count < 0:
+        raise ValueError(f"{value} is below 0")
+    return count
+
+
+_workerCount.coerceDoc = "0 = one per CPU."
 
 
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
-        "Run the snq queue daemon.  Without --config (or $SNQ_CONFIG) it runs "
-        "on the embedded default: an SQLite queue in ./snq.sqlite."
+        "Run the snq queue daemon: a master process supervising worker "
+        "processes.  Without --config (or $SNQ_CONFIG) it runs on the embedded "
+        "default: an SQLite queue in ./snq.sqlite, one worker per CPU.  "
+        "twistd's own --pidfile, -u and -g set the pid file and the user and "
+        "group the daemon runs as."
     )
     optParameters = [
         ["config", "c", None,
          "TOML configuration file (default: $SNQ_CONFIG, else built-in defaults)"],
+        ["workers", "t", None,
+         "Worker processes (default: [daemon] workers)", _workerCount],
     ]
     optFlags = [
         ["inline", None,
-         "Run the handlers in this process (one worker, for debugging)."],
+         "Run the handlers in this process: one worker, no respawning, no "
+         "memory recycling, no control socket (for debugging)."],
     ]
+
+    def opt_threads(self, value):
+        """Same as --workers (queuedaemon.php's name)."""
+        usage.CoerceParameter(self, _workerCount).dispatch("workers", value)
 
     def postOptions(self):
         path = self["config"]
@@ -65,15 +87,34 @@ def loadConfig(path):
 
 
 def makeService(options):
-    from snq.iomaster import IoMaster
-
     config = loadConfig(options["config"])
+    # Every worker would fail on a handler that does not load: refuse now.
     try:
-        master = IoMaster(config, workerId=f"{config.daemon.id}.0")
+        registry = HandlerRegistry.load(config.handlers)
     except HandlerError as e:
         raise SystemExit(f"snq: {e}")
-    print(f"snq: {config.source or 'embedded default config'}, "
-          f"queue {master.queue.describe()}", file=sys.stderr)
+    source = config.source or "embedded default config"
     daemon = Daemon()
-    master.setServiceParent(daemon)
+    if options["inline"]:
+        from snq.iomaster import IoMaster
+
+        master = IoMaster(config, workerId=f"{config.daemon.id}.0",
+                          registry=registry)
+        print(f"snq: {source}, queue {master.queue.describe()}, inline",
+              file=sys.stderr)
+        master.setServiceParent(daemon)
+        return daemon
+
+    from snq.control import ControlService
+    from snq.pool import WorkerPool
+
+    count = options["workers"]
+    if count is None:
+        count = config.daemon.workers
+    pool = WorkerPool(config, count or os.cpu_count() or 1)
+    print(f"snq: {source}, {len(pool.workers)} workers", file=sys.stderr)
+    # The control socket first: a second master refuses to start before it
+    # has spawned anything; and on stop it answers until the pool is down.
+    ControlService(pool, config.daemon.control_socket).setServiceParent(daemon)
+    pool.setServiceParent(daemon)
     return daemon

@@ -1,17 +1,20 @@
 # -*- test-case-name: tests.test_snqctl -*-
 """
-snqctl: the operator's command.  Everything here talks to the queue itself,
-so it works whether or not a daemon is running.
+snqctl: the operator's command.  C{status}, C{stop} and C{restart} talk to
+a running daemon over its control socket; everything else talks to the
+queue itself, so it works whether or not a daemon is running.
 """
 
 import argparse
 import datetime
 import json
+import os
 import sys
 
-from twisted.internet import defer, task
+from twisted.internet import defer, error, task
 
 from snq import config as snqconfig
+from snq import control
 from snq.item import DEFAULT_SITE, Item
 from snq.queues import makeQueue
 
@@ -50,6 +53,19 @@ def parser() -> argparse.ArgumentParser:
         a.add_argument("ids", type=int, nargs="*")
         a.add_argument("--all", action="store_true")
 
+    socket = argparse.ArgumentParser(add_help=False)
+    socket.add_argument(
+        "--socket", help="the daemon's control socket (default: [daemon] "
+        "control_socket, relative to the current directory)")
+    st = sub.add_parser("status", parents=[socket],
+                        help="the workers of a running daemon")
+    st.add_argument("--json", action="store_true",
+                    help="everything the master knows, as JSON")
+    sub.add_parser("stop", parents=[socket],
+                   help="stop the daemon gracefully and wait until it has")
+    sub.add_parser("restart", parents=[socket],
+                   help="replace the workers one at a time, losing nothing")
+
     db = sub.add_parser("db", help="database schema")
     dbsub = db.add_subparsers(dest="action", required=True)
     dbsub.add_parser("init", help="create or upgrade the tables")
@@ -75,6 +91,9 @@ def _when(seconds: float) -> str:
 @defer.inlineCallbacks
 def run(reactor, args, out=sys.stdout, stdin=sys.stdin):
     config = snqconfig.load(args.config)
+    if args.command in _CONTROL:
+        result = yield _control(config, args, out, reactor)
+        return result
     queue = makeQueue(config, reactor)
     yield queue.open()
     try:
@@ -140,6 +159,82 @@ def _db(queue, config, args, out, stdin, reactor):
 
 
 _COMMANDS = {"enqueue": _enqueue, "dead": _dead, "db": _db}
+
+
+@defer.inlineCallbacks
+def _control(config, args, out, reactor):
+    path = args.socket or config.daemon.control_socket
+    try:
+        client = yield control.connect(path, reactor)
+    except error.ConnectError as e:
+        raise CommandError(
+            f"no snq daemon answers on {os.path.abspath(path)}\n{e}\n(is it "
+            "running? run snqctl in its run directory, or give --socket)")
+    try:
+        result = yield _CONTROL[args.command](client, args, out)
+    finally:
+        if client.transport is not None:
+            client.transport.loseConnection()
+    return result
+
+
+@defer.inlineCallbacks
+def _status(client, args, out):
+    status = (yield client.callRemote(control.Status))["status"]
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True), file=out)
+        return
+    restarting = ", rolling restart in progress" if status["restarting"] else ""
+    print(f"snq master pid {status['pid']}, up {_duration(status['uptime'])}"
+          f"{restarting}", file=out)
+    rows = [("worker", "pid", "state", "uptime", "handled", "errors", "rss",
+             "restarts")]
+    for w in status["workers"]:
+        report = w.get("report") or {}
+        state = w["state"] if w["role"] == "current" else f"{w['state']} ({w['role']})"
+        if "respawn_in" in w:
+            state += f" ({w['respawn_in']:.1f} s)"
+        rows.append((w["id"], str(w.get("pid") or "-"), state,
+                     _duration(w["uptime"]) if "uptime" in w else "-",
+                     str(report.get("handled", "-")), str(report.get("errors", "-")),
+                     f"{report['rss'] / 2**20:.1f} MB" if "rss" in report else "-",
+                     str(w["restarts"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width)
+                        for cell, width in zip(row, widths, strict=True)).rstrip(),
+              file=out)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    clock = f"{hours:d}:{minutes:02d}:{secs:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
+@defer.inlineCallbacks
+def _stop(client, args, out):
+    yield client.callRemote(control.Stop)
+    print("snq is stopping: workers finish what they hold", file=out)
+    yield client.lost
+    print("snq stopped", file=out)
+
+
+@defer.inlineCallbacks
+def _restart(client, args, out):
+    try:
+        answer = yield client.callRemote(control.Restart)
+    except control.ControlError as e:
+        raise CommandError(f"restart: {e}")
+    for r in answer["restarted"]:
+        print(f"{r['id']}: pid {r['old']} -> {r['new']}", file=out)
+    if not answer["restarted"]:
+        print("no running worker to restart", file=out)
+
+
+_CONTROL = {"status": _status, "stop": _stop, "restart": _restart}
 
 
 def main(argv=None):

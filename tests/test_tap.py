@@ -1,0 +1,112 @@
+# -*- test-case-name: tests.test_tap -*-
+"""C{twistd snq}'s options and the service tree they build."""
+
+import io
+import os
+import sys
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from snq.control import ControlService
+from snq.iomaster import IoMaster
+from snq.pool import WorkerPool
+from snq.tap import Daemon, Options, makeService
+
+
+class OptionsTests(SynchronousTestCase):
+    def parse(self, *argv):
+        options = Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_workers(self):
+        self.assertIsNone(self.parse()["workers"])
+        self.assertEqual(self.parse("--workers", "3")["workers"], 3)
+        self.assertEqual(self.parse("-t", "2")["workers"], 2)
+        self.assertEqual(self.parse("--threads=4")["workers"], 4)
+        self.assertEqual(self.parse("--threads", "0")["workers"], 0)
+
+    def test_badWorkers(self):
+        for argv in (["--workers", "-1"], ["--threads", "many"]):
+            self.assertRaises(usage.UsageError, self.parse, *argv)
+
+    def test_helpNamesEveryOption(self):
+        text = str(Options())
+        for word in ("--workers", "-t", "--threads", "--inline", "--config",
+                     "0 = one per CPU", "--pidfile"):
+            self.assertIn(word, text)
+
+    def test_missingConfigFile(self):
+        e = self.assertRaises(usage.UsageError, self.parse, "-c", "/nonexistent.toml")
+        self.assertIn("does not exist", str(e))
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.config = os.path.join(self.dir, "snq.toml")
+        self.write("")
+        self.stderr = io.StringIO()
+        self.patch(sys, "stderr", self.stderr)
+
+    def write(self, text):
+        with open(self.config, "w") as f:
+            f.write(text)
+
+    def make(self, *argv):
+        options = Options()
+        options.parseOptions(["-c", self.config, *argv])
+        return makeService(options)
+
+    def test_poolByDefault(self):
+        self.write('[daemon]\nworkers = 3\ncontrol_socket = "run/ctl.sock"\n')
+        daemon = self.make()
+        self.assertIsInstance(daemon, Daemon)
+        control, pool = list(daemon)
+        self.assertIsInstance(control, ControlService)
+        self.assertIsInstance(pool, WorkerPool)
+        self.assertIs(control.pool, pool)
+        self.assertEqual(control.path, "run/ctl.sock")
+        self.assertEqual([w.wid for w in pool.workers],
+                         ["generic.0", "generic.1", "generic.2"])
+        self.assertIn(os.path.abspath(self.config), pool.command)
+        self.assertEqual(self.stderr.getvalue(),
+                         f"snq: {self.config}, 3 workers\n")
+
+    def test_commandLineWins(self):
+        self.write("[daemon]\nworkers = 3\n")
+        self.assertEqual(len(list(self.make("--workers", "2"))[1].workers), 2)
+
+    def test_zeroIsOnePerCPU(self):
+        self.write("[daemon]\nworkers = 3\n")
+        pool = list(self.make("-t", "0"))[1]
+        self.assertEqual(len(pool.workers), os.cpu_count())
+        self.write("")
+        self.assertEqual(len(list(self.make())[1].workers), os.cpu_count())
+
+    def test_inline(self):
+        (master,) = list(self.make("--inline", "--workers", "4"))
+        self.assertIsInstance(master, IoMaster)
+        self.assertIsNone(master.watch)
+        self.assertEqual(master.workerId, "generic.0")
+
+    def test_unloadableHandlerRefusedBeforeAnyWorker(self):
+        self.write('[handlers]\nx = "no_such_module:Handler"\n')
+        e = self.assertRaises(SystemExit, self.make)
+        self.assertIn("handlers.x: cannot load no_such_module:Handler", str(e))
+
+    def test_invalidConfigRefused(self):
+        self.write("[daemon]\nworkers = -2\n")
+        e = self.assertRaises(SystemExit, self.make)
+        self.assertIn("daemon.workers", str(e))
+
+
+class PluginTests(SynchronousTestCase):
+    def test_snqIsATwistdCommand(self):
+        makers = {m.tapname: m for m in getPlugins(IServiceMaker)}
+        self.assertIn("snq", makers)
+        self.assertIs(makers["snq"].options, Options)
