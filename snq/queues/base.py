@@ -103,6 +103,14 @@ class Queue:
     def close(self):
         raise NotImplementedError
 
+    def listen(self, wake):
+        """
+        Call C{wake()} whenever new items may be ready, until the returned
+        object's C{stopListening()} (a Deferred); None when this backend
+        cannot tell, and the manager only polls.
+        """
+        return None
+
     def enqueue(self, items: list[Item], delay: float = 0.0):
         raise NotImplementedError
 
@@ -455,14 +463,21 @@ class QueueManager(PollingManager):
         self._paused = False
         self._tender = LoopingCall(self._tend)
         self._tender.clock = self.clock
+        self._listening = None
+        self._missed = False
 
     def startService(self):
         super().startService()
+        # Polling stays on: the fallback, and the way to delayed items.
+        self._listening = self.queue.listen(self._notified)
         self._tender.start(self.config.queue.lease / 3, now=False)
 
     @defer.inlineCallbacks
     def stopService(self):
         yield super().stopService()
+        if self._listening is not None:
+            yield self._listening.stopListening()
+            self._listening = None
         yield self.dispatcher.releaseWaiting()
         yield self._waitForInFlight()
         if self._tender.running:
@@ -498,6 +513,19 @@ class QueueManager(PollingManager):
         for delivery in deliveries:
             self.dispatcher.dispatch(delivery)
         return bool(deliveries)
+
+    def _notified(self):
+        """
+        The backend says items arrived.  A poll in progress may have looked
+        before they did: then poll once more as soon as it ends, instead of
+        sleeping for up to C{poll_interval}.
+        """
+        self._missed = self._polling is not None
+        self.wake()
+
+    def _polled(self, found):
+        missed, self._missed = self._missed, False
+        super()._polled(True if missed and found is False else found)
 
     def _settled(self):
         # Claim again once half the window is free: one query per item

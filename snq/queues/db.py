@@ -4,11 +4,18 @@ The SQL backend: the C{queue_item} table StatusNet used, claimed with a
 lease, plus C{queue_dead} for dead letters.
 
 Everything but the dialect (L{snq.queues.dialects}: placeholders,
-connecting, the claim statement) is one code path for every server.
+connecting, the schema, the claim statement) is one code path for every
+server.
 
 Acknowledgements are grouped: while one DELETE is being committed, the next
 ones gather, so a busy worker commits many items per transaction and an
 idle one still commits each at once.
+
+A transaction that fails because its connection died (a server restart, an
+operator's KILL, an idle timeout) runs again on a fresh connection.  When
+the connection died just as a claim committed, the claim's rows are in
+nobody's hands: this worker renews only the leases of rows it knows it
+holds, so theirs run out and the reaper returns them.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -25,52 +32,135 @@ from snq.item import Item
 from snq.queues.base import DeadLetter, Delivery, Queue, TransportFilter
 from snq.queues.dialects import DIALECTS
 
+#: Ids per statement in C{id IN (…)} lists (SQLite allows 32,766 parameters,
+#: PostgreSQL 65,535; shorter statements also keep lock times short).
+CHUNK = 500
+
+
+class SchemaError(Exception):
+    """The database's schema is newer than this snq understands."""
+
+
+def _chunks(ids):
+    for start in range(0, len(ids), CHUNK):
+        yield ids[start:start + CHUNK]
+
 
 class DbQueue(Queue):
     log = Logger()
 
-    def __init__(self, url: str, lease: float, clock=None, claimant=None):
-        if clock is None:
-            from twisted.internet import reactor as clock
+    def __init__(self, url: str, lease: float, clock=None, claimant=None,
+                 reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
         self._url = url
         self.url = urlsplit(url)
         self.dialect = DIALECTS[self.url.scheme]()
         self.lease = lease
-        self.clock = clock
+        self.clock = reactor if clock is None else clock
+        #: Connections and threads for the LISTEN connection, where there is
+        #: one; the clock may be a test's Clock.
+        self.reactor = reactor
         #: Unique per process, so that a respawned worker with the same id
         #: never renews the leases its killed predecessor held.
         self.claimant = claimant or f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.pool = None
         self._acks: list[tuple[int, defer.Deferred]] = []
         self._flushing = False
+        #: Rows claimed and not yet settled: the leases L{tend} renews.
+        self._out: set[int] = set()
+        self._listeners = []
 
     def describe(self) -> str:
-        if self.url.password:
-            return self._url.replace(f":{self.url.password}@", ":***@")
-        return self._url
+        url = self.url
+        query = parse_qsl(url.query)
+        if url.password is None and "password" not in dict(query):
+            return self._url
+        userinfo, at, hostport = url.netloc.rpartition("@")
+        if ":" in userinfo:
+            userinfo = userinfo.partition(":")[0] + ":***"
+        query = [(k, "***" if k == "password" else v) for k, v in query]
+        return urlunsplit(url._replace(netloc=userinfo + at + hostport,
+                                       query=urlencode(query, safe="*/")))
 
     def open(self):
         self.pool = self.dialect.connectionPool(self.url)
-        return self.pool.runInteraction(self._createSchema)
 
-    def _createSchema(self, txn):
-        for statement in self.dialect.schema:
-            txn.execute(statement)
+        def upgraded(old):
+            if old is not None:
+                self.log.info("schema of {db} upgraded from version {old} to "
+                              "{new}", db=self.describe(), old=old,
+                              new=len(self.dialect.schema))
+
+        return self._write(self._upgradeSchema).addCallback(upgraded)
+
+    def _upgradeSchema(self, txn):
+        """
+        Bring the schema to the newest version this snq knows (→ the version
+        it had), or nothing when it is there already: every worker runs
+        this as it starts.
+        """
+        steps = self.dialect.schema
+        with self.dialect.schemaLock(txn):
+            txn.execute("CREATE TABLE IF NOT EXISTS snq_schema"
+                        " (version INTEGER NOT NULL)")
+            txn.execute("SELECT max(version) FROM snq_schema")
+            version = txn.fetchone()[0] or 0
+            if version > len(steps):
+                raise SchemaError(
+                    f"{self.describe()} has schema version {version}, newer than"
+                    f" this snq's {len(steps)}: upgrade snq")
+            if version == len(steps):
+                return None
+            for step in steps[version:]:
+                for statement in step:
+                    txn.execute(statement)
+            txn.execute("DELETE FROM snq_schema")
+            txn.execute("INSERT INTO snq_schema (version) VALUES"
+                        f" ({self.dialect.placeholder})", (len(steps),))
+            return version
 
     @defer.inlineCallbacks
     def close(self):
+        # Stopping twice is harmless: a manager may have stopped its own.
+        while self._listeners:
+            yield self._listeners.pop().stopListening()
         while self._acks or self._flushing:
             yield self._flush()
         if self.pool is not None:
             self.pool.close()
             self.pool = None
 
+    def listen(self, wake):
+        listener = self.dialect.listener(self.url, wake, self.reactor)
+        if listener is None:
+            return None
+        self._listeners.append(listener)
+        listener.start()
+        return listener
+
     def _write(self, interaction, *args):
         def transaction(txn):
             self.dialect.begin(txn)
             return interaction(txn, *args)
 
-        return self.pool.runInteraction(transaction)
+        return self._run(transaction, interaction.__name__)
+
+    @defer.inlineCallbacks
+    def _run(self, transaction, name):
+        """
+        Run C{transaction}; when its connection was lost, again on another.
+        Every pooled connection may be dead (the server restarted), so as
+        many times as there are connections, plus one on a new one.
+        """
+        for attempt in range(self.pool.max + 1):
+            try:
+                return (yield self.pool.runInteraction(transaction))
+            except self.dialect.retryable as e:
+                if attempt == self.pool.max:
+                    raise
+                self.log.warn("{name} failed ({error}); trying again on a new "
+                              "connection", name=name, error=str(e).strip())
 
     def enqueue(self, items, delay=0.0):
         now = self.clock.seconds()
@@ -90,11 +180,16 @@ class DbQueue(Queue):
         where, params = self._filter(transports)
         d = self._write(self.dialect.claim, self.claimant, now + self.lease,
                         now, limit, where, params)
-        d.addCallback(lambda rows: [
+        d.addCallback(self._claimed)
+        return d
+
+    def _claimed(self, rows):
+        deliveries = [
             Delivery(frame=frame.encode("utf-8"), token=rowId,
                      attempts=attempts, transport=transport, site=site)
-            for rowId, frame, transport, site, attempts, *_ in rows])
-        return d
+            for rowId, frame, transport, site, attempts, *_ in rows]
+        self._out.update(d.token for d in deliveries)
+        return deliveries
 
     def _filter(self, transports: TransportFilter):
         if transports.include is not None:
@@ -109,6 +204,7 @@ class DbQueue(Queue):
         return "", ()
 
     def ack(self, delivery):
+        self._out.discard(delivery.token)
         d = defer.Deferred()
         self._acks.append((delivery.token, d))
         if not self._flushing:
@@ -121,11 +217,9 @@ class DbQueue(Queue):
             return defer.succeed(None)
         batch, self._acks = self._acks, []
         self._flushing = True
-        p = self.dialect.placeholder
 
         def delete(txn):
-            txn.executemany(f"DELETE FROM queue_item WHERE id = {p}",
-                            [(rowId,) for rowId, _ in batch])
+            self._deleteIds(txn, "queue_item", [rowId for rowId, _ in batch])
 
         def done(result):
             self._flushing = False
@@ -141,33 +235,45 @@ class DbQueue(Queue):
         d.addCallbacks(done, lambda f: done(f.value))
         return d
 
+    def _deleteIds(self, txn, table, ids):
+        for chunk in _chunks(ids):
+            txn.execute(f"DELETE FROM {table} WHERE id IN"
+                        f" ({self.dialect.params(len(chunk))})", chunk)
+
     def retry(self, delivery, item: Item, delay, error):
+        self._out.discard(delivery.token)
         p = self.dialect.placeholder
 
         def update(txn):
+            # Only while still ours: after a lost lease another worker may
+            # hold the row, and its outcome is the one that counts.
             txn.execute(
                 f"UPDATE queue_item SET frame = {p}, attempts = {p},"
                 f" run_at = {p}, claimed_by = NULL, lease_until = NULL"
-                f" WHERE id = {p}",
+                f" WHERE id = {p} AND claimed_by = {p}",
                 (item.toJSON().decode("utf-8"), item.attempts,
-                 self.clock.seconds() + delay, delivery.token))
+                 self.clock.seconds() + delay, delivery.token, self.claimant))
 
         return self._write(update)
 
     def release(self, deliveries):
         if not deliveries:
             return defer.succeed(None)
-        p = self.dialect.placeholder
+        ids = [d.token for d in deliveries]
+        self._out.difference_update(ids)
 
         def update(txn):
-            txn.executemany(
-                "UPDATE queue_item SET claimed_by = NULL, lease_until = NULL"
-                f" WHERE id = {p} AND claimed_by = {p}",
-                [(d.token, self.claimant) for d in deliveries])
+            for chunk in _chunks(ids):
+                txn.execute(
+                    "UPDATE queue_item SET claimed_by = NULL, lease_until = NULL"
+                    f" WHERE claimed_by = {self.dialect.placeholder}"
+                    f" AND id IN ({self.dialect.params(len(chunk))})",
+                    (self.claimant, *chunk))
 
         return self._write(update)
 
     def deadLetter(self, delivery, reason, error, attempts):
+        self._out.discard(delivery.token)
         p = self.dialect.placeholder
         frame = delivery.frame.decode("utf-8", "replace")
         try:
@@ -176,23 +282,31 @@ class DbQueue(Queue):
             itemId = None
 
         def move(txn):
+            # Deleting first: if this runs twice (the first commit's answer
+            # was lost with its connection), the row is gone and no second
+            # dead letter is written.
+            txn.execute(f"DELETE FROM queue_item WHERE id = {p}", (delivery.token,))
+            if txn.rowcount != 1:
+                return
             txn.execute(
                 "INSERT INTO queue_dead (item_id, frame, transport, site, reason,"
                 f" error, attempts, died) VALUES ({self.dialect.params(8)})",
                 (itemId, frame, delivery.transport, delivery.site, reason, error,
                  attempts, self.clock.seconds()))
-            txn.execute(f"DELETE FROM queue_item WHERE id = {p}", (delivery.token,))
 
         return self._write(move)
 
     def tend(self, deliveries):
         now = self.clock.seconds()
         p = self.dialect.placeholder
+        held = sorted(self._out)
 
         def renewAndReap(txn):
-            txn.execute(
-                f"UPDATE queue_item SET lease_until = {p} WHERE claimed_by = {p}",
-                (now + self.lease, self.claimant))
+            for chunk in _chunks(held):
+                txn.execute(
+                    f"UPDATE queue_item SET lease_until = {p} WHERE claimed_by = {p}"
+                    f" AND id IN ({self.dialect.params(len(chunk))})",
+                    (now + self.lease, self.claimant, *chunk))
             # An expired lease is a worker that died holding the item: that
             # counts as an attempt, so an item that kills every worker ends
             # in the dead letters instead of going round for ever.
@@ -247,13 +361,12 @@ class DbQueue(Queue):
                 item = dataclasses.replace(item, attempts=0)
                 items.append((item.toJSON().decode("utf-8"), item.transport,
                               item.site, item.priority, item.created, now, 0))
-            txn.executemany(
-                "INSERT INTO queue_item (frame, transport, site, priority,"
-                f" created, run_at, attempts) VALUES ({self.dialect.params(7)})",
-                items)
-            txn.executemany(
-                f"DELETE FROM queue_dead WHERE id = {self.dialect.placeholder}",
-                [(r[0],) for r in rows])
+            if items:
+                txn.executemany(
+                    "INSERT INTO queue_item (frame, transport, site, priority,"
+                    f" created, run_at, attempts) VALUES ({self.dialect.params(7)})",
+                    items)
+            self._deleteIds(txn, "queue_dead", [r[0] for r in rows])
             return len(rows)
 
         return self._write(requeue)

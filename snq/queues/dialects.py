@@ -1,22 +1,37 @@
-# -*- test-case-name: tests.test_db -*-
+# -*- test-case-name: tests.test_db,tests.test_sql_servers -*-
 """
 What differs between SQL servers: connecting, placeholders, the schema's
-types and the statement that claims rows.  L{snq.queues.db} is the rest.
+types, locking and the statement that claims rows.  L{snq.queues.db} is
+the rest.
 """
 
+import contextlib
 import os
+from urllib.parse import parse_qsl, unquote
 
 from twisted.enterprise import adbapi
 
 #: What a claim returns per row, in this order (then anything else).
 COLUMNS = "id, frame, transport, site, attempts"
 
+#: Connections per worker on a server: one claim, one acknowledgement
+#: batch, housekeeping and handlers' enqueues can then run side by side.
+POOL_SIZE = 4
+
 
 class Dialect:
     """What differs between servers."""
 
     placeholder = "?"
-    schema: tuple[str, ...] = ()
+    #: One tuple of statements per schema version, oldest first.  Each
+    #: statement is idempotent, so a step interrupted half-way (MySQL cannot
+    #: roll DDL back) simply runs again.
+    schema: tuple[tuple[str, ...], ...] = ()
+    #: Errors after which the transaction was rolled back (or its connection
+    #: is gone) and is worth running again on a fresh connection.
+    retryable: tuple[type[BaseException], ...] = ()
+    #: Ends the claim's inner SELECT.
+    lockRows = ""
 
     def connectionPool(self, url) -> adbapi.ConnectionPool:
         raise NotImplementedError
@@ -24,15 +39,36 @@ class Dialect:
     def begin(self, txn):
         """Start a transaction that will write."""
 
+    @contextlib.contextmanager
+    def schemaLock(self, txn):
+        """Keep two processes from creating or upgrading the schema at once."""
+        yield
+
     def claim(self, txn, claimant, leaseUntil, now, limit, where, params):
-        raise NotImplementedError
+        p = self.placeholder
+        txn.execute(
+            f"UPDATE queue_item SET claimed_by = {p}, lease_until = {p}"
+            f" WHERE id IN (SELECT id FROM queue_item"
+            f" WHERE claimed_by IS NULL AND run_at <= {p}{where}"
+            f" ORDER BY priority DESC, id LIMIT {p}{self.lockRows})"
+            f" RETURNING {COLUMNS}, priority",
+            (claimant, leaseUntil, now, *params, limit))
+        # RETURNING comes in no particular order.
+        return sorted(txn.fetchall(), key=lambda r: (-r[5], r[0]))
+
+    def listener(self, url, wake, reactor):
+        """
+        Something that calls C{wake()} when rows are inserted, with
+        C{start()} and C{stopListening()}; None if this server cannot.
+        """
+        return None
 
     def params(self, n: int) -> str:
         return ", ".join([self.placeholder] * n)
 
 
 class Sqlite(Dialect):
-    schema = (
+    schema = ((
         """CREATE TABLE IF NOT EXISTS queue_item (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             frame TEXT NOT NULL,
@@ -58,7 +94,7 @@ class Sqlite(Dialect):
             error TEXT NOT NULL,
             attempts INTEGER NOT NULL DEFAULT 0,
             died DOUBLE PRECISION NOT NULL)""",
-    )
+    ),)
 
     def connectionPool(self, url):
         path = url.path
@@ -86,17 +122,168 @@ class Sqlite(Dialect):
         # can fail with SQLITE_BUSY without waiting for busy_timeout.
         txn.execute("BEGIN IMMEDIATE")
 
+
+class Mysql(Dialect):
+    """
+    MariaDB ≥ 10.6 and MySQL ≥ 8.0 (both have SKIP LOCKED), over PyMySQL.
+    """
+
+    placeholder = "%s"
+    lockRows = " FOR UPDATE SKIP LOCKED"
+    schema = ((
+        """CREATE TABLE IF NOT EXISTS queue_item (
+            id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+            frame LONGTEXT NOT NULL,
+            transport VARCHAR(64) NOT NULL,
+            site VARCHAR(64) NOT NULL DEFAULT 'default',
+            priority INT NOT NULL DEFAULT 0,
+            created DOUBLE NOT NULL,
+            run_at DOUBLE NOT NULL,
+            attempts INT NOT NULL DEFAULT 0,
+            claimed_by VARCHAR(80) NULL,
+            lease_until DOUBLE NULL,
+            INDEX queue_item_ready (claimed_by, priority DESC, id),
+            INDEX queue_item_lease (lease_until)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
+        """CREATE TABLE IF NOT EXISTS queue_dead (
+            id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+            item_id VARCHAR(64) NULL,
+            frame LONGTEXT NOT NULL,
+            transport VARCHAR(64) NULL,
+            site VARCHAR(64) NULL,
+            reason VARCHAR(32) NOT NULL,
+            error TEXT NOT NULL,
+            attempts INT NOT NULL DEFAULT 0,
+            died DOUBLE NOT NULL
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
+    ),)
+
+    #: URL query parameters passed on to PyMySQL.
+    OPTIONS = ("unix_socket",)
+
+    def __init__(self):
+        import pymysql
+
+        self.retryable = (pymysql.OperationalError, pymysql.InterfaceError)
+
+    def connectionPool(self, url):
+        database = unquote(url.path.lstrip("/"))
+        if not database:
+            raise ValueError("mysql://USER:PASS@HOST:PORT/DB: no database name")
+        options = dict(parse_qsl(url.query))
+        unknown = set(options) - set(self.OPTIONS)
+        if unknown:
+            raise ValueError(f"mysql URL: unknown parameters {sorted(unknown)}"
+                             f" (known: {', '.join(self.OPTIONS)})")
+        return adbapi.ConnectionPool(
+            "pymysql", host=url.hostname or "localhost", port=url.port or 3306,
+            user=unquote(url.username or ""), password=unquote(url.password or ""),
+            database=database, charset="utf8mb4", autocommit=False,
+            # REPEATABLE READ would take gap locks while claiming, making
+            # producers' INSERTs wait for claims to commit.
+            init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            cp_min=1, cp_max=POOL_SIZE, cp_reconnect=True, **options)
+
+    @contextlib.contextmanager
+    def schemaLock(self, txn):
+        # DDL commits implicitly on MySQL, so a transaction cannot serialize
+        # it: a named lock (per database) does.
+        txn.execute("SELECT GET_LOCK(CONCAT(DATABASE(), '.snq_schema'), 60)")
+        if txn.fetchone()[0] != 1:
+            raise RuntimeError("another process held the schema lock for 60 s")
+        try:
+            yield
+        finally:
+            txn.execute("SELECT RELEASE_LOCK(CONCAT(DATABASE(), '.snq_schema'))")
+
     def claim(self, txn, claimant, leaseUntil, now, limit, where, params):
+        # MariaDB has no UPDATE … RETURNING and no LIMIT in an IN subquery:
+        # lock the rows, then mark them, in one transaction.
         txn.execute(
-            f"UPDATE queue_item SET claimed_by = ?, lease_until = ?"
-            f" WHERE id IN (SELECT id FROM queue_item"
-            f" WHERE claimed_by IS NULL AND run_at <= ?{where}"
-            f" ORDER BY priority DESC, id LIMIT ?)"
-            f" RETURNING {COLUMNS}, priority",
-            (claimant, leaseUntil, now, *params, limit))
+            f"SELECT {COLUMNS} FROM queue_item"
+            f" WHERE claimed_by IS NULL AND run_at <= %s{where}"
+            f" ORDER BY priority DESC, id LIMIT %s{self.lockRows}",
+            (now, *params, limit))
         rows = txn.fetchall()
-        rows.sort(key=lambda r: (-r[5], r[0]))
+        if rows:
+            txn.execute(
+                "UPDATE queue_item SET claimed_by = %s, lease_until = %s"
+                f" WHERE id IN ({self.params(len(rows))})",
+                (claimant, leaseUntil, *[r[0] for r in rows]))
         return rows
 
 
-DIALECTS = {"sqlite": Sqlite}
+class Postgres(Dialect):
+    """PostgreSQL ≥ 11, over psycopg 3; wakes workers with LISTEN/NOTIFY."""
+
+    placeholder = "%s"
+    lockRows = " FOR UPDATE SKIP LOCKED"
+    #: Every INSERT into queue_item, by snq or by anyone's plain SQL,
+    #: notifies this channel when it commits.
+    channel = "snq_queue_item"
+    schema = ((
+        """CREATE TABLE IF NOT EXISTS queue_item (
+            id BIGSERIAL PRIMARY KEY,
+            frame TEXT NOT NULL,
+            transport VARCHAR(64) NOT NULL,
+            site VARCHAR(64) NOT NULL DEFAULT 'default',
+            priority INTEGER NOT NULL DEFAULT 0,
+            created DOUBLE PRECISION NOT NULL,
+            run_at DOUBLE PRECISION NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            claimed_by VARCHAR(80) NULL,
+            lease_until DOUBLE PRECISION NULL)""",
+        # Partial indexes: claimed rows leave the one claims walk, so it
+        # stays as small as the backlog.
+        """CREATE INDEX IF NOT EXISTS queue_item_ready
+            ON queue_item (priority DESC, id) WHERE claimed_by IS NULL""",
+        """CREATE INDEX IF NOT EXISTS queue_item_lease
+            ON queue_item (lease_until) WHERE lease_until IS NOT NULL""",
+        """CREATE TABLE IF NOT EXISTS queue_dead (
+            id BIGSERIAL PRIMARY KEY,
+            item_id VARCHAR(64) NULL,
+            frame TEXT NOT NULL,
+            transport VARCHAR(64) NULL,
+            site VARCHAR(64) NULL,
+            reason VARCHAR(32) NOT NULL,
+            error TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            died DOUBLE PRECISION NOT NULL)""",
+        f"""CREATE OR REPLACE FUNCTION snq_queue_item_notify() RETURNS trigger
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM pg_notify('{channel}', '');
+                RETURN NULL;
+            END
+            $$""",
+        "DROP TRIGGER IF EXISTS snq_queue_item_notify ON queue_item",
+        """CREATE TRIGGER snq_queue_item_notify AFTER INSERT ON queue_item
+            FOR EACH STATEMENT EXECUTE FUNCTION snq_queue_item_notify()""",
+    ),)
+
+    def __init__(self):
+        import psycopg
+
+        self.retryable = (psycopg.OperationalError,)
+
+    def connectionPool(self, url):
+        # libpq reads the URL itself, query parameters (sslmode=…) included.
+        return adbapi.ConnectionPool(
+            "psycopg", url.geturl(), cp_min=1, cp_max=POOL_SIZE,
+            cp_reconnect=True)
+
+    @contextlib.contextmanager
+    def schemaLock(self, txn):
+        # Concurrent CREATE … IF NOT EXISTS can still collide in the
+        # catalogs; the lock is released when the transaction ends.
+        txn.execute("SELECT pg_advisory_xact_lock(hashtext('snq_schema'))")
+        yield
+
+    def listener(self, url, wake, reactor):
+        from snq.queues.pgnotify import NotifyListener
+
+        return NotifyListener(url.geturl(), self.channel, wake, reactor)
+
+
+#: URL scheme → dialect; the config accepts these schemes.
+DIALECTS = {"sqlite": Sqlite, "mysql": Mysql, "postgresql": Postgres}
