@@ -69,6 +69,22 @@ class TransportFilter:
         return transport not in self.exclude
 
 
+@dataclass(frozen=True)
+class Depth:
+    """How much a backend holds, for monitors and C{snqctl check}."""
+
+    #: Due and not claimed.
+    ready: int
+    #: Waiting for their time (a retry's backoff, an enqueue's delay).
+    delayed: int
+    #: Claimed by a worker: waiting in its window or running.
+    held: int
+    dead: int
+    #: Seconds the oldest due item (ready or held) has been due; None when
+    #: nothing is.
+    oldest: float | None
+
+
 @dataclass
 class DeadLetter:
     id: Any
@@ -139,6 +155,13 @@ class Queue:
         and return others' expired leases to the queue.
         """
         raise NotImplementedError
+
+    def depth(self):
+        """
+        A L{Depth}, or None where the backend cannot tell (a broker that
+        does not say how much it holds).
+        """
+        return defer.succeed(None)
 
     def deadList(self, limit: int = 50):
         raise NotImplementedError

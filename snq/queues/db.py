@@ -29,7 +29,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from snq.item import Item
-from snq.queues.base import DeadLetter, Delivery, Queue, TransportFilter
+from snq.queues.base import DeadLetter, Delivery, Depth, Queue, TransportFilter
 from snq.queues.dialects import DIALECTS
 
 #: Ids per statement in C{id IN (…)} lists (SQLite allows 32,766 parameters,
@@ -321,6 +321,28 @@ class DbQueue(Queue):
                               count=count)
 
         return self._write(renewAndReap).addCallback(reaped)
+
+    def depth(self):
+        now = self.clock.seconds()
+        p = self.dialect.placeholder
+
+        def count(txn):
+            # Portable SQL; MariaDB's SUM is a DECIMAL, and every SUM of no
+            # rows is NULL.
+            txn.execute(
+                "SELECT SUM(CASE WHEN claimed_by IS NULL AND run_at <= "
+                f"{p} THEN 1 ELSE 0 END), SUM(CASE WHEN claimed_by IS NULL"
+                f" AND run_at > {p} THEN 1 ELSE 0 END), SUM(CASE WHEN"
+                " claimed_by IS NOT NULL THEN 1 ELSE 0 END), MIN(CASE WHEN"
+                f" run_at <= {p} THEN run_at END) FROM queue_item",
+                (now, now, now))
+            ready, delayed, held, due = txn.fetchone()
+            txn.execute("SELECT COUNT(*) FROM queue_dead")
+            return Depth(ready=int(ready or 0), delayed=int(delayed or 0),
+                         held=int(held or 0), dead=int(txn.fetchone()[0]),
+                         oldest=None if due is None else max(now - due, 0.0))
+
+        return self._run(count, "depth")
 
     def deadList(self, limit=50):
         d = self.pool.runQuery(

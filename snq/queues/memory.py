@@ -9,7 +9,7 @@ import itertools
 
 from twisted.internet import defer
 
-from snq.queues.base import DeadLetter, Delivery, Queue
+from snq.queues.base import DeadLetter, Delivery, Depth, Queue
 
 
 class MemoryQueue(Queue):
@@ -101,6 +101,17 @@ class MemoryQueue(Queue):
             elif row["lease_until"] is not None and row["lease_until"] < now:
                 row.update(lease_until=None, attempts=row["attempts"] + 1)
         return defer.succeed(None)
+
+    def depth(self):
+        now = self.clock.seconds()
+        free = [r["run_at"] for r in self.rows.values() if r["lease_until"] is None]
+        ready = sum(runAt <= now for runAt in free)
+        # Claimed rows were due when claimed.
+        due = [r["run_at"] for r in self.rows.values() if r["run_at"] <= now]
+        return defer.succeed(Depth(
+            ready=ready, delayed=len(free) - ready,
+            held=len(self.rows) - len(free), dead=len(self.dead),
+            oldest=now - min(due) if due else None))
 
     def deadList(self, limit=50):
         return defer.succeed(sorted(self.dead.values(),
