@@ -100,6 +100,8 @@ class AttemptReportingFactory(xmlstream.XmlStreamFactory):
     """
 
     maxDelay = 300
+    # Not "Starting factory …" on every reconnect: the client logs what matters.
+    noisy = False
 
     def __init__(self, authenticator, attemptStarted, attemptFailed):
         super().__init__(authenticator)
@@ -325,5 +327,5 @@ class XmppClient(client.XMPPClient):
             f"TLS handshake with {self.host}:{self.port} failed; the"
             f" certificate for {self.jid.host} must verify against {trust}:"
             f" {reason.getErrorMessage()}")
-        self.log.error("{message}; not retrying", message=message)
+        self.log.error("{error}; not retrying", error=message)
         self._attemptFailed(Failure(TLSHandshakeError(message)), final=True)
