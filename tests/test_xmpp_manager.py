@@ -545,7 +545,6 @@ class PoolTests(SynchronousTestCase):
         pool = WorkerPool(config, count, reactor=reactor)
         pool.startService()
         reactor.advance(10)
-        self.addCleanup(pool.stopService)
         return [p.args[p.args.index("--id") + 1:] for p in reactor.processes]
 
     def test_oneXmppWorker(self):
