@@ -24,19 +24,25 @@ from twisted.logger import Logger, LogLevel, eventAsText, globalLogBeginner
 
 from snq import config as snqconfig
 from snq.control import EXIT_RECYCLE, Channel, Report
+from snq.iomanager import PollingManager
 from snq.iomaster import IoMaster, residentMemory
 
 FROM_MASTER, TO_MASTER = 3, 4
 REPORT_INTERVAL = 1.0
+#: How long a stopping worker waits for its last report to be written.
+LAST_REPORT_TIMEOUT = 5.0
 
 
 class _WorkerChannel(Channel):
     def __init__(self, worker):
         super().__init__()
         self.worker = worker
+        self.closed = defer.Deferred()
 
     def connectionLost(self, reason):
         super().connectionLost(reason)
+        if not self.closed.called:  # L{WorkerProcess} may have stopped waiting.
+            self.closed.callback(None)
         self.worker.masterGone()
 
 
@@ -116,6 +122,22 @@ class WorkerProcess:
             yield self.iomaster.stopService()
         if self._reporter.running:
             self._reporter.stop()
+        yield self._lastReport()
+
+    def _lastReport(self):
+        """
+        The final counts, so the master's totals keep the items finished
+        while stopping.  The reactor drops unwritten data as it stops, so
+        the channel is closed, which writes out what is buffered first.
+        """
+        if self.channel.transport is None:
+            return None
+        self.report()
+        self.channel.transport.loseConnection()
+        closed = self.channel.closed
+        closed.addTimeout(LAST_REPORT_TIMEOUT, self.reactor)
+        closed.addErrback(lambda f: f.trap(defer.TimeoutError))
+        return closed
 
     def report(self):
         if self.channel.transport is not None:
@@ -124,7 +146,8 @@ class WorkerProcess:
     def snapshot(self) -> dict:
         """What the master keeps of this worker (see L{snq.pool})."""
         snapshot = {"state": self.state, "pid": os.getpid(),
-                    "started": self.started, "rss": residentMemory()}
+                    "started": self.started, "rss": residentMemory(),
+                    "activity": self.activity()}
         master = self.iomaster
         if master is not None:
             stats, dispatcher = master.stats, master.dispatcher
@@ -133,8 +156,26 @@ class WorkerProcess:
                 items=master.watch.items,
                 inflight=dispatcher.running, held=len(dispatcher.held),
                 counts=[[*key, n] for key, n in stats.counts.items()],
-                timings=stats.timings)
+                timings=stats.timings, buckets=stats.buckets)
         return snapshot
+
+    def activity(self) -> list[str]:
+        """
+        C{[state, substate]} in StatusNet's words, for the UDP monitor:
+        init, queue (substate: the transports running), listening, poll or
+        idle (waiting for work), shutdown.
+        """
+        if self.state == "stopping":
+            return ["shutdown", ""]
+        if self.state == "starting":
+            return ["init", ""]
+        running = self.iomaster.dispatcher.runningTransports()
+        if running:
+            return ["queue", ",".join(running)]
+        manager = self.iomaster.manager
+        if isinstance(manager, PollingManager):
+            return ["idle" if manager.idle else "poll", ""]
+        return ["listening", ""]
 
 
 def lineObserver(stream):

@@ -39,6 +39,11 @@ class PollingManager(IoManager):
         self._timer = None
         self._polling = None
 
+    @property
+    def idle(self) -> bool:
+        """Its last poll found nothing: it is waiting before the next."""
+        return self._delay > 0
+
     def poll(self):
         raise NotImplementedError
 

@@ -4,10 +4,16 @@ Counters a worker keeps, by name, transport and site, in StatusNet's
 vocabulary so its monitors read them unchanged.
 """
 
+import bisect
 import collections
 
 COUNTERS = ("enqueued", "handled", "error", "requeued", "deadletter",
-            "baditem", "badhandler")
+            "baditem", "badhandler", "switch", "siteupdate", "xmpp_process")
+
+#: Upper bounds (seconds) of the handle-time histogram; one more bucket
+#: counts everything slower.  Prometheus' defaults, plus two for slow remotes.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0)
 
 
 class Stats:
@@ -16,6 +22,10 @@ class Stats:
         self.counts: collections.Counter = collections.Counter()
         #: transport → [number of items, total seconds in handlers]
         self.timings: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+        #: transport → items per L{DURATION_BUCKETS} bucket (not cumulative),
+        #: so the master can build a histogram without every single time.
+        self.buckets: dict[str, list] = collections.defaultdict(
+            lambda: [0] * (len(DURATION_BUCKETS) + 1))
 
     def count(self, counter: str, transport: str = "", site: str = "",
               n: int = 1):
@@ -25,6 +35,7 @@ class Stats:
         entry = self.timings[transport]
         entry[0] += 1
         entry[1] += seconds
+        self.buckets[transport][bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
 
     def total(self, counter: str) -> int:
         return sum(n for (name, _, _), n in self.counts.items() if name == counter)

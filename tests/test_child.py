@@ -142,6 +142,18 @@ class Master(Channel):
         return {}
 
 
+class PipeTransport(StringTransport):
+    """Like the pipe to the master: closing it ends the connection."""
+
+    def __init__(self, protocol):
+        super().__init__()
+        self.protocol = protocol
+
+    def loseConnection(self):
+        super().loseConnection()
+        self.protocol.connectionLost(connectionDone)
+
+
 class Fail(QueueHandler):
     transport = "fail"
 
@@ -149,11 +161,25 @@ class Fail(QueueHandler):
         raise ValueError("no")
 
 
+class Slow(QueueHandler):
+    """Finishes when the test fires its Deferred."""
+
+    transport = "slow"
+    pending: list = []
+
+    def handle(self, item):
+        d = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+
 class Child(SynchronousTestCase):
     def setUp(self):
         self.reactor = FakeReactor()
         self.queue = MemoryQueue(self.reactor)
-        self.registry = HandlerRegistry({"noop": NoopHandler, "fail": Fail})
+        self.registry = HandlerRegistry({"noop": NoopHandler, "fail": Fail,
+                                         "slow": Slow})
+        Slow.pending = []
 
     def worker(self, **queue):
         config = snqconfig.parse({"queue": {"max_retries": 0, **queue}})
@@ -162,7 +188,7 @@ class Child(SynchronousTestCase):
             return IoMaster(config, queue=self.queue, registry=self.registry, **kw)
 
         worker = WorkerProcess(config, "generic.3", self.reactor, iomaster)
-        self.transport = StringTransport()
+        self.transport = PipeTransport(worker.channel)
         worker.channel.makeConnection(self.transport)
         return worker
 
@@ -212,7 +238,55 @@ class WorkerProcessTests(Child):
         self.assertIn(["handled", "noop", "default", 3], report["counts"])
         self.assertIn(["error", "fail", "default", 1], report["counts"])
         self.assertEqual(report["timings"]["noop"][0], 3)
+        self.assertEqual(sum(report["buckets"]["noop"]), 3)
         self.stop(worker)
+
+    def test_activity(self):
+        """StatusNet's thread states, for the UDP monitor."""
+        worker = self.worker()
+        self.assertEqual(worker.snapshot()["activity"], ["init", ""])
+        worker.start()
+        self.reactor.advance(0)
+        self.assertEqual(worker.snapshot()["activity"], ["idle", ""],
+                         "a poll found nothing")
+        self.put(1, "slow")
+        self.put(1)
+        worker.iomaster.manager.wake()
+        self.assertEqual(worker.snapshot()["activity"], ["poll", ""],
+                         "about to poll")
+        self.reactor.advance(0)
+        self.assertEqual(worker.snapshot()["activity"], ["queue", "slow"])
+        Slow.pending.pop().callback(None)
+        self.assertEqual(worker.snapshot()["activity"], ["idle", ""])
+        worker.exit(0, "test")
+        self.assertEqual(worker.snapshot()["activity"], ["shutdown", ""])
+        self.stop(worker)
+
+    def test_lastReportHasTheFinalCounts(self):
+        """Items that finish while the worker stops are counted too."""
+        self.put(2, "slow")
+        worker = self.worker()
+        worker.start()
+        self.reactor.advance(0)
+        stopped = worker.stop()
+        self.assertEqual(self.reports()[-1]["handled"], 0)
+        while Slow.pending:
+            Slow.pending.pop().callback(None)
+        self.reactor.advance(0)
+        self.successResultOf(stopped)
+        last = self.reports()[-1]
+        self.assertEqual((last["state"], last["handled"]), ("stopping", 2))
+        self.assertTrue(self.transport.disconnecting, "closed after writing it")
+
+    def test_lastReportDoesNotWaitForever(self):
+        worker = self.worker()
+        worker.channel.makeConnection(StringTransport())  # never closes
+        worker.start()
+        stopped = worker.stop()
+        self.reactor.advance(4)
+        self.assertNoResult(stopped)
+        self.reactor.advance(1)
+        self.successResultOf(stopped)
 
     def test_recycleExits101AfterFinishing(self):
         self.put(10)

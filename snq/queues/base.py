@@ -267,6 +267,10 @@ class Dispatcher:
     def running(self) -> int:
         return sum(self._running.values())
 
+    def runningTransports(self) -> list[str]:
+        """The transports of the items running now, for monitors."""
+        return sorted(t for t, n in self._running.items() if n)
+
     def dispatch(self, delivery: Delivery) -> defer.Deferred:
         """Fires (never fails) once the delivery has been settled."""
         self.held.add(delivery)
