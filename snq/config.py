@@ -176,11 +176,20 @@ class StompConfig:
 
 @dataclass(frozen=True)
 class RedisConfig:
-    url: str = field(default="redis://127.0.0.1:6379/0", metadata=_check(
+    #: May hold a password: kept out of repr.
+    url: str = field(default="redis://127.0.0.1:6379/0", repr=False, metadata=_check(
         lambda v: v.startswith(("redis://", "rediss://")),
         "redis://[USER:PASSWORD@]HOST:PORT/DB or rediss://…"))
     #: Every key snq reads or writes starts with this.
     prefix: str = field(default="snq:", metadata=_check(bool, "a non-empty prefix"))
+    #: Seconds to connect or to wait for an answer before the connection is
+    #: dropped and made again.
+    timeout: float = field(default=10.0, metadata=_positive)
+    #: rediss://: PEM file of the CAs to trust ("" = the system's).
+    ca_file: str = ""
+    #: rediss://: client certificate and its key (PEM), for tls-auth-clients.
+    cert_file: str = ""
+    key_file: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,830 @@
+# -*- test-case-name: tests.test_redis -*-
+"""
+The Redis backend.
+
+Producers C{LPUSH} envelopes onto C{<prefix>q:<group>} or a breakout list
+C{<prefix>q:<group>/<transport>[/<site>]}.  A worker claims with one Lua
+script that pops frames, in batches, from the lists it consumes into the
+C{<prefix>processing} sorted set, scored by the lease deadline; acknowledging
+removes the member; every worker's housekeeping returns members whose
+deadline passed, so a worker killed mid-item loses nothing.  Retries wait in
+C{<prefix>delayed:<list>} sorted sets, dead letters in C{<prefix>dead}.
+
+Connections are snq's own L{ClientService}s running txredisapi's protocol:
+the handshake (AUTH, SELECT) is snq's, so a failing one is retried with
+backoff instead of stopping reconnection for good, as txredisapi's own
+factory does (txredisapi#112, #146).  Waiting for work is a blocking command
+on a connection of its own per list, so an idle worker is woken by a push
+rather than polling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import random
+import re
+import socket
+import uuid
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+import txredisapi
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from snq.handlers import HandlerError, HandlerRegistry
+from snq.item import Item
+from snq.queues import redis_scripts as scripts
+from snq.queues.base import DeadLetter, Delivery, Depth, Queue, QueueManager
+
+#: Seconds a blocking wait lasts before it is renewed (and the connection
+#: proven alive).
+BLOCK = 5.0
+#: What says "the connection is gone, try again on the next one".
+CONNECTION_ERRORS = (txredisapi.ConnectionError, error.ConnectError,
+                     error.ConnectionClosed)
+#: Commands needed: RPOP with a count, BLMOVE.
+MIN_VERSION = (6, 2)
+_PEM_CERTIFICATE = r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----"
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """C{redis://[USER:PASSWORD@]HOST:PORT/DB}, or C{rediss://} for TLS."""
+
+    host: str
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+    @classmethod
+    def fromURL(cls, url: str) -> RedisAddress:
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(f"{url}: not a redis:// or rediss:// URL")
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            raise ValueError(f"{url}: the path must be a database number")
+        try:
+            port = parts.port or 6379
+        except ValueError:
+            raise ValueError(f"{url}: the port must be a number")
+        return cls(host=parts.hostname or "127.0.0.1", port=port,
+                   db=int(path or 0),
+                   username=unquote(parts.username) if parts.username else None,
+                   password=(unquote(parts.password)
+                             if parts.password is not None else None),
+                   tls=parts.scheme == "rediss")
+
+    def describe(self) -> str:
+        user = self.username or ""
+        auth = f"{user}:***@" if self.password is not None else (
+            f"{user}@" if user else "")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}{host}:{self.port}/{self.db}"
+
+
+def tlsOptions(address: RedisAddress, config):
+    """Client TLS for C{rediss://}: the system's CAs unless C{ca_file}."""
+    from twisted.internet import ssl
+
+    trustRoot = None
+    if config.ca_file:
+        with open(config.ca_file) as f:
+            pems = re.findall(_PEM_CERTIFICATE, f.read(), re.DOTALL)
+        if not pems:
+            raise ValueError(f"{config.ca_file}: no PEM certificate in it")
+        trustRoot = ssl.trustRootFromCertificates(
+            [ssl.Certificate.loadPEM(pem) for pem in pems])
+    clientCertificate = None
+    if config.cert_file:
+        with open(config.cert_file) as f:
+            pem = f.read()
+        if config.key_file:
+            with open(config.key_file) as f:
+                pem += "\n" + f.read()
+        clientCertificate = ssl.PrivateCertificate.loadPEM(pem)
+    return ssl.optionsForClientTLS(address.host, trustRoot=trustRoot,
+                                   clientCertificate=clientCertificate)
+
+
+class _Protocol(txredisapi.RedisProtocol):
+    """
+    txredisapi's protocol, returning bytes as they are (a frame of digits
+    stays a frame), with snq's handshake.
+    """
+
+    #: Why the handshake failed; such a connection is closed, never used.
+    refused: str | None = None
+    lostBecause = None
+
+    def __init__(self, connection: RedisConnection):
+        super().__init__(charset=None, convertNumbers=False,
+                         replyTimeout=connection.timeout)
+        self.connection = connection
+
+    def handshake(self):
+        """AUTH, SELECT, a name for CLIENT LIST, the scripts: in one go."""
+        c = self.connection
+        address = c.address
+        commands = []
+        if address.password is not None:
+            commands.append(("AUTH", *filter(None, [address.username]),
+                             address.password))
+        if address.db:
+            commands.append(("SELECT", address.db))
+        commands.append(("CLIENT", "SETNAME", c.name))
+        commands += [("SCRIPT", "LOAD", s.source) for s in c.scripts]
+        # TLS wraps the TCP transport and has no keepalive switch.
+        with contextlib.suppress(AttributeError):
+            self.transport.setTcpKeepAlive(True)
+        d = defer.gatherResults([self.execute_command(*cmd) for cmd in commands],
+                                consumeErrors=True)
+        d.addCallbacks(lambda _: c._ready(self), self._refuse)
+        return d
+
+    def connectionLost(self, why):
+        # Before the base class fails the commands waiting with a plain
+        # "Lost connection": a failed TLS handshake says why here only.
+        self.lostBecause = why
+        super().connectionLost(why)
+
+    def _refuse(self, failure):
+        if failure.check(defer.FirstError):
+            failure = failure.value.subFailure
+        if self.lostBecause is not None:
+            failure = self.lostBecause
+        self.refused = failure.getErrorMessage()
+        self.connection._refused(self)
+        self.transport.loseConnection()
+
+
+class _Factory:
+    def __init__(self, connection):
+        self.connection = connection
+
+    def doStart(self):
+        pass
+
+    def doStop(self):
+        pass
+
+    def buildProtocol(self, addr):
+        p = _Protocol(self.connection)
+        p.factory = self
+        return p
+
+
+class RedisConnection:
+    """
+    One connection to Redis, kept up by a L{ClientService} with backoff.
+
+    A failed handshake (wrong password, a SELECT refused while the server
+    loads its data) closes the connection and counts as a failed attempt,
+    so the backoff grows and reconnecting never stops.  It is not reported
+    to L{ClientService} as a rejected connection: closing one at that point
+    upsets its state machine.
+    """
+
+    log = Logger()
+
+    def __init__(self, address: RedisAddress, name: str, timeout: float,
+                 tls=None, reactor=None, scripts=()):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.address = address
+        self.name = name
+        self.timeout = timeout
+        self.reactor = reactor
+        self.scripts = scripts
+        self.current: _Protocol | None = None
+        self._refusals = 0
+        self._policy = backoffPolicy(0.2, 10.0, 2.0,
+                                     jitter=lambda: random.uniform(0, 0.1))
+        endpoint = HostnameEndpoint(reactor, address.host, address.port,
+                                    timeout=timeout)
+        if tls is not None:
+            endpoint = wrapClientTLS(tls, endpoint)
+        self.service = ClientService(
+            endpoint, _Factory(self), clock=reactor,
+            retryPolicy=lambda attempt: self._policy(max(attempt,
+                                                         self._refusals)),
+            prepareConnection=lambda proxy: proxy.handshake())
+
+    def start(self):
+        self.service.startService()
+
+    def stop(self):
+        self.current = None
+        return self.service.stopService()
+
+    def _ready(self, protocol: _Protocol):
+        if self._refusals:
+            self.log.info("redis connection {name} to {where} works again",
+                          name=self.name, where=self.address.describe())
+        self._refusals = 0
+        self.current = protocol
+
+    def _refused(self, protocol: _Protocol):
+        self._refusals += 1
+        self.log.error("redis connection {name} to {where} refused: {why}",
+                       name=self.name, where=self.address.describe(),
+                       why=protocol.refused)
+
+    def whenConnected(self, failAfterFailures: int | None = 1):
+        """
+        A usable protocol.  A refused handshake counts as a failure; with
+        C{failAfterFailures=None}, wait for a connection that works.
+        """
+        d = self.service.whenConnected(failAfterFailures=failAfterFailures)
+        if not d.called:
+            # It will fire inside ClientService's state machine, which whoever
+            # waits must not re-enter (to stop it, say): hand over a turn later.
+            d.addBoth(lambda result: deferLater(self.reactor, 0, lambda: result))
+        return d.addCallback(self._usable, failAfterFailures)
+
+    def _usable(self, protocol: _Protocol, failAfterFailures):
+        if protocol.refused is None:
+            return protocol
+        if failAfterFailures is None:
+            gone = (protocol.whenDisconnected() if protocol.connected
+                    else defer.succeed(None))
+            return gone.addCallback(lambda _: deferLater(
+                self.reactor, 0, self.whenConnected, None))
+        raise txredisapi.ConnectionError(
+            f"{self.address.describe()} refused the connection: "
+            f"{protocol.refused}")
+
+    def execute(self, *args, tries: int = 1):
+        """
+        Run one command.  C{tries} > 1 only for commands that may run twice
+        (idempotent ones): after a lost connection they go again on the next.
+        """
+        protocol = self.current
+        if protocol is not None and protocol.connected:
+            d = protocol.execute_command(*args)
+        else:
+            d = self.whenConnected().addCallback(
+                lambda p: p.execute_command(*args))
+        if tries > 1:
+            d.addErrback(self._again, args, tries - 1)
+        return d
+
+    def _again(self, failure, args, tries):
+        failure.trap(*CONNECTION_ERRORS)
+        self.log.info("redis connection {name} lost ({why}); sending {command} "
+                      "again", name=self.name, why=failure.getErrorMessage(),
+                      command=args[0])
+        return self.execute(*args, tries=tries)
+
+    def blocking(self, seconds: float, *args):
+        """
+        A command that blocks up to C{seconds} on the server; if no answer
+        comes well after that, the connection is dead and is dropped.
+        """
+        def send(protocol):
+            d = protocol.execute_command(*args, apply_timeout=False)
+            guard = self.reactor.callLater(seconds + self.timeout,
+                                           protocol.transport.abortConnection)
+
+            def answered(result):
+                if guard.active():
+                    guard.cancel()
+                return result
+
+            return d.addBoth(answered)
+
+        return self.whenConnected().addCallback(send)
+
+
+class Lease:
+    """A claimed item in Redis: its member of the processing set."""
+
+    __slots__ = ("frame", "member", "origin", "token")
+
+    def __init__(self, member: bytes):
+        self.member = member
+        token, origin, self.frame = member.split(b"\n", 2)
+        self.token = token.decode()
+        self.origin = origin.decode()
+
+    def __str__(self):
+        return self.token
+
+
+class Doorbell:
+    """
+    Blocks on one ready list, on a connection of its own, and rings when
+    the list has something.  The blocking command moves the list's last
+    element onto its own end, so the list is unchanged: the claim (a Lua
+    script, with a lease) is what takes items.
+
+    Armed by the manager when a claim found nothing; rings once, then waits
+    to be armed again.  While its connection is down it rings after each
+    reconnection attempt, so the manager polls at the reconnect's pace.
+    """
+
+    log = Logger()
+
+    def __init__(self, connection: RedisConnection, key: str, ring):
+        self.connection = connection
+        self.key = key
+        self.ring = ring
+        self.armed = False
+        self.stopped = True
+
+    def start(self):
+        self.stopped = False
+        self.connection.start()
+
+    def stop(self):
+        self.stopped = True
+        return self.connection.stop()
+
+    def arm(self):
+        if self.armed or self.stopped:
+            return
+        self.armed = True
+        self._wait()
+
+    def _wait(self):
+        d = self.connection.blocking(BLOCK, "BLMOVE", self.key, self.key,
+                                     "RIGHT", "RIGHT", BLOCK)
+        d.addCallbacks(self._answered, self._failed)
+
+    def _answered(self, frame):
+        if self.stopped:
+            return
+        if frame is None:
+            self._wait()
+            return
+        self.armed = False
+        self.ring()
+
+    def _failed(self, failure):
+        self.armed = False
+        if self.stopped:
+            return
+        if failure.check(*CONNECTION_ERRORS):
+            self.log.info("waiting on {key} interrupted: {why}", key=self.key,
+                          why=failure.getErrorMessage())
+            self.ring()
+        else:
+            self.log.failure("waiting on {key} failed", failure, key=self.key)
+            self.connection.reactor.callLater(BLOCK, self._ringUnlessStopped)
+
+    def _ringUnlessStopped(self):
+        if not self.stopped:
+            self.ring()
+
+
+class Listener:
+    """The doorbells of the lists a worker consumes, as L{Queue.listen} gives."""
+
+    def __init__(self, doorbells: list[Doorbell]):
+        self.doorbells = doorbells
+        for bell in doorbells:
+            bell.start()
+
+    def arm(self):
+        for bell in self.doorbells:
+            bell.arm()
+
+    def stopListening(self):
+        return defer.gatherResults([bell.stop() for bell in self.doorbells],
+                                   consumeErrors=True)
+
+
+class RedisManager(QueueManager):
+    """
+    Claims while items come; when a claim finds nothing, it arms the
+    doorbells (a producer pushes) and a timer for the earliest delayed retry,
+    instead of polling.  Window, lease renewal and graceful stop are
+    L{QueueManager}'s.
+    """
+
+    def __init__(self, queue, dispatcher, config, transports, clock=None):
+        super().__init__(queue, dispatcher, config, transports, clock)
+        self._dueCall = None
+        self._asleep = False
+
+    @property
+    def idle(self) -> bool:
+        return self._asleep
+
+    def stopService(self):
+        if self._dueCall is not None and self._dueCall.active():
+            self._dueCall.cancel()
+        self._dueCall = None
+        return super().stopService()
+
+    def poll(self):
+        d = super().poll()
+        if d is None:
+            return None
+        return d.addCallback(self._idleUnlessFound)
+
+    def _idleUnlessFound(self, found):
+        self._asleep = not found
+        if found:
+            return True
+        if self._listening is not None:
+            self._listening.arm()
+        self._scheduleDue()
+        # None: sleep until a doorbell, the due timer or a settled item wakes us.
+        return None
+
+    def _scheduleDue(self):
+        due = self.queue.nextDue
+        if due is None or not self.running:
+            return
+        call = self._dueCall
+        if call is not None and call.active():
+            if call.getTime() <= due:
+                return
+            call.cancel()
+        self._dueCall = self.clock.callLater(
+            max(0.0, due - self.clock.seconds()), self.wake)
+
+    def _settled(self):
+        super()._settled()
+        # A retry may have made an earlier due time.
+        self._scheduleDue()
+
+    def _tend(self):
+        # A claim now and then also moves retries that fell due while their
+        # worker was gone, whoever's they were.
+        return super()._tend().addCallback(lambda _: self.wake())
+
+
+class RedisQueue(Queue):
+    log = Logger()
+    managerClass = RedisManager
+
+    def __init__(self, config, clock=None, claimant=None, reactor=None):
+        """
+        C{clock} gives the time (leases, due times); C{reactor} makes the
+        connections.  Both default to the global reactor.
+        """
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.config = config
+        self.clock = clock
+        self.reactor = reactor
+        self.address = RedisAddress.fromURL(config.redis.url)
+        self.prefix = config.redis.prefix
+        self.lease = config.queue.lease
+        #: Unique per process, so a respawned worker never takes over the
+        #: leases of its killed predecessor.
+        self.claimant = re.sub(
+            r"[^\w.-]", "_",
+            claimant or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.processing = self.prefix + "processing"
+        self.dead = self.prefix + "dead"
+        self.deadIds = self.prefix + "dead:id"
+        self.breakouts = frozenset(config.queue.breakout)
+        groups = config.queue.groups
+        #: The lists (group names and breakout specs) this worker consumes.
+        self.consumed = [*groups, *sorted(
+            b for b in self.breakouts if b.split("/", 1)[0] in groups)]
+        #: The earliest due time of a retry on those lists, as of the last
+        #: claim or retry; None = none waiting.
+        self.nextDue: float | None = None
+        self.connection: RedisConnection | None = None
+        self._registry = None
+        self._seq = itertools.count()
+        self._turn = 0
+
+    def describe(self) -> str:
+        return f"{self.address.describe()} (keys {self.prefix}*)"
+
+    # -- keys and routing ---------------------------------------------------
+
+    def listKey(self, spec: str) -> str:
+        return f"{self.prefix}q:{spec}"
+
+    def delayedKey(self, spec: str) -> str:
+        return f"{self.prefix}delayed:{spec}"
+
+    def _spec(self, listKey: str) -> str:
+        return listKey[len(self.prefix) + 2:]
+
+    def route(self, item: Item) -> str:
+        """The list spec an item goes to: a matching breakout, or its group."""
+        group = self.groupOf(item.transport)
+        for spec in (f"{group}/{item.transport}/{item.site}",
+                     f"{group}/{item.transport}"):
+            if spec in self.breakouts:
+                return spec
+        return group
+
+    def groupOf(self, transport: str) -> str:
+        return (self.config.transport(transport).group
+                or self.registry().groupOf(transport))
+
+    def registry(self) -> HandlerRegistry:
+        """The handlers, for their groups; loaded when first needed."""
+        if self._registry is None:
+            try:
+                self._registry = HandlerRegistry.load(self.config.handlers)
+            except HandlerError as e:
+                self.log.warn("routing without the configured handlers: {why}",
+                              why=e)
+                self._registry = HandlerRegistry.load({})
+        return self._registry
+
+    def _token(self) -> str:
+        return f"{self.claimant}/{next(self._seq)}"
+
+    # -- connections --------------------------------------------------------
+
+    def _connect(self, role: str) -> RedisConnection:
+        tls = tlsOptions(self.address, self.config.redis) if self.address.tls else None
+        return RedisConnection(
+            self.address, f"snq:{self.claimant}:{role}",
+            self.config.redis.timeout, tls=tls, reactor=self.reactor,
+            scripts=scripts.ALL if role == "cmd" else ())
+
+    @defer.inlineCallbacks
+    def open(self):
+        self.connection = self._connect("cmd")
+        self.connection.start()
+        try:
+            protocol = yield self.connection.whenConnected()
+            info = yield protocol.execute_command("INFO", "server")
+        except Exception as e:
+            yield self.close()
+            if isinstance(e, txredisapi.ConnectionError):
+                raise
+            raise txredisapi.ConnectionError(
+                f"cannot connect to {self.address.describe()}: {e}")
+        version = re.search(rb"redis_version:(\d+)\.(\d+)", info)
+        if version and tuple(map(int, version.groups())) < MIN_VERSION:
+            yield self.close()
+            raise txredisapi.ConnectionError(
+                f"{self.address.describe()} runs Redis "
+                f"{version.group(1).decode()}.{version.group(2).decode()}; "
+                f"snq needs {'.'.join(map(str, MIN_VERSION))} or later")
+
+    def close(self):
+        connection, self.connection = self.connection, None
+        if connection is None:
+            return defer.succeed(None)
+        return connection.stop()
+
+    def listen(self, wake) -> Listener:
+        """
+        A doorbell per consumed list, each on a connection of its own; the
+        L{RedisManager} arms them when it runs out of work.
+        """
+        return Listener([
+            Doorbell(self._connect(f"wait{n}"), self.listKey(spec), wake)
+            for n, spec in enumerate(self.consumed)])
+
+    def _eval(self, script: scripts.Script, keys, args, tries=1):
+        d = self.connection.execute("EVALSHA", script.sha, len(keys), *keys,
+                                    *args, tries=tries)
+        d.addErrback(self._noScript, script, keys, args, tries)
+        return d
+
+    def _noScript(self, failure, script, keys, args, tries):
+        # Only after a SCRIPT FLUSH: each connection loads them when made.
+        failure.trap(txredisapi.ResponseError)
+        if "NOSCRIPT" not in str(failure.value):
+            return failure
+        return self.connection.execute("EVAL", script.source, len(keys), *keys,
+                                       *args, tries=tries)
+
+    # -- the Queue interface ------------------------------------------------
+
+    def enqueue(self, items, delay=0.0):
+        if not items:
+            return defer.succeed(None)
+        due = f"{self.clock.seconds() + delay:.6f}" if delay > 0 else ""
+        pairs: dict[str, int] = {}
+        args = [due]
+        for item in items:
+            index = pairs.setdefault(self.route(item), len(pairs) + 1)
+            frame = item.toJSON()
+            if due:
+                frame = self._token().encode() + b"\n" + frame
+            args += [index, frame]
+        keys = [k for spec in pairs
+                for k in (self.listKey(spec), self.delayedKey(spec))]
+        # Not idempotent: a lost answer is an error, not a second push.
+        return self._eval(scripts.ENQUEUE, keys, args)
+
+    def claim(self, limit, transports=None):
+        """C{transports} is SQL's filter; here the consumed lists are."""
+        now = self.clock.seconds()
+        # Start at a different list each time, so no list starves another.
+        self._turn = (self._turn + 1) % len(self.consumed)
+        order = self.consumed[self._turn:] + self.consumed[:self._turn]
+        keys = [self.processing]
+        for spec in order:
+            keys += [self.listKey(spec), self.delayedKey(spec)]
+        d = self._eval(scripts.CLAIM, keys, [
+            f"{now:.6f}", f"{now + self.lease:.6f}", limit, self._token() + "."])
+        return d.addCallback(self._claimed)
+
+    def _claimed(self, result):
+        due, *members = result
+        self.nextDue = float(due) if due else None
+        deliveries = []
+        for member in members:
+            lease = Lease(member)
+            deliveries.append(Delivery(frame=lease.frame, token=lease))
+        return deliveries
+
+    def ack(self, delivery):
+        return self.connection.execute("ZREM", self.processing,
+                                       delivery.token.member, tries=3)
+
+    def retry(self, delivery, item, delay, error):
+        lease = delivery.token
+        due = self.clock.seconds() + delay
+        d = self._eval(scripts.RETRY,
+                       [self.processing, self.delayedKey(self._spec(lease.origin))],
+                       [lease.member, f"{due:.6f}",
+                        self._token().encode() + b"\n" + item.toJSON()], tries=3)
+
+        def moved(_):
+            if self.nextDue is None or due < self.nextDue:
+                self.nextDue = due
+
+        return d.addCallback(moved)
+
+    def release(self, deliveries):
+        if not deliveries:
+            return defer.succeed(None)
+        # Pushed last first, so the first given back is the first out again.
+        leases = [d.token for d in reversed(deliveries)]
+        return self._return(leases, [lease.frame for lease in leases], "")
+
+    def _return(self, leases, frames, cutoff):
+        keys = [self.processing, *(lease.origin for lease in leases)]
+        args = [cutoff]
+        for lease, frame in zip(leases, frames, strict=True):
+            args += [lease.member, frame]
+        return self._eval(scripts.RETURN, keys, args, tries=3)
+
+    def deadLetter(self, delivery, reason, error, attempts):
+        lease = delivery.token
+        try:
+            item = Item.fromJSON(delivery.frame)
+        except ValueError:
+            item = None
+        record = json.dumps({
+            "item_id": item.id if item else None,
+            "transport": item.transport if item else delivery.transport,
+            "site": item.site if item else delivery.site,
+            "reason": reason, "error": error, "attempts": attempts,
+            "died": self.clock.seconds(), "list": lease.origin,
+            "frame": delivery.frame.decode("utf-8", "replace")})
+        return self._eval(scripts.BURY,
+                          [self.processing, self.dead, self.deadIds],
+                          [lease.member, record], tries=3)
+
+    @defer.inlineCallbacks
+    def tend(self, deliveries):
+        now = self.clock.seconds()
+        for start in range(0, len(deliveries), 500):
+            args = []
+            for delivery in deliveries[start:start + 500]:
+                args += [f"{now + self.lease:.6f}", delivery.token.member]
+            # XX: a lease that was acknowledged or reaped meanwhile stays gone.
+            yield self.connection.execute("ZADD", self.processing, "XX", *args,
+                                          tries=3)
+        reaped = yield self.reap(now)
+        if reaped:
+            self.log.info("returned {count} items whose lease expired",
+                          count=reaped)
+
+    @defer.inlineCallbacks
+    def reap(self, now, batch=200):
+        """
+        Return items whose lease expired before C{now} to their lists, one
+        attempt more: a worker died holding them, and an item that kills
+        every worker must end in the dead letters, not go round for ever.
+        Safe with many reapers: the script moves only what is still expired.
+        """
+        total = 0
+        while True:
+            members = yield self.connection.execute(
+                "ZRANGEBYSCORE", self.processing, "-inf", f"({now:.6f}",
+                "LIMIT", 0, batch)
+            if not members:
+                return total
+            # Pushed last first: the first to expire is the first out again.
+            leases = [Lease(m) for m in reversed(members)]
+            total += yield self._return(
+                leases, [_retried(lease.frame) for lease in leases],
+                f"{now:.6f}")
+            if len(members) < batch:
+                return total
+
+    def knownLists(self) -> list[str]:
+        """
+        Every list this config sends items to: groups (active, configured
+        per transport, of the handlers) and breakouts.
+        """
+        registry = self.registry()
+        groups = {"main", *self.config.queue.groups,
+                  *(t.group for t in self.config.transports.values() if t.group),
+                  *(registry.groupOf(name) for name in registry.classes)}
+        return sorted(groups | self.breakouts)
+
+    @defer.inlineCallbacks
+    def depth(self):
+        now = self.clock.seconds()
+        keys = [self.processing, self.dead]
+        for spec in self.knownLists():
+            keys += [self.listKey(spec), self.delayedKey(spec)]
+        ready, delayed, held, dead, due, *tails = yield self._eval(
+            scripts.DEPTH, keys, [f"{now:.6f}"])
+        since = [float(due)] if due else []
+        for tail in tails:
+            with contextlib.suppress(ValueError):
+                since.append(Item.fromJSON(tail).created)
+        return Depth(ready=ready, delayed=delayed, held=held, dead=dead,
+                     oldest=max(now - min(since), 0.0) if since else None)
+
+    # -- dead letters -------------------------------------------------------
+
+    def deadList(self, limit=50):
+        d = self.connection.execute("ZREVRANGE", self.dead, 0, int(limit) - 1)
+        return d.addCallback(lambda records: [_deadLetter(r) for r in records])
+
+    def deadShow(self, deadId):
+        d = self.connection.execute("ZRANGEBYSCORE", self.dead, int(deadId),
+                                    int(deadId))
+        return d.addCallback(lambda records: _deadLetter(records[0])
+                             if records else None)
+
+    @defer.inlineCallbacks
+    def deadRetry(self, deadIds=None):
+        if deadIds is not None:
+            records = []
+            for deadId in deadIds:
+                records += yield self.connection.execute(
+                    "ZRANGEBYSCORE", self.dead, int(deadId), int(deadId))
+            return (yield self._resurrect(records))
+        # All of them, as of now: what dies again meanwhile stays dead.
+        newest = yield self.connection.execute("ZREVRANGE", self.dead, 0, 0,
+                                               "WITHSCORES")
+        if not newest:
+            return 0
+        total = 0
+        while True:
+            records = yield self.connection.execute(
+                "ZRANGEBYSCORE", self.dead, "-inf", newest[1], "LIMIT", 0, 500)
+            if not records:
+                return total
+            total += yield self._resurrect(records)
+
+    def _resurrect(self, records):
+        if not records:
+            return defer.succeed(0)
+        keys, args = [self.dead], []
+        for record in records:
+            dead = json.loads(record)
+            frame = dead["frame"].encode("utf-8")
+            # A bad frame goes back as it came, to die again the same way.
+            with contextlib.suppress(ValueError):
+                frame = dataclasses.replace(Item.fromJSON(frame),
+                                            attempts=0).toJSON()
+            keys.append(dead["list"])
+            args += [record, frame]
+        return self._eval(scripts.RESURRECT, keys, args)
+
+    def deadPurge(self, deadIds=None):
+        ids = [] if deadIds is None else [int(i) for i in deadIds]
+        if deadIds is not None and not ids:
+            return defer.succeed(0)
+        return self._eval(scripts.PURGE, [self.dead], ids)
+
+
+def _retried(frame: bytes) -> bytes:
+    try:
+        return Item.fromJSON(frame).retried().toJSON()
+    except ValueError:
+        return frame
+
+
+def _deadLetter(record: bytes) -> DeadLetter:
+    dead = json.loads(record)
+    return DeadLetter(
+        id=dead["id"], item_id=dead["item_id"], transport=dead["transport"],
+        site=dead["site"], reason=dead["reason"], error=dead["error"],
+        attempts=dead["attempts"], died=dead["died"],
+        frame=dead["frame"].encode("utf-8"))

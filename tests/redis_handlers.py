@@ -1,0 +1,41 @@
+"""
+Handlers for the daemons the Redis tests start: each handled item appends
+C{"ITEM_ID PID"} to the file named by the site config's C{record_file}, so
+the test can check from outside who handled what, and how often.
+"""
+
+import os
+
+from twisted.internet.task import deferLater
+
+from snq.handlers import QueueHandler
+
+
+def record(path, item):
+    line = f"{item.id} {os.getpid()}\n".encode()
+    # One write with O_APPEND: lines from several processes never mix.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+class Record(QueueHandler):
+    """Records the item; C{payload.sleep} seconds later if it says so."""
+
+    def handle(self, item):
+        path = self.context.siteConfig(item.site)["record_file"]
+        pause = item.payload.get("sleep") if isinstance(item.payload, dict) else None
+        if pause:
+            return deferLater(self.context.clock, pause, record, path, item)
+        record(path, item)
+        return None
+
+
+def recorded(path):
+    """[(item id, pid)] from a record file, in the order written."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [tuple(line.split()) for line in f if line.strip()]
