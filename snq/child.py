@@ -8,9 +8,10 @@ It runs one L{IoMaster}, reports to the master over AMP on fds 3 (in) and
 4 (out) once a second, writes its log to stderr as C{"level text"} lines
 (the master logs them again, tagged), and tells the master what to do next
 by its exit status: 0 after an ordinary stop, 1 if it could not start,
-101 to be replaced at once (it recycled itself).  It stops gracefully on
-SIGTERM or SIGINT, and when the pipe from the master closes (the master
-died).
+101 to be replaced at once (it recycled itself, or the control channel said
+restart), 100 to stay down (the control channel said shutdown).  It stops
+gracefully on SIGTERM or SIGINT, and when the pipe from the master closes
+(the master died).
 """
 
 import argparse
@@ -23,7 +24,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel, eventAsText, globalLogBeginner
 
 from snq import config as snqconfig
-from snq.control import EXIT_RECYCLE, Channel, Report
+from snq.control import EXIT_RECYCLE, EXIT_SHUTDOWN, Channel, Report
 from snq.iomanager import PollingManager
 from snq.iomaster import IoMaster, residentMemory
 
@@ -80,6 +81,7 @@ class WorkerProcess:
         self.iomaster = self.iomasterFactory(
             self.config, workerId=self.workerId, clock=self.reactor,
             recycle=lambda reason: self.exit(EXIT_RECYCLE, reason),
+            shutdown=lambda reason: self.exit(EXIT_SHUTDOWN, reason),
             groups=self.groups)
 
     def _running(self, _):

@@ -115,12 +115,16 @@ class IoMaster(AsyncMultiService):
     C{groups}, when given, replaces C{[queue] groups} for this worker: the
     pool runs one worker of its own for the "xmpp" group.  A worker with
     "xmpp" among its groups holds the XMPP connections.
+
+    C{recycle} and C{shutdown} (called with a reason: stop for good) are
+    also what its managers call when asked from outside (the STOMP control
+    channel); None where nothing can carry them out.
     """
 
     log = Logger()
 
     def __init__(self, config, workerId="inline", clock=None, queue=None,
-                 registry=None, recycle=None, groups=None):
+                 registry=None, recycle=None, groups=None, shutdown=None):
         super().__init__()
         if clock is None:
             from twisted.internet import reactor as clock
@@ -129,6 +133,8 @@ class IoMaster(AsyncMultiService):
         self.clock = clock
         self.stats = Stats()
         self.groups = list(groups or config.queue.groups)
+        self.recycle = recycle
+        self.shutdown = shutdown
         self.queue = queue if queue is not None else makeQueue(config, clock)
         self.registry = registry or HandlerRegistry.load(config.handlers)
         self.dispatcher = Dispatcher(self.queue, self.registry, config,

@@ -96,10 +96,14 @@ def makeService(options):
     source = config.source or "embedded default config"
     daemon = Daemon()
     if options["inline"]:
+        from twisted.internet import reactor
+
         from snq.iomaster import IoMaster
 
+        # No pool to ask: a shutdown from the control channel stops it all.
         master = IoMaster(config, workerId=f"{config.daemon.id}.0",
-                          registry=registry)
+                          registry=registry,
+                          shutdown=lambda reason: reactor.stop())
         print(f"snq: {source}, queue {master.queue.describe()}, inline",
               file=sys.stderr)
         master.setServiceParent(daemon)
