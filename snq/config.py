@@ -165,13 +165,25 @@ class StompConfig:
             re.match(r"^(tcp|ssl)://[^:/]+:\d+$", s) for s in v),
             'a non-empty list of "tcp://HOST:PORT" or "ssl://HOST:PORT"'))
     login: str = "guest"
-    passcode: str = "guest"
+    passcode: str = field(default="guest", repr=False)
     vhost: str = "/"
     #: Seconds between heart-beats each way; 0 = none.
     heartbeat: float = field(default=10.0, metadata=_notNegative)
     control_channel: str = "/topic/snq/control"
     #: HMAC-SHA256 key control messages must be signed with; "" = unsigned.
-    control_secret: str = ""
+    control_secret: str = field(default="", repr=False)
+    #: Seconds a signed control message is accepted after (or before) the
+    #: time it was signed: clocks must agree this well.
+    control_window: float = field(default=60.0, metadata=_positive)
+    #: Messages the broker sends ahead per subscription (prefetch-count);
+    #: 0 = twice [queue] concurrency.
+    prefetch: int = field(default=0, metadata=_notNegative)
+    #: Seconds to connect and log in before an attempt counts as failed.
+    connect_timeout: float = field(default=10.0, metadata=_positive)
+    #: Write "/" inside a destination's name as %2F, which RabbitMQ needs:
+    #: "auto" (when the broker says it is RabbitMQ), "always" or "never".
+    escape_slashes: str = field(default="auto", metadata=_check(
+        lambda v: v in ("auto", "always", "never"), "auto | always | never"))
 
 
 @dataclass(frozen=True)

@@ -208,6 +208,14 @@ class StompClientProtocol(Protocol):
             )
         return done
 
+    @property
+    def server(self):
+        """
+        The broker's C{server} header (C{"RabbitMQ/3.10.8"}), or None: what
+        a backend goes by where brokers read destinations differently.
+        """
+        return self._session.server
+
     def whenDisconnected(self):
         """
         Fire with the exception that ended the connection (never fail).
@@ -253,12 +261,14 @@ class StompClientProtocol(Protocol):
         self.log.info(
             "STOMP connection closed: {reason}", reason=reason.getErrorMessage()
         )
-        self._failPending(
-            ConnectionLost(f"STOMP connection closed: {reason.getErrorMessage()}")
-        )
+        # Those watching the connection learn first, so that whoever reacts to
+        # a failed command below already finds it gone.
         waiters, self._disconnectedWaiters = self._disconnectedWaiters, []
         for waiter in waiters:
             waiter.callback(self._lost)
+        self._failPending(
+            ConnectionLost(f"STOMP connection closed: {reason.getErrorMessage()}")
+        )
 
     # Incoming frames
 

@@ -1,0 +1,500 @@
+# -*- test-case-name: tests.test_stomp_backend -*-
+"""
+The STOMP backend, StatusNet's way to scale past one machine: every worker
+on every host subscribes to the same broker queues.
+
+Producers SEND envelopes to C{basename + group} (L{snq.stomp.destinations},
+where RabbitMQ's spelling of those names is explained).  A worker
+subscribes with C{ack: client-individual} to its groups' queues and
+breakouts on every server in C{[stomp] servers} (StatusNet's manual
+failover: whichever server a producer reached, its items are consumed), and
+sends on the first server that is up, failing over to the next.  The
+broker pushes at most C{prefetch-count} unacknowledged messages per
+subscription: that is the worker's window; there is nothing to poll.
+
+An item is acknowledged once its handler finished, or once its retry or
+dead letter has been confirmed by the broker (a SEND with a receipt, which
+RabbitMQ answers only when the message is safe).  A retry waits in a TTL
+queue that dead-letters it back (L{Destinations.delayed}): nothing of it is
+held by the worker.  Dead letters are messages on C{basename + "dead"},
+with the reason in C{snq-*} headers; listing them reads the queue on a
+connection of its own and hangs up without acknowledging, which puts
+everything back in order.
+
+Giving back what a stopping worker holds but has not started means, on
+STOMP, not acknowledging it: the broker takes it back when the connection
+closes, once the items in flight are done.  (An ACK or NACK cannot follow
+an UNSUBSCRIBE on RabbitMQ, and a NACK while subscribed would only bring
+the message straight back.)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import heapq
+import os
+from dataclasses import dataclass
+
+from stompest.error import StompProtocolError
+from twisted.internet import defer
+from twisted.internet.error import ConnectionLost
+from twisted.logger import Logger
+
+from snq.item import Item
+from snq.queues.base import DeadLetter, Delivery, Queue, QueueManager
+from snq.stomp.connection import DISCONNECT_TIMEOUT, BrokerConnection, Subscription
+from snq.stomp.control import ControlVerifier, Duplicate, controlHeaders
+from snq.stomp.destinations import Destinations
+from snq.stomp.protocol import StompClientProtocol
+
+JSON = {"persistent": "true", "content-type": "application/json"}
+#: Dead letters carry these; the body is the frame as it came.
+DEAD_ID, REASON, ERROR, ATTEMPTS, DIED, ORIGIN = (
+    "snq-dead-id", "snq-reason", "snq-error", "snq-attempts", "snq-died",
+    "snq-origin")
+ITEM_ID, TRANSPORT, SITE = "snq-item-id", "snq-transport", "snq-site"
+#: Ends a walk through the dead letters (see L{StompQueue._walkDead}).
+MARKER = "snq-browse-marker"
+#: A marker older than this was left by a walk that died: dropped.
+STALE_MARKER = 3600.0
+#: Longest error text kept in a header.
+ERROR_LENGTH = 1000
+
+
+class NoBrokerError(ConnectionLost):
+    """No STOMP server of C{[stomp] servers} can be reached."""
+
+
+@dataclass(slots=True, eq=False)
+class Received:
+    """A Delivery's token: what it takes to acknowledge a MESSAGE."""
+
+    connection: BrokerConnection
+    stomp: StompClientProtocol
+    frame: object
+    #: The destination it came from, where a retry goes back to.
+    origin: str
+
+
+class StompManager(QueueManager):
+    """
+    Feeds the dispatcher from subscriptions instead of claims; the window,
+    the graceful stop and the settling are L{QueueManager}'s.  Also obeys
+    the control channel, through its worker's C{shutdown} and C{recycle}.
+
+    Its parent is the worker's L{snq.iomaster.IoMaster}: C{groups} to
+    consume, and the hooks (None under C{--inline}).
+    """
+
+    def __init__(self, queue, dispatcher, config, transports, clock=None):
+        super().__init__(queue, dispatcher, config, transports, clock)
+        self.verifier = ControlVerifier(config.stomp.control_secret,
+                                        config.stomp.control_window, self.clock)
+
+    def startService(self):
+        super().startService()
+        destinations = self.queue.destinations.consumed(self.parent.groups)
+        self.queue.consume(destinations, self._delivered)
+        self.queue.listenControl(self._control)
+
+    def poll(self):
+        """Nothing to claim: the broker pushes, up to its prefetch-count."""
+        return None
+
+    def _delivered(self, delivery):
+        # Once stopping, what comes is left unacknowledged: the broker takes
+        # it back when the connection closes.
+        if self.running:
+            self.dispatcher.dispatch(delivery)
+
+    def _control(self, body, headers):
+        stats = self.dispatcher.stats
+        try:
+            command, site = self.verifier.check(body, headers)
+        except Duplicate as e:
+            self.log.debug("control message ignored: {why}", why=e)
+            return
+        except ValueError as e:
+            stats.count("controlrejected")
+            self.log.warn("control message refused: {why}", why=e)
+            return
+        master = self.parent
+        if command == "update":
+            stats.count("siteupdate", "", site)
+            self.log.info("control channel: update:{site} (noted; live "
+                          "reconfiguration is not implemented yet)", site=site)
+            return
+        hook = master.shutdown if command == "shutdown" else master.recycle
+        if hook is None:
+            self.log.warn("control channel: {command} ignored: this worker "
+                          "runs without a pool (--inline)", command=command)
+            return
+        self.log.info("control channel: {command}", command=command)
+        hook(f"{command} from the control channel")
+
+
+class StompQueue(Queue):
+    log = Logger()
+    managerClass = StompManager
+
+    def __init__(self, config, clock=None, claimant=None, reactor=None,
+                 connections=None):
+        """
+        C{claimant} is not needed: the broker knows which connection holds
+        which message.  C{connections} (L{BrokerConnection}s) replace those
+        of C{[stomp] servers}, in tests.
+        """
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.config = config
+        self.clock = clock
+        self.destinations = Destinations(config)
+        self.connections = connections or [
+            BrokerConnection(url, config.stomp, clock, reactor)
+            for url in config.stomp.servers]
+        #: Messages the broker may push ahead, per subscription.
+        self.prefetch = config.stomp.prefetch or 2 * config.queue.concurrency
+        self._lastDeadId = 0
+
+    def describe(self) -> str:
+        stomp = self.config.stomp
+        return (f"STOMP {', '.join(stomp.servers)} (login {stomp.login}, vhost "
+                f"{stomp.vhost}), queues {self.destinations.basename}*")
+
+    # -- connections --------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def open(self):
+        """
+        Connect to every server; fails only if none answers (the others are
+        tried again in the background).
+        """
+        attempts = [c.firstAttempt() for c in self.connections]
+        for connection in self.connections:
+            connection.start()
+        errors = yield defer.gatherResults(attempts)
+        if all(errors):
+            yield self.close()
+            raise NoBrokerError("no STOMP server answers: " + "; ".join(
+                f"{c.url}: {e}" for c, e in zip(self.connections, errors,
+                                                 strict=True)))
+        for connection, error in zip(self.connections, errors, strict=True):
+            if error:
+                self.log.warn("STOMP server {url} is not reachable ({why}); "
+                              "trying again in the background",
+                              url=connection.url, why=error)
+
+    def close(self):
+        return defer.gatherResults([c.stop() for c in self.connections])
+
+    def consume(self, destinations, onDelivery):
+        """Subscribe on every server: C{onDelivery(Delivery)} for each MESSAGE."""
+        headers = {"ack": "client-individual",
+                   "prefetch-count": str(self.prefetch),
+                   "activemq.prefetchSize": str(self.prefetch)}
+        for connection in self.connections:
+            for destination in destinations:
+                connection.subscribe(Subscription(destination, functools.partial(
+                    self._received, connection, destination, onDelivery),
+                    headers))
+
+    def _received(self, connection, origin, onDelivery, stomp, frame):
+        onDelivery(Delivery(frame=frame.body,
+                            token=Received(connection, stomp, frame, origin)))
+
+    def listenControl(self, onControl):
+        """The control topic on every server: C{onControl(body, headers)}."""
+        for connection in self.connections:
+            connection.subscribe(Subscription(
+                self.destinations.control,
+                lambda stomp, frame: onControl(frame.body, frame.headers),
+                {"ack": "auto"}))
+
+    def _sender(self):
+        """The first server in the list that is connected, or the next to be."""
+        for connection in self.connections:
+            if connection.stomp is not None:
+                return defer.succeed(connection)
+        first = defer.Deferred()
+
+        def ready(_, connection):
+            if not first.called:
+                first.callback(connection)
+
+        for connection in self.connections:
+            connection.whenReady().addCallbacks(ready, lambda _: None,
+                                                (connection,))
+        timeout = self.config.stomp.connect_timeout
+
+        def noServer(failure):
+            failure.trap(defer.TimeoutError, defer.CancelledError)
+            raise NoBrokerError(f"no STOMP server connected within {timeout} s")
+
+        return first.addTimeout(timeout, self.clock).addErrback(noServer)
+
+    @defer.inlineCallbacks
+    def _publish(self, messages):
+        """
+        SEND each C{(destination, body, headers, delay)} with a receipt on
+        the sending server; what a lost connection leaves unconfirmed goes
+        again, on the next server up (at least once: maybe twice).
+        """
+        for _ in range(len(self.connections) + 1):
+            connection = yield self._sender()
+            results = yield defer.DeferredList(
+                [self._send(connection, *m) for m in messages],
+                consumeErrors=True)
+            unconfirmed = []
+            for (ok, result), message in zip(results, messages, strict=True):
+                if ok:
+                    continue
+                if not result.check(ConnectionLost, StompProtocolError):
+                    # The broker refused (an ERROR frame): no point repeating.
+                    result.raiseException()
+                unconfirmed.append(message)
+            if not unconfirmed:
+                return
+            self.log.warn("{n} messages unconfirmed as {url} went away; "
+                          "sending them again", n=len(unconfirmed),
+                          url=connection.url)
+            messages = unconfirmed
+        raise NoBrokerError(f"{len(messages)} messages could not be sent: "
+                            "every STOMP server went away")
+
+    def _send(self, connection, destination, body, headers, delay):
+        if delay > 0:
+            destination, wait = self.destinations.delayed(
+                destination, delay, connection.rabbitmq)
+            headers = {**headers, **wait}
+        return defer.maybeDeferred(connection.send, destination, body, headers)
+
+    # -- the Queue interface --------------------------------------------------
+
+    def enqueue(self, items, delay=0.0):
+        return self._publish([
+            (self.destinations.route(i.transport, i.site), i.toJSON(), JSON, delay)
+            for i in items])
+
+    def claim(self, limit, transports):
+        raise NotImplementedError("the broker pushes: see StompManager")
+
+    def ack(self, delivery):
+        received = delivery.token
+        if received.connection.stomp is not received.stomp:
+            # That connection is gone, and with it the broker's hold: the
+            # message is back in its queue and will come again.
+            return defer.succeed(None)
+        return defer.maybeDeferred(received.stomp.ack, received.frame)
+
+    @defer.inlineCallbacks
+    def retry(self, delivery, item, delay, error):
+        yield self._publish([(delivery.token.origin, item.toJSON(), JSON, delay)])
+        yield self.ack(delivery)
+
+    def release(self, deliveries):
+        """Nothing to do: unacknowledged, they go back when we disconnect."""
+        return defer.succeed(None)
+
+    @defer.inlineCallbacks
+    def deadLetter(self, delivery, reason, error, attempts):
+        died = self.clock.seconds()
+        # Unique in this process, and across workers unless two die in the
+        # same microsecond; and they sort by age.
+        self._lastDeadId = max(int(died * 1e6), self._lastDeadId + 1)
+        headers = {"persistent": "true", DEAD_ID: str(self._lastDeadId),
+                   REASON: reason, ERROR: error[:ERROR_LENGTH],
+                   ATTEMPTS: str(attempts), DIED: repr(died),
+                   ORIGIN: delivery.token.origin}
+        contentType = delivery.token.frame.headers.get("content-type")
+        if contentType:
+            headers["content-type"] = contentType
+        try:
+            item = Item.fromJSON(delivery.frame)
+        except ValueError:
+            pass
+        else:
+            headers.update({ITEM_ID: item.id, TRANSPORT: item.transport,
+                            SITE: item.site})
+        yield self._publish([(self.destinations.dead, delivery.frame, headers, 0)])
+        yield self.ack(delivery)
+
+    def tend(self, deliveries):
+        """Nothing to renew: a message is held as long as its connection."""
+        return defer.succeed(None)
+
+    def publishControl(self, command: str):
+        """Publish C{command} on the control channel (signed if configured)."""
+        headers = {"content-type": "text/plain", **controlHeaders(
+            command, self.clock.seconds(), self.config.stomp.control_secret)}
+        return self._publish([(self.destinations.control,
+                               command.encode("utf-8"), headers, 0)])
+
+    # -- dead letters ---------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def deadList(self, limit=50):
+        newest = []
+
+        def keep(letter, origin, ack):
+            heapq.heappush(newest, (letter.died, letter.id, letter))
+            if len(newest) > limit:
+                heapq.heappop(newest)
+
+        yield self._walkDead(keep)
+        return [letter for _, _, letter in sorted(newest, reverse=True)]
+
+    @defer.inlineCallbacks
+    def deadShow(self, deadId):
+        found = []
+
+        def match(letter, origin, ack):
+            if letter.id == int(deadId):
+                found.append(letter)
+
+        yield self._walkDead(match)
+        return found[0] if found else None
+
+    @defer.inlineCallbacks
+    def deadRetry(self, deadIds=None):
+        wanted = None if deadIds is None else {int(i) for i in deadIds}
+        count = collections.Counter()
+
+        def requeue(letter, origin, ack):
+            if wanted is not None and letter.id not in wanted:
+                return None
+            count["n"] += 1
+            d = self._publish([self._resurrect(letter, origin)])
+            return d.addCallback(lambda _: ack())
+
+        yield self._walkDead(requeue)
+        return count["n"]
+
+    def _resurrect(self, letter, origin):
+        """A dead letter as a message for its queue, attempts reset."""
+        try:
+            item = Item.fromJSON(letter.frame)
+        except ValueError:
+            # A frame that never decoded goes back as it came; it will be
+            # dead-lettered again, with the same reason.
+            return (origin or self.destinations.basename + "main",
+                    letter.frame, JSON, 0)
+        item = dataclasses.replace(item, attempts=0)
+        return (origin or self.destinations.route(item.transport, item.site),
+                item.toJSON(), JSON, 0)
+
+    @defer.inlineCallbacks
+    def deadPurge(self, deadIds=None):
+        wanted = None if deadIds is None else {int(i) for i in deadIds}
+        count = collections.Counter()
+
+        def purge(letter, origin, ack):
+            if wanted is None or letter.id in wanted:
+                count["n"] += 1
+                ack()
+
+        yield self._walkDead(purge)
+        return count["n"]
+
+    @defer.inlineCallbacks
+    def _walkDead(self, visit):
+        """
+        Call C{visit(letter, origin, ack)} for each dead letter on every
+        server that is up; C{ack()} removes it, and what is not removed
+        goes back in its place.
+        """
+        for connection in self.connections:
+            if connection.stomp is None:
+                self.log.warn("STOMP server {url} is down: its dead letters "
+                              "are left out", url=connection.url)
+                continue
+            stomp = yield connection.session()
+            try:
+                yield self._walkOne(connection, stomp, visit)
+            finally:
+                # Unacknowledged messages go back to the queue, in order.
+                yield _hangUp(stomp)
+
+    def _walkOne(self, connection, stomp, visit):
+        """
+        Queues cannot be browsed over STOMP: subscribe, take every message,
+        acknowledge none but the removed.  The end is a marker sent just
+        before: whatever comes after it arrived while we looked.
+        """
+        dead = connection.wire(self.destinations.dead)
+        marker = os.urandom(8).hex()
+        done = defer.Deferred()
+        visits = []
+        idle = self.config.stomp.connect_timeout
+
+        def fail(failure):
+            if not done.called:
+                done.errback(failure)
+
+        watchdog = self.clock.callLater(idle, fail, NoBrokerError(
+            f"{connection.url}: the dead letter queue went quiet for {idle} s "
+            "before the end"))
+
+        def onMessage(frame):
+            if done.called:
+                return
+            watchdog.reset(idle)
+            headers = frame.headers
+            if MARKER in headers:
+                if headers[MARKER] == marker:
+                    stomp.ack(frame)
+                    done.callback(None)
+                elif self.clock.seconds() - _float(headers.get(DIED)) > STALE_MARKER:
+                    stomp.ack(frame)
+                return
+            visits.append(defer.maybeDeferred(
+                visit, _deadLetter(frame), headers.get(ORIGIN),
+                lambda: stomp.ack(frame)))
+
+        d = stomp.send(dead, b"", {MARKER: marker, DIED: repr(self.clock.seconds())},
+                       receipt=True)
+        d.addCallback(lambda _: stomp.subscribe(
+            dead, onMessage, {"ack": "client-individual"}, receipt=True))
+        d.addErrback(fail)
+
+        def finished(result):
+            if watchdog.active():
+                watchdog.cancel()
+            visited = defer.gatherResults(visits, consumeErrors=True)
+            return visited.addCallback(lambda _: result)
+
+        return done.addBoth(finished)
+
+
+def _hangUp(stomp):
+    """DISCONNECT, or just wait for the end of a connection that is ending."""
+    try:
+        return stomp.disconnect(timeout=DISCONNECT_TIMEOUT)
+    except StompProtocolError:
+        return stomp.whenDisconnected()
+
+
+def _float(text) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _deadLetter(frame) -> DeadLetter:
+    headers = frame.headers
+    try:
+        deadId = int(headers.get(DEAD_ID, 0))
+    except ValueError:
+        deadId = 0
+    try:
+        attempts = int(headers.get(ATTEMPTS, 0))
+    except ValueError:
+        attempts = 0
+    return DeadLetter(
+        id=deadId, item_id=headers.get(ITEM_ID),
+        transport=headers.get(TRANSPORT), site=headers.get(SITE),
+        reason=headers.get(REASON, "unknown"), error=headers.get(ERROR, ""),
+        attempts=attempts, died=_float(headers.get(DIED)), frame=frame.body)
+

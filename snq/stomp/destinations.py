@@ -1,0 +1,131 @@
+# -*- test-case-name: tests.test_stomp_backend -*-
+"""
+Where snq's items live on a STOMP broker.
+
+snq names destinations as the contract does (C{basename + group}, so
+C{/queue/snq/main} by default).  RabbitMQ refuses a C{/} inside a queue or
+topic name ("not a valid queue destination") but takes it written C{%2F}:
+C{/queue/snq%2Fmain} is the queue C{snq/main}.  So snq keeps the contract's
+names and writes them for the broker with L{onTheWire} when talking to
+RabbitMQ; ActiveMQ takes the plain names.
+
+A retry waits in a queue of its own per origin and delay, whose messages
+expire after that delay and are dead-lettered by RabbitMQ back into the
+origin queue (L{Destinations.delayed}).
+"""
+
+from __future__ import annotations
+
+import math
+from urllib.parse import unquote
+
+from twisted.logger import Logger
+
+from snq.handlers import HandlerError, HandlerRegistry
+
+#: Prefixes after which RabbitMQ reads the rest as one name.
+_NAMED = ("/queue/", "/topic/", "/amq/queue/")
+_EXCHANGE = "/exchange/"
+#: RabbitMQ's largest message TTL (ms).
+MAX_TTL = 2**32 - 1
+#: Retry delays are rounded to one of this many steps per doubling, so
+#: that a handful of delay queues serve every backoff.
+STEPS_PER_DOUBLING = 4
+
+
+def onTheWire(destination: str, escape: bool) -> str:
+    """
+    C{destination} as the broker is sent it: with C{escape}, each C{/}
+    inside the name written C{%2F} (for an exchange, inside its routing
+    key).  Names already escaped stay as they are.
+    """
+    if not escape:
+        return destination
+    for prefix in _NAMED:
+        if destination.startswith(prefix):
+            return prefix + destination[len(prefix):].replace("/", "%2F")
+    if destination.startswith(_EXCHANGE):
+        exchange, slash, key = destination[len(_EXCHANGE):].partition("/")
+        return _EXCHANGE + exchange + slash + key.replace("/", "%2F")
+    return destination
+
+
+def retryBucket(delay: float) -> int:
+    """
+    C{delay} (s) as a TTL in ms, rounded to the nearest of
+    L{STEPS_PER_DOUBLING} steps per doubling (at most 9% off).
+    """
+    ms = max(delay * 1000, 1.0)
+    step = round(STEPS_PER_DOUBLING * math.log2(ms))
+    return min(round(2 ** (step / STEPS_PER_DOUBLING)), MAX_TTL)
+
+
+class Destinations:
+    """The destinations of one config: queues by group, breakouts, dead letters."""
+
+    log = Logger()
+
+    def __init__(self, config):
+        self.config = config
+        self.basename = config.queue.basename
+        if not self.basename.startswith("/queue/"):
+            raise ValueError(
+                f"[queue] basename {self.basename!r}: the STOMP backend needs a "
+                "/queue/ destination (retries and dead letters are queues)")
+        self.breakouts = frozenset(config.queue.breakout)
+        self.dead = self.basename + "dead"
+        self.control = config.stomp.control_channel
+        self._registry = None
+
+    def consumed(self, groups) -> list[str]:
+        """What a worker of C{groups} subscribes to: their queues and breakouts."""
+        specs = [*groups, *sorted(b for b in self.breakouts
+                                  if b.split("/", 1)[0] in groups)]
+        return [self.basename + spec for spec in specs]
+
+    def route(self, transport: str, site: str) -> str:
+        """An item's queue: the most specific breakout, else its group's."""
+        group = self.groupOf(transport)
+        for spec in (f"{group}/{transport}/{site}", f"{group}/{transport}"):
+            if spec in self.breakouts:
+                return self.basename + spec
+        return self.basename + group
+
+    def groupOf(self, transport: str) -> str:
+        """C{[transports.NAME] group}, else the handler's, else C{main}."""
+        if self._registry is None:
+            try:
+                self._registry = HandlerRegistry.load(self.config.handlers)
+            except HandlerError as e:
+                self.log.warn("routing without the configured handlers: {why}",
+                              why=e)
+                self._registry = HandlerRegistry({})
+        return self._registry.groupOf(transport,
+                                      self.config.transport(transport).group)
+
+    def delayed(self, destination: str, delay: float,
+                rabbitmq: bool) -> tuple[str, dict]:
+        """
+        Where to send a message for C{destination} that may arrive only in
+        C{delay} seconds, and the headers that make it wait.
+
+        On RabbitMQ: a durable queue per origin and rounded delay, with that
+        delay as its message TTL, dead-lettering through the default
+        exchange back into the origin queue.  Its arguments follow from its
+        name alone: RabbitMQ refuses to declare a queue again with others.
+        Elsewhere: the origin itself with ActiveMQ's C{AMQ_SCHEDULED_DELAY}
+        (honoured where the broker's scheduler is on; otherwise at once).
+        """
+        ttl = retryBucket(delay)
+        if not rabbitmq:
+            return destination, {"AMQ_SCHEDULED_DELAY": str(ttl)}
+        return f"{destination}.retry-{ttl}ms", {
+            "x-message-ttl": str(ttl),
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": queueName(destination),
+        }
+
+
+def queueName(destination: str) -> str:
+    """A C{/queue/} destination's queue: C{/queue/snq/main} → C{snq/main}."""
+    return unquote(destination[len("/queue/"):])
