@@ -1,6 +1,6 @@
 """
 Handlers for the daemons the Redis tests start: each handled item appends
-C{"ITEM_ID PID"} to the file named by the site config's C{record_file}, so
+C{"ITEM_ID PID ATTEMPTS"} to the file named by the site config's C{record_file}, so
 the test can check from outside who handled what, and how often.
 """
 
@@ -12,7 +12,7 @@ from snq.handlers import QueueHandler
 
 
 def record(path, item):
-    line = f"{item.id} {os.getpid()}\n".encode()
+    line = f"{item.id} {os.getpid()} {item.attempts}\n".encode()
     # One write with O_APPEND: lines from several processes never mix.
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -34,7 +34,7 @@ class Record(QueueHandler):
 
 
 def recorded(path):
-    """[(item id, pid)] from a record file, in the order written."""
+    """[(item id, pid, attempts)] from a record file, in the order written."""
     if not os.path.exists(path):
         return []
     with open(path) as f:

@@ -483,7 +483,7 @@ class ConnectionTests(RedisFixture, TestCase):
         yield c.execute("SET", self.key("k"), "1")
         self.assertEqual((yield self.killClients(c.name)), 1)
         # Idempotent commands go again on the next connection.
-        self.assertEqual((yield c.execute("GET", self.key("k"), tries=3)), b"1")
+        self.assertEqual((yield c.execute("GET", self.key("k"), again=True)), b"1")
         self.assertEqual(len((yield self.clientIds(c.name))), 1)
 
     @defer.inlineCallbacks

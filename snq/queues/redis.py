@@ -157,6 +157,8 @@ class _Protocol(txredisapi.RedisProtocol):
         # Before the base class fails the commands waiting with a plain
         # "Lost connection": a failed TLS handshake says why here only.
         self.lostBecause = why
+        if self.connection.current is self:
+            self.connection._lost(self, why)
         super().connectionLost(why)
 
     def _refuse(self, failure):
@@ -209,6 +211,7 @@ class RedisConnection:
         self.scripts = scripts
         self.current: _Protocol | None = None
         self._refusals = 0
+        self._connectedBefore = False
         self._policy = backoffPolicy(0.2, 10.0, 2.0,
                                      jitter=lambda: random.uniform(0, 0.1))
         endpoint = HostnameEndpoint(reactor, address.host, address.port,
@@ -229,11 +232,20 @@ class RedisConnection:
         return self.service.stopService()
 
     def _ready(self, protocol: _Protocol):
-        if self._refusals:
-            self.log.info("redis connection {name} to {where} works again",
+        if self._connectedBefore:
+            self.log.info("redis connection {name} to {where} is back",
                           name=self.name, where=self.address.describe())
+        self._connectedBefore = True
         self._refusals = 0
         self.current = protocol
+
+    def _lost(self, protocol: _Protocol, why):
+        self.current = None
+        if self.service.running:
+            self.log.warn("redis connection {name} to {where} lost ({why}); "
+                          "reconnecting", name=self.name,
+                          where=self.address.describe(),
+                          why=why.getErrorMessage())
 
     def _refused(self, protocol: _Protocol):
         self._refusals += 1
@@ -265,10 +277,11 @@ class RedisConnection:
             f"{self.address.describe()} refused the connection: "
             f"{protocol.refused}")
 
-    def execute(self, *args, tries: int = 1):
+    def execute(self, *args, again: bool = False):
         """
-        Run one command.  C{tries} > 1 only for commands that may run twice
-        (idempotent ones): after a lost connection they go again on the next.
+        Run one command.  C{again} only for commands that may run twice
+        (idempotent ones): after a lost connection they go again on the
+        next, however long that takes, until the connection is stopped.
         """
         protocol = self.current
         if protocol is not None and protocol.connected:
@@ -276,16 +289,15 @@ class RedisConnection:
         else:
             d = self.whenConnected().addCallback(
                 lambda p: p.execute_command(*args))
-        if tries > 1:
-            d.addErrback(self._again, args, tries - 1)
+        if again:
+            d.addErrback(self._again, args)
         return d
 
-    def _again(self, failure, args, tries):
+    def _again(self, failure, args):
         failure.trap(*CONNECTION_ERRORS)
-        self.log.info("redis connection {name} lost ({why}); sending {command} "
-                      "again", name=self.name, why=failure.getErrorMessage(),
-                      command=args[0])
-        return self.execute(*args, tries=tries)
+        # A turn later: failed from inside connectionLost, ClientService
+        # would still hand out the connection that just died.
+        return deferLater(self.reactor, 0, self.execute, *args, again=True)
 
     def blocking(self, seconds: float, *args):
         """
@@ -591,19 +603,19 @@ class RedisQueue(Queue):
             Doorbell(self._connect(f"wait{n}"), self.listKey(spec), wake)
             for n, spec in enumerate(self.consumed)])
 
-    def _eval(self, script: scripts.Script, keys, args, tries=1):
+    def _eval(self, script: scripts.Script, keys, args, again=False):
         d = self.connection.execute("EVALSHA", script.sha, len(keys), *keys,
-                                    *args, tries=tries)
-        d.addErrback(self._noScript, script, keys, args, tries)
+                                    *args, again=again)
+        d.addErrback(self._noScript, script, keys, args, again)
         return d
 
-    def _noScript(self, failure, script, keys, args, tries):
+    def _noScript(self, failure, script, keys, args, again):
         # Only after a SCRIPT FLUSH: each connection loads them when made.
         failure.trap(txredisapi.ResponseError)
         if "NOSCRIPT" not in str(failure.value):
             return failure
         return self.connection.execute("EVAL", script.source, len(keys), *keys,
-                                       *args, tries=tries)
+                                       *args, again=again)
 
     # -- the Queue interface ------------------------------------------------
 
@@ -648,7 +660,7 @@ class RedisQueue(Queue):
 
     def ack(self, delivery):
         return self.connection.execute("ZREM", self.processing,
-                                       delivery.token.member, tries=3)
+                                       delivery.token.member, again=True)
 
     def retry(self, delivery, item, delay, error):
         lease = delivery.token
@@ -656,7 +668,7 @@ class RedisQueue(Queue):
         d = self._eval(scripts.RETRY,
                        [self.processing, self.delayedKey(self._spec(lease.origin))],
                        [lease.member, f"{due:.6f}",
-                        self._token().encode() + b"\n" + item.toJSON()], tries=3)
+                        self._token().encode() + b"\n" + item.toJSON()], again=True)
 
         def moved(_):
             if self.nextDue is None or due < self.nextDue:
@@ -676,7 +688,7 @@ class RedisQueue(Queue):
         args = [cutoff]
         for lease, frame in zip(leases, frames, strict=True):
             args += [lease.member, frame]
-        return self._eval(scripts.RETURN, keys, args, tries=3)
+        return self._eval(scripts.RETURN, keys, args, again=True)
 
     def deadLetter(self, delivery, reason, error, attempts):
         lease = delivery.token
@@ -693,7 +705,7 @@ class RedisQueue(Queue):
             "frame": delivery.frame.decode("utf-8", "replace")})
         return self._eval(scripts.BURY,
                           [self.processing, self.dead, self.deadIds],
-                          [lease.member, record], tries=3)
+                          [lease.member, record], again=True)
 
     @defer.inlineCallbacks
     def tend(self, deliveries):
@@ -704,7 +716,7 @@ class RedisQueue(Queue):
                 args += [f"{now + self.lease:.6f}", delivery.token.member]
             # XX: a lease that was acknowledged or reaped meanwhile stays gone.
             yield self.connection.execute("ZADD", self.processing, "XX", *args,
-                                          tries=3)
+                                          again=True)
         reaped = yield self.reap(now)
         if reaped:
             self.log.info("returned {count} items whose lease expired",
