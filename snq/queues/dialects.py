@@ -82,6 +82,10 @@ class Sqlite(Dialect):
             lease_until DOUBLE PRECISION NULL)""",
         """CREATE INDEX IF NOT EXISTS queue_item_ready
             ON queue_item (claimed_by, priority DESC, id)""",
+        # A group's worker (transport IN …) would otherwise walk the whole
+        # backlog of other groups' items on every poll.
+        """CREATE INDEX IF NOT EXISTS queue_item_transport
+            ON queue_item (transport, priority DESC, id) WHERE claimed_by IS NULL""",
         """CREATE INDEX IF NOT EXISTS queue_item_lease
             ON queue_item (lease_until)""",
         """CREATE TABLE IF NOT EXISTS queue_dead (
@@ -142,7 +146,11 @@ class Mysql(Dialect):
             attempts INT NOT NULL DEFAULT 0,
             claimed_by VARCHAR(80) NULL,
             lease_until DOUBLE NULL,
+            -- "transport" serves a group's worker (transport IN …),
+            -- "due" a backlog where everything waits for its run_at.
             INDEX queue_item_ready (claimed_by, priority DESC, id),
+            INDEX queue_item_transport (claimed_by, transport, priority DESC, id),
+            INDEX queue_item_due (claimed_by, run_at),
             INDEX queue_item_lease (lease_until)
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
         """CREATE TABLE IF NOT EXISTS queue_dead (
@@ -233,10 +241,16 @@ class Postgres(Dialect):
             attempts INTEGER NOT NULL DEFAULT 0,
             claimed_by VARCHAR(80) NULL,
             lease_until DOUBLE PRECISION NULL)""",
-        # Partial indexes: claimed rows leave the one claims walk, so it
-        # stays as small as the backlog.
+        # Partial indexes: claimed rows leave them, so they stay as small
+        # as the backlog.  Claims walk "ready" in order; a group's worker
+        # (transport IN …) uses "transport" instead of walking other groups'
+        # backlog; "due" answers at once when all that waits is delayed.
         """CREATE INDEX IF NOT EXISTS queue_item_ready
             ON queue_item (priority DESC, id) WHERE claimed_by IS NULL""",
+        """CREATE INDEX IF NOT EXISTS queue_item_transport
+            ON queue_item (transport, priority DESC, id) WHERE claimed_by IS NULL""",
+        """CREATE INDEX IF NOT EXISTS queue_item_due
+            ON queue_item (run_at) WHERE claimed_by IS NULL""",
         """CREATE INDEX IF NOT EXISTS queue_item_lease
             ON queue_item (lease_until) WHERE lease_until IS NOT NULL""",
         """CREATE TABLE IF NOT EXISTS queue_dead (

@@ -8,6 +8,8 @@ mode and only ever listens.  Its socket becomes readable when a
 notification arrives, and then nothing blocks.
 """
 
+import os
+
 import psycopg
 from psycopg import sql
 from twisted.application.internet import backoffPolicy
@@ -85,8 +87,10 @@ class NotifyListener:
             conn.close()
             return
         self.conn = conn
-        # Kept: fileno() must still answer after the connection broke.
-        self._fd = conn.fileno()
+        # The reactor watches a descriptor of our own: libpq closes its
+        # socket as soon as it sees the connection fail, before the reactor
+        # has stopped watching it (epoll would then fail to unregister it).
+        self._fd = os.dup(conn.fileno())
         self._failures = 0
         self.reactor.addReader(self)
         self.log.info("listening on {channel} for new items", channel=self.channel)
@@ -106,9 +110,13 @@ class NotifyListener:
     def _disconnect(self):
         if self.conn is not None:
             self.reactor.removeReader(self)
-            self.conn.close()
-            self.conn = None
-            self._fd = -1
+            self._close()
+
+    def _close(self):
+        self.conn.close()
+        self.conn = None
+        os.close(self._fd)
+        self._fd = -1
 
     def fileno(self):
         return self._fd
@@ -128,9 +136,7 @@ class NotifyListener:
     def connectionLost(self, reason):
         """The reactor dropped us (doRead reported the loss): reconnect."""
         if self.conn is not None:
-            self.conn.close()
-            self.conn = None
-            self._fd = -1
+            self._close()
         if self._stopped:
             return
         self.log.warn("LISTEN connection lost ({why}); reconnecting",
