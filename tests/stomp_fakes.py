@@ -55,8 +55,10 @@ class FakeBroker:
     C{connectError}), RECEIPT for every receipt asked (unless C{holdReceipts}).
     """
 
-    def __init__(self, server="RabbitMQ/3.10.8"):
+    def __init__(self, server="RabbitMQ/3.10.8", clock=None):
         self.server = server
+        #: Also run what is due now on it (callLater(0, …)) while pumping.
+        self.clock = clock
         self.connections: list[FakeConnection] = []
         self.refuse = False
         self.connectError = None
@@ -73,6 +75,8 @@ class FakeBroker:
         busy = True
         while busy:
             busy = False
+            if self.clock is not None:
+                self.clock.advance(0)
             for conn in list(self.connections):
                 data = conn.transport.value()
                 if data:

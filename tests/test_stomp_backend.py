@@ -175,7 +175,7 @@ class ConnectionTestCase(SynchronousTestCase):
 
     def setUp(self):
         self.clock = Clock()
-        self.broker = FakeBroker()
+        self.broker = FakeBroker(clock=self.clock)
 
     def connection(self, stomp=None, broker=None, url="tcp://a:61613"):
         config = stompConfig(stomp).stomp
@@ -319,7 +319,7 @@ class BrokerConnectionTests(ConnectionTestCase):
                 ("ActiveMQ/5.17.2", "auto", "/queue/snq/main"),
                 ("RabbitMQ/3.10.8", "never", "/queue/snq/main"),
                 ("ActiveMQ/5.17.2", "always", "/queue/snq%2Fmain")):
-            broker = FakeBroker(server)
+            broker = FakeBroker(server, self.clock)
             c = self.connection({"escape_slashes": setting}, broker)
             c.subscribe(Subscription("/queue/snq/main", lambda s, f: None, {}))
             c.start()
@@ -363,7 +363,7 @@ class QueueTestCase(ConnectionTestCase):
 
     def setUp(self):
         super().setUp()
-        self.other = FakeBroker()
+        self.other = FakeBroker(clock=self.clock)
         self.config = self.configure()
         self.queue = StompQueue(self.config, self.clock, connections=[
             self.connection(broker=self.broker, url="tcp://a:61613"),
@@ -513,7 +513,9 @@ class StompQueueTests(QueueTestCase):
         self.broker.refuse = self.other.refuse = True
         queue = StompQueue(self.config, self.clock, connections=[
             self.connection(broker=self.broker), self.connection(broker=self.other)])
-        failure = self.failureResultOf(queue.open(), NoBrokerError)
+        opened = queue.open()
+        self.pump()
+        failure = self.failureResultOf(opened, NoBrokerError)
         self.assertIn("refused by the test", str(failure.value))
         self.assertEqual(self.clock.getDelayedCalls(), [])
 

@@ -190,15 +190,17 @@ class StompQueue(Queue):
         return defer.gatherResults([c.stop() for c in self.connections])
 
     def consume(self, destinations, onDelivery):
-        """Subscribe on every server: C{onDelivery(Delivery)} for each MESSAGE."""
+        """
+        Subscribe on every server: C{onDelivery(Delivery)} for each MESSAGE.
+        Fires once the servers connected now have confirmed.
+        """
         headers = {"ack": "client-individual",
                    "prefetch-count": str(self.prefetch),
                    "activemq.prefetchSize": str(self.prefetch)}
-        for connection in self.connections:
-            for destination in destinations:
-                connection.subscribe(Subscription(destination, functools.partial(
-                    self._received, connection, destination, onDelivery),
-                    headers))
+        return defer.gatherResults([
+            connection.subscribe(Subscription(destination, functools.partial(
+                self._received, connection, destination, onDelivery), headers))
+            for connection in self.connections for destination in destinations])
 
     def _received(self, connection, origin, onDelivery, stomp, frame):
         onDelivery(Delivery(frame=frame.body,
@@ -206,11 +208,12 @@ class StompQueue(Queue):
 
     def listenControl(self, onControl):
         """The control topic on every server: C{onControl(body, headers)}."""
-        for connection in self.connections:
+        return defer.gatherResults([
             connection.subscribe(Subscription(
                 self.destinations.control,
                 lambda stomp, frame: onControl(frame.body, frame.headers),
                 {"ack": "auto"}))
+            for connection in self.connections])
 
     def _sender(self):
         """The first server in the list that is connected, or the next to be."""

@@ -66,6 +66,14 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("restart", parents=[socket],
                    help="replace the workers one at a time, losing nothing")
 
+    c = sub.add_parser("control", help="publish on the STOMP control channel, "
+                       "which every worker on every host obeys")
+    csub = c.add_subparsers(dest="action", required=True)
+    csub.add_parser("shutdown", help="workers stop and stay down")
+    csub.add_parser("restart", help="workers are replaced by new ones")
+    cu = csub.add_parser("update", help="a site's configuration changed")
+    cu.add_argument("site")
+
     db = sub.add_parser("db", help="database schema")
     dbsub = db.add_subparsers(dest="action", required=True)
     dbsub.add_parser("init", help="create or upgrade the tables")
@@ -158,7 +166,21 @@ def _db(queue, config, args, out, stdin, reactor):
     print(f"schema ready in {queue.describe()}", file=out)
 
 
-_COMMANDS = {"enqueue": _enqueue, "dead": _dead, "db": _db}
+def _broadcast(queue, config, args, out, stdin, reactor):
+    if config.queue.backend != "stomp":
+        raise CommandError("the control channel is STOMP's; [queue] backend is "
+                           f"{config.queue.backend!r}")
+    command = f"update:{args.site}" if args.action == "update" else args.action
+    signed = " (signed)" if config.stomp.control_secret else ""
+    d = queue.publishControl(command)
+    d.addCallback(lambda _: print(f"published {command} on "
+                                  f"{config.stomp.control_channel}{signed}",
+                                  file=out))
+    return d
+
+
+_COMMANDS = {"enqueue": _enqueue, "dead": _dead, "db": _db,
+             "control": _broadcast}
 
 
 @defer.inlineCallbacks

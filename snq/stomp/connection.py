@@ -23,6 +23,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from snq.stomp.destinations import onTheWire
@@ -199,9 +200,15 @@ class BrokerConnection:
             waiter.errback(defer.CancelledError(f"{self.url}: stopped"))
 
     def firstAttempt(self):
-        """Fires with None once connected, or with the failure of the first attempt."""
-        return self.service.whenConnected(failAfterFailures=1).addCallbacks(
+        """
+        Fires with None once connected, or with the exception that failed
+        the first attempt; in a later reactor turn than ClientService's, so
+        that the caller may stop it (automat refuses a reentrant stop).
+        """
+        d = self.service.whenConnected(failAfterFailures=1).addCallbacks(
             lambda _: None, lambda f: f.value)
+        return d.addCallback(lambda result: deferLater(self.clock, 0,
+                                                       lambda: result))
 
     def whenReady(self):
         """The logged-in protocol, now or once connected again."""
@@ -220,11 +227,16 @@ class BrokerConnection:
         return bool(server) and server.startswith("RabbitMQ/")
 
     def subscribe(self, subscription: Subscription):
-        """Subscribe now if connected, and on every connection from now on."""
+        """
+        Subscribe now if connected, and on every connection from now on;
+        fires once the broker confirmed it (or at once when not connected).
+        """
         self.subscriptions.append(subscription)
-        if self.stomp is not None:
-            self._subscribe(self.stomp, subscription).addErrback(
-                self._subscribeFailed, subscription)
+        if self.stomp is None:
+            return defer.succeed(None)
+        d = self._subscribe(self.stomp, subscription)
+        return d.addCallbacks(lambda _: None, self._subscribeFailed,
+                              errbackArgs=(subscription,))
 
     def _subscribeFailed(self, failure, subscription):
         # The broker refused (the protocol has closed the connection) or the
