@@ -11,8 +11,7 @@ import os
 import signal
 
 from twisted.application.service import Service
-from twisted.internet import defer, protocol
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 from twisted.protocols import amp
 
@@ -108,6 +107,9 @@ class ControlClient(Channel):
 
 def connect(path, reactor) -> defer.Deferred:
     """A L{ControlClient} connected to the master listening on C{path}."""
+    # Here, not at the top: workers import this module and need no endpoints.
+    from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+
     return connectProtocol(UNIXClientEndpoint(reactor, path, timeout=10),
                            ControlClient())
 
@@ -173,8 +175,14 @@ class ControlService(Service):
         # a live master makes this one refuse to start.  A relative path is
         # bound as it is (in twistd's run directory by now): socket paths
         # are limited to about 100 bytes.
-        self._port = self.reactor.listenUNIX(self.path, factory, mode=0o600,
-                                             wantPID=True)
+        try:
+            self._port = self.reactor.listenUNIX(self.path, factory, mode=0o600,
+                                                 wantPID=True)
+        except error.CannotListenError as e:
+            raise ControlError(
+                f"cannot listen on the control socket "
+                f"{os.path.abspath(self.path)}: {e.socketError}; is another snq "
+                f"daemon running with the same [daemon] control_socket?")
         self._previousHandler = signal.signal(signal.SIGUSR1, self._sigusr1)
         self.started = self.reactor.seconds()
         super().startService()

@@ -75,7 +75,8 @@ class Daemon(AsyncMultiService):
 
         self.log.failure("snq cannot start", failure)
         reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
-        reactor.stop()
+        # A part can fail before the reactor runs (the control socket taken).
+        reactor.callWhenRunning(reactor.stop)
 
 
 def loadConfig(path):

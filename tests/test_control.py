@@ -14,7 +14,7 @@ import socket
 import stat
 import tempfile
 
-from twisted.internet import defer, error, reactor
+from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -156,7 +156,10 @@ class ControlServiceTests(ControlTestCase):
 
     def test_secondMasterRefused(self):
         other = ControlService(FakePool(), self.path, reactor)
-        self.assertRaises(error.CannotListenError, other.startService)
+        e = self.assertRaises(ControlError, other.startService)
+        self.assertEqual(str(e), f"cannot listen on the control socket {self.path}: "
+                         "Cannot acquire lock; is another snq daemon running "
+                         "with the same [daemon] control_socket?")
 
     @defer.inlineCallbacks
     def test_socketOfADeadMasterReplaced(self):
