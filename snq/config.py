@@ -217,6 +217,43 @@ class TransportConfig:
     group: str | None = field(default=None, metadata=_name)
 
 
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+
+
+def parseHostPort(value: str, scheme: str = "") -> tuple[str, int]:
+    """C{[scheme]HOST:PORT} → (host, port); an IPv6 host in brackets."""
+    m = _HOST_PORT.match(value.removeprefix(scheme))
+    if not value.startswith(scheme) or not m or int(m.group(2)) > 65535:
+        raise ValueError(value)
+    return m.group(1).strip("[]"), int(m.group(2))
+
+
+def _hostPort(scheme: str = ""):
+    def valid(value):
+        try:
+            parseHostPort(value, scheme)
+        except ValueError:
+            return False
+        return True
+
+    return _check(lambda v: v == "" or valid(v), f'"{scheme}HOST:PORT" or "" (off)')
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    #: StatusNet's UDP monitor datagrams go here.
+    udp: str = field(default="", metadata=_hostPort("udp://"))
+    statsd: str = field(default="", metadata=_hostPort())
+    #: Every statsd name starts with this and a dot.
+    statsd_prefix: str = field(default="snq", metadata=_name)
+    #: The master's /metrics, /status.json and dashboard.
+    http: str = field(default="127.0.0.1:8750", metadata=_hostPort())
+    #: When set, /metrics and /status.json want "Authorization: Bearer TOKEN".
+    token: str = field(default="", repr=False)
+    #: Seconds between two looks at the queue's depth and dead letters.
+    depth_interval: float = field(default=2.0, metadata=_positive)
+
+
 @dataclass(frozen=True)
 class XmppConfig(XmppSettings):
     """
@@ -241,6 +278,7 @@ class Config:
     stomp: StompConfig = field(default_factory=StompConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     xmpp: XmppConfig = field(default_factory=XmppConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     transports: dict[str, TransportConfig] = field(default_factory=dict)
     #: transport name → "package.module:Class"
     handlers: dict[str, str] = field(default_factory=dict)
@@ -286,7 +324,8 @@ class Config:
 
 _DEFAULT_TRANSPORT = TransportConfig()
 _SECTIONS = {"daemon": DaemonConfig, "queue": QueueConfig, "db": DbConfig,
-             "stomp": StompConfig, "redis": RedisConfig, "xmpp": XmppConfig}
+             "stomp": StompConfig, "redis": RedisConfig, "xmpp": XmppConfig,
+             "monitor": MonitorConfig}
 
 
 def load(path: str | None = None, environ: typing.Mapping = os.environ) -> Config:

@@ -139,6 +139,8 @@ class WorkerProcess(protocol.ProcessProtocol):
 
     def reported(self, report: dict):
         self.report = report
+        for observer in self.worker.pool.observers:
+            observer.workerReported(self, report)
         if not self._terminated:
             self.state = report.get("state", self.state)
         if self.state == "running" and not self.ready:
@@ -258,6 +260,10 @@ class WorkerPool(Service):
         #: Replaced by a rolling restart, stopping.
         self.retiring: set[WorkerProcess] = set()
         self.restarting = False
+        #: Told of every report (C{workerReported(process, report)}) and
+        #: every end (C{workerEnded(process)}) as they come: the monitors,
+        #: which must not miss a process's last counts.
+        self.observers: list = []
 
     def startService(self):
         super().startService()
@@ -311,6 +317,8 @@ class WorkerPool(Service):
         return delay
 
     def _processEnded(self, process, status):
+        for observer in self.observers:
+            observer.workerEnded(process)
         worker = process.worker
         code, how = _describe(status)
         if process in self.retiring:

@@ -111,6 +111,7 @@ def makeService(options):
         return daemon
 
     from snq.control import ControlService
+    from snq.monitor.service import MonitorService
     from snq.pool import WorkerPool
 
     count = options["workers"]
@@ -121,5 +122,8 @@ def makeService(options):
     # The control socket first: a second master refuses to start before it
     # has spawned anything; and on stop it answers until the pool is down.
     ControlService(pool, config.daemon.control_socket).setServiceParent(daemon)
+    # Before the pool, so it stops after it: the last counts and states of
+    # the stopping workers still reach the monitors.
+    MonitorService(config, pool).setServiceParent(daemon)
     pool.setServiceParent(daemon)
     return daemon

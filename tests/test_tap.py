@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from snq.control import ControlService
 from snq.iomaster import IoMaster
+from snq.monitor.service import MonitorService
 from snq.pool import WorkerPool
 from snq.tap import Daemon, Options, makeService
 
@@ -66,10 +67,13 @@ class MakeServiceTests(SynchronousTestCase):
         self.write('[daemon]\nworkers = 3\ncontrol_socket = "run/ctl.sock"\n')
         daemon = self.make()
         self.assertIsInstance(daemon, Daemon)
-        control, pool = list(daemon)
+        control, monitor, pool = list(daemon)
         self.assertIsInstance(control, ControlService)
         self.assertIsInstance(pool, WorkerPool)
         self.assertIs(control.pool, pool)
+        self.assertIsInstance(monitor, MonitorService)
+        self.assertIn(monitor.tracker, pool.observers)
+        self.assertEqual(monitor.http.address, "127.0.0.1:8750")
         self.assertEqual(control.path, "run/ctl.sock")
         self.assertEqual([w.wid for w in pool.workers],
                          ["generic.0", "generic.1", "generic.2"])
@@ -79,14 +83,14 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_commandLineWins(self):
         self.write("[daemon]\nworkers = 3\n")
-        self.assertEqual(len(list(self.make("--workers", "2"))[1].workers), 2)
+        self.assertEqual(len(list(self.make("--workers", "2"))[-1].workers), 2)
 
     def test_zeroIsOnePerCPU(self):
         self.write("[daemon]\nworkers = 3\n")
-        pool = list(self.make("-t", "0"))[1]
+        pool = list(self.make("-t", "0"))[-1]
         self.assertEqual(len(pool.workers), os.cpu_count())
         self.write("")
-        self.assertEqual(len(list(self.make())[1].workers), os.cpu_count())
+        self.assertEqual(len(list(self.make())[-1].workers), os.cpu_count())
 
     def test_inline(self):
         (master,) = list(self.make("--inline", "--workers", "4"))

@@ -1,0 +1,129 @@
+# -*- test-case-name: tests.test_monitor -*-
+"""
+/metrics in Prometheus' text format, through prometheus_client.
+
+The numbers live in the L{Tracker} already (the workers report totals, not
+events), so a collector reads them at each scrape instead of keeping a
+second copy in prometheus_client's own counters.
+"""
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.utils import floatToGoString
+
+from snq.stats import COUNTERS, DURATION_BUCKETS
+
+_HELP = {
+    "enqueued": "Items put on the queue by handlers",
+    "handled": "Items handled successfully",
+    "error": "Handler failures (each is retried or dead-lettered)",
+    "requeued": "Items put back for a retry after a failure",
+    "deadletter": "Items moved to the dead letters",
+    "baditem": "Frames that were not a valid envelope",
+    "badhandler": "Items for a transport without a handler",
+    "switch": "Site switches (StatusNet's counter)",
+    "siteupdate": "Site config updates received on the control channel",
+    "xmpp_process": "Incoming XMPP stanzas processed",
+}
+_DEPTH_STATES = ("ready", "delayed", "held")
+
+
+class SnqCollector:
+    """Reads a L{Tracker} (and the senders' drop counts) at each scrape."""
+
+    def __init__(self, tracker, backend: str, senders=()):
+        self.tracker = tracker
+        self.backend = backend
+        self.senders = senders
+
+    def collect(self):
+        tracker = self.tracker
+        labels = ["transport", "site", "worker"]
+        counters = {name: CounterMetricFamily(
+            f"snq_{name}", _HELP.get(name, f"snq's {name} counter"), labels=labels)
+            for name in COUNTERS}
+        for (counter, transport, site, wid), n in sorted(tracker.counts.items()):
+            if counter in counters:
+                counters[counter].add_metric([transport, site, wid], n)
+        yield from counters.values()
+
+        histogram = HistogramMetricFamily(
+            "snq_handle_duration_seconds", "Seconds a handler took per item",
+            labels=["transport"])
+        bounds = [floatToGoString(b) for b in DURATION_BUCKETS] + ["+Inf"]
+        for transport, (_, seconds, buckets) in sorted(tracker.durations.items()):
+            cumulative, running = [], 0
+            for bound, count in zip(bounds, buckets, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            histogram.add_metric([transport], cumulative, seconds)
+        yield histogram
+
+        yield from self._queue()
+        yield from self._workers()
+
+        dropped = CounterMetricFamily(
+            "snq_monitor_dropped_datagrams",
+            "UDP monitor and statsd datagrams that could not be sent",
+            labels=["sender"])
+        for sender in self.senders:
+            dropped.add_metric([type(sender).__name__], sender.dropped)
+        yield dropped
+
+    def _queue(self):
+        depth = self.tracker.depth
+        if depth is None:
+            return
+        items = GaugeMetricFamily("snq_queue_items", "Items in the queue by state",
+                                  labels=["backend", "state"])
+        for state in _DEPTH_STATES:
+            items.add_metric([self.backend, state], getattr(depth, state))
+        yield items
+        yield self._gauge("snq_dead_letters", "Dead letters kept by the backend",
+                          "backend", [(self.backend, depth.dead)])
+        yield self._gauge(
+            "snq_queue_oldest_age_seconds",
+            "Seconds the oldest due item has been waiting (0: none waits)",
+            "backend", [(self.backend, depth.oldest or 0.0)])
+
+    def _workers(self):
+        rows = [w for w in self.tracker.workers() if w["role"] == "current"]
+        running = [w for w in rows if w["pid"] is not None]
+        yield self._gauge("snq_worker_up", "1 while the worker's process runs",
+                          "worker", [(w["id"], int(w["state"] == "running"))
+                                     for w in rows])
+        yield self._gauge("snq_worker_inflight", "Items running in the worker",
+                          "worker", [(w["id"], w["inflight"]) for w in running])
+        yield self._gauge("snq_worker_held", "Items the worker has claimed",
+                          "worker", [(w["id"], w["held"]) for w in running])
+        yield self._gauge("snq_worker_rss_bytes", "The worker's resident memory",
+                          "worker", [(w["id"], w["rss"]) for w in running
+                                     if w["rss"] is not None])
+        yield self._gauge("snq_worker_uptime_seconds", "Seconds since the worker "
+                          "process started", "worker",
+                          [(w["id"], w["uptime"]) for w in running])
+        restarts = CounterMetricFamily(
+            "snq_worker_restarts", "Times the worker's process ended and was "
+            "started again", labels=["worker"])
+        for w in rows:
+            restarts.add_metric([w["id"]], w["restarts"])
+        yield restarts
+
+    @staticmethod
+    def _gauge(name, documentation, label, values):
+        family = GaugeMetricFamily(name, documentation, labels=[label])
+        for key, value in values:
+            family.add_metric([key], value)
+        return family
+
+
+def registry(tracker, backend: str, senders=()) -> CollectorRegistry:
+    """snq's metrics and the master process' own (memory, CPU, open files)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnqCollector(tracker, backend, senders))
+    ProcessCollector(registry=registry)
+    return registry

@@ -1,0 +1,223 @@
+// snq's dashboard: asks the master for /status.json every second and draws
+// it.  No framework and nothing from elsewhere; the charts are plain SVG.
+"use strict";
+
+(function () {
+  const POLL_MS = 1000;
+  // The charts show up to ten minutes, and at least one.
+  const WINDOW_S = 600;
+  const MIN_WINDOW_S = 60;
+  const SVG = "http://www.w3.org/2000/svg";
+  // With [monitor] token, open the page as /#token=TOKEN.
+  const token = new URLSearchParams(location.hash.slice(1)).get("token");
+
+  let samples = [];
+  let lastTime = null;
+
+  function $(id) { return document.getElementById(id); }
+
+  function number(n) {
+    if (n === null || n === undefined) return "–";
+    return Math.abs(n) >= 100 || Number.isInteger(n) ? Math.round(n).toLocaleString("en")
+      : n.toFixed(1);
+  }
+
+  function duration(seconds) {
+    if (seconds === null || seconds === undefined) return "–";
+    const s = Math.floor(seconds);
+    if (s < 60) return seconds < 10 ? seconds.toFixed(1) + " s" : s + " s";
+    const d = Math.floor(s / 86400), h = Math.floor(s / 3600) % 24;
+    const m = Math.floor(s / 60) % 60, r = s % 60;
+    if (d) return d + "d " + h + "h";
+    if (h) return h + "h " + String(m).padStart(2, "0") + "m";
+    return m + "m " + String(r).padStart(2, "0") + "s";
+  }
+
+  function megabytes(bytes) {
+    return bytes === null || bytes === undefined ? "–" : (bytes / 1048576).toFixed(1) + " MB";
+  }
+
+  function when(t) {
+    return new Date(t * 1000).toLocaleString();
+  }
+
+  function cell(row, text, className) {
+    const td = document.createElement("td");
+    td.textContent = text;
+    if (className) td.className = className;
+    row.appendChild(td);
+  }
+
+  function fillTable(tbody, items, columns, emptyText) {
+    tbody.replaceChildren();
+    if (!items.length) {
+      const tr = document.createElement("tr");
+      cell(tr, emptyText, "empty");
+      tr.firstChild.colSpan = tbody.parentNode.tHead.rows[0].cells.length;
+      tbody.appendChild(tr);
+      return;
+    }
+    for (const item of items) {
+      const tr = document.createElement("tr");
+      for (const [text, className] of columns(item)) cell(tr, text, className);
+      tbody.appendChild(tr);
+    }
+  }
+
+  // A rounded top for the y axis: 1, 2 or 5 times a power of ten.
+  function niceMax(value) {
+    if (value <= 0) return 1;
+    const power = Math.pow(10, Math.floor(Math.log10(value)));
+    for (const step of [1, 2, 5, 10]) {
+      if (step * power >= value) return step * power;
+    }
+    return 10 * power;
+  }
+
+  function svg(name, attributes, parent) {
+    const element = document.createElementNS(SVG, name);
+    for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, value);
+    if (parent) parent.appendChild(element);
+    return element;
+  }
+
+  // series: [[name, [[t, value] ...]] ...]; null values leave a gap.
+  function lineChart(chart, series, now) {
+    const width = 600, height = 180, left = 44, right = 8, top = 8, bottom = 20;
+    const first = samples.length ? samples[0].t : now;
+    const span = Math.min(WINDOW_S, Math.max(MIN_WINDOW_S, now - first));
+    const start = now - span;
+    let max = 0;
+    for (const [, points] of series) {
+      for (const [, value] of points) if (value !== null && value > max) max = value;
+    }
+    const scale = niceMax(max);
+    const x = (t) => left + (t - start) / span * (width - left - right);
+    const y = (v) => top + (1 - v / scale) * (height - top - bottom);
+    chart.replaceChildren();
+    chart.setAttribute("viewBox", `0 0 ${width} ${height}`);
+    chart.setAttribute("preserveAspectRatio", "none");
+    for (const fraction of [0, 0.5, 1]) {
+      const v = scale * fraction;
+      svg("line", {class: "grid", x1: left, x2: width - right, y1: y(v), y2: y(v)}, chart);
+      svg("text", {x: left - 4, y: y(v) + 4, "text-anchor": "end"}, chart).textContent = number(v);
+    }
+    for (const [label, t] of [["−" + duration(span), start],
+                              ["−" + duration(span / 2), start + span / 2], ["now", now]]) {
+      const anchor = t === start ? "start" : t === now ? "end" : "middle";
+      svg("text", {x: x(t), y: height - 4, "text-anchor": anchor}, chart).textContent = label;
+    }
+    let drawn = 0;
+    for (const [name, points] of series) {
+      // One polyline per unbroken run of values.
+      let run = [];
+      const flush = () => {
+        if (run.length) {
+          svg("polyline", {class: name, "data-series": name, points: run.join(" ")}, chart);
+          drawn += run.length;
+        }
+        run = [];
+      };
+      for (const [t, value] of points) {
+        if (t < start) continue;
+        if (value === null) { flush(); continue; }
+        run.push(x(t).toFixed(1) + "," + y(value).toFixed(1));
+      }
+      flush();
+    }
+    chart.dataset.max = String(max);
+    chart.dataset.points = String(drawn);
+  }
+
+  function merge(history) {
+    for (const sample of history) {
+      if (lastTime === null || sample.t > lastTime) {
+        samples.push(sample);
+        lastTime = sample.t;
+      }
+    }
+    const oldest = lastTime - WINDOW_S;
+    while (samples.length && samples[0].t < oldest) samples.shift();
+  }
+
+  function rate(sample, key) {
+    return sample.dt > 0 ? sample[key] / sample.dt : 0;
+  }
+
+  function render(status) {
+    const master = status.master;
+    const workers = status.workers;
+    const current = workers.filter((w) => w.role === "current");
+    const running = workers.filter((w) => w.state === "running").length;
+    $("summary").textContent = `master pid ${master.pid}, up ${duration(master.uptime)}, ` +
+      `${current.length} workers, queue ${master.queue}`;
+    const recent = samples.slice(-10);
+    const seconds = recent.reduce((sum, s) => sum + s.dt, 0);
+    const handled = recent.reduce((sum, s) => sum + s.handled, 0);
+    $("tile-rate").textContent = number(seconds ? handled / seconds : 0);
+    $("tile-inflight").textContent = number(workers.reduce((sum, w) => sum + (w.inflight || 0), 0));
+    $("tile-workers").textContent = `${running} / ${current.length}`;
+    const queue = status.queue || {};
+    $("tile-ready").textContent = number(queue.ready);
+    $("tile-held").textContent = number(queue.held);
+    $("tile-delayed").textContent = number(queue.delayed);
+    $("tile-oldest").textContent = status.queue ? duration(queue.oldest || 0) : "–";
+    $("tile-dead").textContent = number(queue.dead);
+
+    const now = status.time;
+    lineChart($("chart-throughput"), [
+      ["handled", samples.map((s) => [s.t, rate(s, "handled")])],
+      ["errors", samples.map((s) => [s.t, rate(s, "errors")])],
+    ], now);
+    lineChart($("chart-depth"), ["ready", "held", "delayed", "dead"].map(
+      (key) => [key, samples.map((s) => [s.t, s[key]])]), now);
+
+    fillTable($("workers").tBodies[0], workers, (w) => [
+      [w.role === "current" ? w.id : `${w.id} (${w.role})`],
+      [w.pid === null ? "–" : String(w.pid), "num"],
+      [w.state, "state-" + w.state],
+      [w.substate ? `${w.activity}: ${w.substate}` : (w.activity || "–")],
+      [w.uptime === null ? "–" : duration(w.uptime), "num"],
+      [megabytes(w.rss), "num"],
+      [number(w.inflight), "num"],
+      [number(w.handled), "num"],
+      [number(w.errors), "num"],
+      [number(w.restarts), "num"],
+      [w.last_exit || "–"],
+    ], "no workers");
+
+    $("dead-summary").textContent = status.queue
+      ? `${number(queue.dead)} kept; the newest:` : "";
+    fillTable($("dead").tBodies[0], status.dead, (d) => [
+      [String(d.id), "num"], [when(d.died)], [d.transport || "–"], [d.site || "–"],
+      [d.reason], [String(d.attempts), "num"], [d.error, "error"],
+    ], "no dead letters");
+  }
+
+  function connection(ok, why) {
+    const element = $("connection");
+    element.className = ok ? "ok" : "down";
+    element.textContent = ok ? "live" : `cannot reach snq: ${why}`;
+  }
+
+  async function poll() {
+    const url = "status.json" + (lastTime === null ? "" : "?since=" + lastTime);
+    try {
+      const response = await fetch(url, {
+        cache: "no-store",
+        headers: token ? {Authorization: "Bearer " + token} : {},
+      });
+      if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+      const status = await response.json();
+      merge(status.history);
+      render(status);
+      connection(true);
+    } catch (error) {
+      connection(false, error.message);
+    } finally {
+      setTimeout(poll, POLL_MS);
+    }
+  }
+
+  poll();
+})();

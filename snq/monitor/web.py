@@ -1,0 +1,141 @@
+# -*- test-case-name: tests.test_monitor -*-
+"""
+The master's HTTP side (C{[monitor] http}, C{127.0.0.1:8750} by default):
+
+* C{/}: the dashboard, one HTML page and one script from the package;
+* C{/metrics}: Prometheus' text format;
+* C{/status.json}: what the dashboard shows; C{?since=T} leaves out the
+  samples up to time C{T}, which the page has already.
+
+With C{[monitor] token}, C{/metrics} and C{/status.json} answer only to
+C{Authorization: Bearer TOKEN}.  The dashboard's own files hold no data and
+need none: the page reads the token from its address (C{/#token=TOKEN}; a
+fragment never reaches a server or its logs) and sends it itself.
+"""
+
+import hmac
+import json
+from importlib import resources
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from snq.config import parseHostPort
+
+#: The page loads nothing but its own two files, and runs no inline script.
+_POLICY = (b"default-src 'self'; style-src 'self' 'unsafe-inline'; "
+           b"img-src 'self' data:; frame-ancestors 'none'")
+
+
+class _File(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, name: str, contentType: bytes):
+        super().__init__()
+        self.body = (resources.files(__package__) / "static" / name).read_bytes()
+        self.contentType = contentType
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", self.contentType)
+        request.setHeader(b"content-security-policy", _POLICY)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return self.body
+
+
+class _Data(resource.Resource):
+    """Numbers, made fresh at each request; behind the token if there is one."""
+
+    isLeaf = True
+
+    def __init__(self, token: str, contentType: bytes, produce):
+        super().__init__()
+        self.expected = f"Bearer {token}".encode() if token else None
+        self.contentType = contentType
+        self.produce = produce
+
+    def render_GET(self, request):
+        request.setHeader(b"cache-control", b"no-store")
+        given = request.getHeader(b"authorization") or b""
+        if self.expected is not None and not hmac.compare_digest(given,
+                                                                 self.expected):
+            request.setResponseCode(401)
+            request.setHeader(b"www-authenticate", b'Bearer realm="snq"')
+            return b"this needs Authorization: Bearer TOKEN ([monitor] token)\n"
+        request.setHeader(b"content-type", self.contentType)
+        return self.produce(request)
+
+
+class _QuietSite(server.Site):
+    """No access log: the dashboard asks every second."""
+
+    noisy = False
+
+    def log(self, request):
+        pass
+
+
+def makeSite(tracker, registry, token: str = "") -> server.Site:
+    def status(request):
+        try:
+            since = float(request.args[b"since"][0])
+        except (KeyError, ValueError):
+            since = None
+        return json.dumps(tracker.status(since)).encode()
+
+    root = resource.Resource()
+    root.putChild(b"", _File("index.html", b"text/html; charset=utf-8"))
+    root.putChild(b"dashboard.js",
+                  _File("dashboard.js", b"text/javascript; charset=utf-8"))
+    root.putChild(b"metrics", _Data(token, CONTENT_TYPE_LATEST.encode(),
+                                    lambda request: generate_latest(registry)))
+    root.putChild(b"status.json", _Data(token, b"application/json", status))
+    return _QuietSite(root)
+
+
+class HttpService(Service):
+    """
+    Listens on C{HOST:PORT}.  When it cannot (the port is taken), the daemon
+    runs on without it, and says so: a busy port must not stop the queues.
+    """
+
+    log = Logger()
+
+    def __init__(self, address: str, site, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.address = address
+        self.site = site
+        self.reactor = reactor
+        #: The listening port, once listening.
+        self.port = None
+
+    def startService(self):
+        super().startService()
+        host, port = parseHostPort(self.address)
+        kind = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
+        d = kind(self.reactor, port, interface=host).listen(self.site)
+        d.addCallbacks(self._listening, self._cannotListen)
+        return d
+
+    def _listening(self, port):
+        self.port = port
+        host = port.getHost()
+        shown = f"[{host.host}]" if ":" in host.host else host.host
+        self.log.info("monitor: dashboard, /metrics and /status.json on "
+                      "http://{host}:{port}/", host=shown, port=host.port)
+
+    def _cannotListen(self, failure):
+        self.log.error("monitor: cannot listen on {address} ({why}); snq runs "
+                       "without its dashboard and /metrics", address=self.address,
+                       why=failure.getErrorMessage())
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening)
