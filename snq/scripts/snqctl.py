@@ -16,6 +16,7 @@ from twisted.internet import defer, error, task
 from snq import config as snqconfig
 from snq import control
 from snq.item import DEFAULT_SITE, Item
+from snq.monitor import check as plugin
 from snq.queues import makeQueue
 
 
@@ -65,6 +66,15 @@ def parser() -> argparse.ArgumentParser:
                    help="stop the daemon gracefully and wait until it has")
     sub.add_parser("restart", parents=[socket],
                    help="replace the workers one at a time, losing nothing")
+    ck = sub.add_parser(
+        "check", parents=[socket], description=plugin.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="a Nagios plugin: one status line with perfdata, exit status "
+             "0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
+    plugin.addArguments(ck)
+    ck.error = lambda message: plugin.usageError(ck, message)
+    #: Each command's parser, which reports arguments it does not know.
+    p.commands = sub.choices
 
     c = sub.add_parser("control", help="publish on the STOMP control channel, "
                        "which every worker on every host obeys")
@@ -98,6 +108,9 @@ def _when(seconds: float) -> str:
 
 @defer.inlineCallbacks
 def run(reactor, args, out=sys.stdout, stdin=sys.stdin):
+    if args.command == "check":
+        # A plugin's exit status is its answer, for a bad config too.
+        raise SystemExit((yield plugin.run(args, reactor, out)))
     config = snqconfig.load(args.config)
     if args.command in _CONTROL:
         result = yield _control(config, args, out, reactor)
@@ -260,7 +273,11 @@ _CONTROL = {"status": _status, "stop": _stop, "restart": _restart}
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
+    p = parser()
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        p.commands[args.command].error(
+            f"unrecognized arguments: {' '.join(unknown)}")
 
     def react(reactor):
         d = run(reactor, args)
