@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from snq import config as snqconfig
-from snq.handlers import HandlerRegistry, QueueHandler, Reject
+from snq.handlers import HandlerRegistry, QueueHandler, Reject, Retry
 from snq.handlers.builtin import FanoutHandler, NoopHandler
 from snq.item import Item
 from snq.queues.base import Dispatcher, QueueManager, TransportFilter, backoff
@@ -45,6 +45,8 @@ class Scripted(QueueHandler):
             raise ValueError("remote said no")
         if what == "reject":
             raise Reject("not a valid address")
+        if what == "busy":
+            raise Retry("remote busy")
         return True
 
 
@@ -116,6 +118,21 @@ class DispatcherTests(SynchronousTestCase):
         [row] = h.queue.rows.values()
         self.assertEqual(row["error"], "ValueError: remote said no")
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def test_expectedFailureRetriedWithoutTraceback(self):
+        h = Harness(self)
+        events = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        h.put("script", "busy")
+        h.runAll()
+        [row] = h.queue.rows.values()
+        self.assertEqual((row["attempts"], row["error"]), (1, "Retry: remote busy"))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        [event] = [e for e in events if e.get("error") == "Retry: remote busy"]
+        self.assertNotIn("log_failure", event)
 
     def test_rejectDeadLettersAtOnce(self):
         h = Harness(self)

@@ -25,6 +25,14 @@ class Reject(Exception):
     """
 
 
+class Retry(Exception):
+    """
+    Raised by a handler for a failure expected to pass (a remote that is
+    busy, a connection that is down): the item is retried like after any
+    exception, and the log gets one line instead of a traceback.
+    """
+
+
 class HandlerError(Exception):
     """A configured handler could not be loaded."""
 
@@ -34,8 +42,9 @@ class QueueHandler:
     Subclass, set C{transport}, define C{handle(item)}.
 
     C{handle} returns True or None when done, False to have the item retried;
-    it may return a Deferred or be a coroutine.  Raising retries the item too,
-    except L{Reject}.  Set C{blocking = True} for a handler that blocks: it
+    it may return a Deferred or be a coroutine.  Raising retries the item too
+    (L{Retry} for an expected failure: logged without a traceback), except
+    L{Reject}.  Set C{blocking = True} for a handler that blocks: it
     then runs in a thread pool, off the event loop.
 
     Delivery is at least once: the same item can reach C{handle} twice (a

@@ -18,13 +18,13 @@ import json
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from snq.handlers import QueueHandler, Reject
+from snq.handlers import QueueHandler, Reject, Retry
 
 _RETRY_STATUSES = {408, 429}
 
 
-class WebhookError(Exception):
-    """A failure worth retrying."""
+class WebhookError(Retry):
+    """The remote answered, but not yet usefully: try again later."""
 
 
 def signature(secret: str, body: bytes) -> str:

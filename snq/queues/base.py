@@ -25,7 +25,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from snq.handlers import HandlerRegistry, Reject
+from snq.handlers import HandlerRegistry, Reject, Retry
 from snq.iomanager import PollingManager
 from snq.item import DEFAULT_SITE, BadItem, Item
 from snq.stats import Stats
@@ -395,9 +395,14 @@ class Dispatcher:
             reason = str(result.value) or "rejected by the handler"
             return self._deadLetter(delivery, item, "rejected", reason)
         error = f"{result.type.__name__}: {result.getErrorMessage()}"
-        self.log.failure("{transport} item {id} failed (attempt {n})",
-                         result, transport=item.transport, id=item.id,
-                         n=item.attempts + 1)
+        if result.check(Retry):
+            self.log.warn("{transport} item {id} failed (attempt {n}): {error}",
+                          transport=item.transport, id=item.id,
+                          n=item.attempts + 1, error=error)
+        else:
+            self.log.failure("{transport} item {id} failed (attempt {n})",
+                             result, transport=item.transport, id=item.id,
+                             n=item.attempts + 1)
         return self._failed(delivery, item, error)
 
     def _failed(self, delivery: Delivery, item: Item, error: str):

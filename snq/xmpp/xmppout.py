@@ -11,7 +11,7 @@ group holds connections and actually sends.
 from twisted.words.protocols.jabber.jid import JID, InvalidFormat
 from twisted.words.xish import domish
 
-from snq.handlers import QueueHandler, Reject
+from snq.handlers import QueueHandler, Reject, Retry
 
 MESSAGE_KEYS = ("to", "body", "type", "subject", "thread")
 MESSAGE_TYPES = ("chat", "normal", "headline", "groupchat")
@@ -19,7 +19,7 @@ STANZA_NAMES = ("message", "presence", "iq")
 NS_CLIENT = "jabber:client"
 
 
-class NotConnected(Exception):
+class NotConnected(Retry):
     """
     No stream is up for the item's account here; the item is retried later.
     """
