@@ -405,6 +405,10 @@ class QueueTestCase(ConnectionTestCase):
     def acks(self, broker=None):
         return [f.headers["id"] for f in (broker or self.broker).sent(StompSpec.ACK)]
 
+    def nacks(self, broker=None):
+        return [f.headers["id"]
+                for f in (broker or self.broker).sent(StompSpec.NACK)]
+
 
 class StompQueueTests(QueueTestCase):
     def test_makeQueue(self):
@@ -622,7 +626,9 @@ class StompQueueTests(QueueTestCase):
         self.successResultOf(closed)
 
 
-class StompManagerTests(QueueTestCase):
+class ManagerTestCase(QueueTestCase):
+    """A StompManager started under a fake worker, on the two servers."""
+
     def setUp(self):
         super().setUp()
         Recorder.done = []
@@ -650,6 +656,8 @@ class StompManagerTests(QueueTestCase):
     def control(self, body, headers=None):
         self.broker.last.deliver("/topic/snq%2Fcontrol", body, headers)
 
+
+class StompManagerTests(ManagerTestCase):
     def test_subscribesToItsGroupsAndControl(self):
         for broker in (self.broker, self.other):
             self.assertEqual(sorted(d for d, _ in broker.last.subscriptions.values()),
@@ -687,27 +695,50 @@ class StompManagerTests(QueueTestCase):
         self.assertEqual(reasons, ["rejected", "baditem"])
         self.assertEqual(len(self.acks()), 2)
 
-    def test_stopLeavesUnstartedUnacknowledged(self):
+    def test_stopGivesBackWhatWaitsAndIgnoresWhatComes(self):
         """
-        Three run at once (concurrency 3); on stop the two waiting ones and
-        one arriving later are neither run nor acknowledged: the broker
-        takes them back when the connection closes.  The three running
-        finish and are acknowledged first.
+        Three run at once (concurrency 3).  On stop the two waiting are
+        NACKed (another worker may take them now), one arriving later is
+        neither run nor acknowledged (the broker takes it back when we
+        disconnect), and the three running finish and are acknowledged.
         """
-        for _ in range(5):
-            self.send("wait")
+        ids = [self.send("wait") for _ in range(5)]
         running = list(Recorder.done)
         self.assertEqual(len(running), 3)
         stopped = self.worker.stopService()
+        self.pump()
+        self.assertEqual(self.nacks(), ids[3:])
         self.send("late")
         self.assertEqual(self.dispatcher.running, 3)
         for d in running:
             d.callback(None)
         self.pump()
         self.successResultOf(stopped)
-        self.assertEqual(len(self.acks()), 3)
+        self.assertEqual(self.acks(), ids[:3])
+        self.assertEqual(self.nacks(), ids[3:])
         self.assertEqual(len(Recorder.done), 3, "nothing else started")
         self.worker.startService = lambda: None  # tearDown stops it again
+
+    def test_lostConnectionDropsWhatWaits(self):
+        """
+        The broker takes back what was on a connection that went: what
+        waits is not run (it will come again); what came on the other server
+        is NACKed; what runs finishes, its ACK going nowhere.
+        """
+        ids = [self.send("wait") for _ in range(4)]
+        other = self.send("b", self.other)
+        self.assertEqual(len(Recorder.done), 3)
+        self.broker.last.lose()
+        self.pump()
+        self.assertEqual(self.nacks(self.other), [other])
+        self.assertEqual(self.nacks(), [])
+        self.assertEqual(len(self.dispatcher.held), 3)
+        for d in Recorder.done:
+            d.callback(None)
+        self.pump()
+        self.assertEqual(self.dispatcher.held, set())
+        self.assertEqual(self.acks(), [])
+        self.assertNotIn(ids[3], self.acks() + self.nacks())
 
     def test_controlShutdownAndRestart(self):
         calls = []
@@ -740,7 +771,7 @@ class StompManagerTests(QueueTestCase):
         self.assertEqual(self.dispatcher.stats.total("controlrejected"), 0)
 
 
-class SignedControlTests(StompManagerTests):
+class SignedControlTests(ManagerTestCase):
     def configure(self, **extra):
         return super().configure(stomp={"control_secret": "s3cret",
                                         "servers": ["tcp://a:1", "tcp://b:1"]})

@@ -21,11 +21,11 @@ with the reason in C{snq-*} headers; listing them reads the queue on a
 connection of its own and hangs up without acknowledging, which puts
 everything back in order.
 
-Giving back what a stopping worker holds but has not started means, on
-STOMP, not acknowledging it: the broker takes it back when the connection
-closes, once the items in flight are done.  (An ACK or NACK cannot follow
-an UNSUBSCRIBE on RabbitMQ, and a NACK while subscribed would only bring
-the message straight back.)
+Giving back what a worker holds but has not started (on stop, or when
+one of its connections went) is a NACK, which requeues it for any worker;
+a stopping worker stays subscribed (RabbitMQ refuses an ACK after an
+UNSUBSCRIBE, and the items in flight still need theirs) and leaves what
+comes next unacknowledged, for the broker to take back when it disconnects.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class StompManager(QueueManager):
     def startService(self):
         super().startService()
         destinations = self.queue.destinations.consumed(self.parent.groups)
-        self.queue.consume(destinations, self._delivered)
+        self.queue.consume(destinations, self._delivered, self._connectionLost)
         self.queue.listenControl(self._control)
 
     def poll(self):
@@ -108,6 +108,16 @@ class StompManager(QueueManager):
         # it back when the connection closes.
         if self.running:
             self.dispatcher.dispatch(delivery)
+
+    def _connectionLost(self):
+        """
+        What waits for a slot may have come on that connection, which the
+        broker has taken back and will deliver again: running it too would
+        only do it twice.  Give back all that waits (what came on another
+        connection is NACKed, and comes again).
+        """
+        if self.running:
+            self.dispatcher.releaseWaiting()
 
     def _control(self, body, headers):
         stats = self.dispatcher.stats
@@ -189,11 +199,15 @@ class StompQueue(Queue):
     def close(self):
         return defer.gatherResults([c.stop() for c in self.connections])
 
-    def consume(self, destinations, onDelivery):
+    def consume(self, destinations, onDelivery, onLost=None):
         """
-        Subscribe on every server: C{onDelivery(Delivery)} for each MESSAGE.
-        Fires once the servers connected now have confirmed.
+        Subscribe on every server: C{onDelivery(Delivery)} for each MESSAGE,
+        C{onLost()} when a connection goes.  Fires once the servers
+        connected now have confirmed.
         """
+        if onLost is not None:
+            for connection in self.connections:
+                connection.lostHooks.append(onLost)
         headers = {"ack": "client-individual",
                    "prefetch-count": str(self.prefetch),
                    "activemq.prefetchSize": str(self.prefetch)}
@@ -297,7 +311,19 @@ class StompQueue(Queue):
         yield self.ack(delivery)
 
     def release(self, deliveries):
-        """Nothing to do: unacknowledged, they go back when we disconnect."""
+        """
+        NACK (requeue) what came on a connection still up, so that another
+        worker may take it now; what came on one that went, the broker has
+        taken back already.  (A stopping worker ignores what comes next, and
+        the broker takes that back when it disconnects.)
+        """
+        for delivery in deliveries:
+            received = delivery.token
+            if received.connection.stomp is received.stomp:
+                try:
+                    received.stomp.nack(received.frame)
+                except StompProtocolError:
+                    pass  # STOMP 1.0 has no NACK: back on DISCONNECT, then.
         return defer.succeed(None)
 
     @defer.inlineCallbacks

@@ -104,10 +104,12 @@ class HandshakeEndpoint:
     is aborted and the attempt fails.
     """
 
-    def __init__(self, endpoint, stompFactory, handshake):
+    def __init__(self, endpoint, stompFactory, handshake, name=""):
         self.endpoint = endpoint
         self.stompFactory = stompFactory
         self.handshake = handshake
+        #: For ClientService's log lines ("Scheduling retry … to connect …").
+        self.name = name
         #: Gates whose connection may still be open.
         self.gates: set[_Gate] = set()
 
@@ -134,6 +136,9 @@ class HandshakeEndpoint:
 
         d = defer.maybeDeferred(self.handshake, gate.stomp)
         return d.addCallbacks(established, failed)
+
+    def __repr__(self):
+        return self.name or super().__repr__()
 
     def closed(self):
         """Fires once every connection this endpoint made is closed."""
@@ -177,11 +182,13 @@ class BrokerConnection:
         #: %2F (L{onTheWire}).
         self.escape = config.escape_slashes == "always"
         self._handshaker = HandshakeEndpoint(self.endpoint, self.factory,
-                                             self._handshake)
+                                             self._handshake, f"STOMP {url}")
         self.service = ClientService(
             self._handshaker, Factory.forProtocol(Protocol),
             retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=30.0),
             clock=clock)
+        #: Called with no argument when an established connection is lost.
+        self.lostHooks: list[Callable] = []
         self._ready: list[defer.Deferred] = []
         self._stopping = False
 
@@ -327,3 +334,5 @@ class BrokerConnection:
         if not self._stopping:
             self.log.warn("lost STOMP server {url} ({why}); reconnecting",
                           url=self.url, why=reason)
+        for hook in self.lostHooks:
+            hook()
