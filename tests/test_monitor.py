@@ -6,7 +6,9 @@ listener on 127.0.0.1 receives them, /metrics read back with
 prometheus_client's parser, and the HTTP side on a loopback port.
 """
 
+import io
 import json
+import sys
 from urllib.parse import parse_qs
 
 import treq
@@ -14,9 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, error, reactor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
+from twisted.logger import Logger, eventFromJSON, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from snq import config as snqconfig
+from snq.logs import jsonLines
 from snq.monitor.metrics import registry
 from snq.monitor.service import MonitorService
 from snq.monitor.statsd import StatsdSender
@@ -612,6 +616,21 @@ class MonitorConfigTests(SynchronousTestCase):
             "_ . -, got 'a b'",
             'snq.toml: monitor.udp: expected "udp://HOST:PORT" or "" (off), got '
             "'mon.example:9999'"])
+
+
+class JsonLinesTests(SynchronousTestCase):
+    def test_oneEventALine(self):
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        log = Logger(observer=jsonLines(), namespace="snq.test")
+        log.info("worker {wid} is ready", wid="generic.0")
+        log.warn("two\nlines")
+        first, second = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual((first["wid"], first["log_namespace"],
+                          first["log_level"]["name"]),
+                         ("generic.0", "snq.test", "info"))
+        self.assertEqual(formatEvent(eventFromJSON(json.dumps(second))),
+                         "two\nlines")
 
 
 class MonitorServiceTests(SynchronousTestCase):

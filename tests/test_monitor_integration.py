@@ -6,6 +6,7 @@ listeners on 127.0.0.1, /metrics read with prometheus_client's parser,
 C{snqctl check} as Nagios runs it, and the dashboard in headless Chromium.
 """
 
+import json
 import os
 import re
 import shutil
@@ -16,9 +17,10 @@ from urllib.parse import parse_qs
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor, threads
+from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
-from tests.daemon import Daemon, handledIds, snqctl, waitFor
+from tests.daemon import TWISTD, Daemon, environ, handledIds, snqctl, waitFor
 from tests.test_monitor import Listener
 
 CONFIG = """
@@ -219,6 +221,38 @@ class MonitoredDaemonTests(TestCase):
         result = check()
         self.assertEqual(result.returncode, 2, result.stdout)
         self.assertIn("no snq daemon answers on", result.stdout)
+
+    @defer.inlineCallbacks
+    def test_jsonLogs(self):
+        """twistd --logger=snq.logs.jsonLines: every line JSON, workers' too."""
+        with open(self.config, "w") as f:
+            f.write(CONFIG.format(dir=self.dir, extra="", queue=""))
+        out = os.path.join(self.dir, "log.jsonl")
+        with open(out, "w") as stdout:
+            process = subprocess.Popen(
+                [*TWISTD, "-n", "--pidfile=", "--logger=snq.logs.jsonLines",
+                 "snq", "-c", self.config], cwd=self.dir, stdout=stdout,
+                stderr=subprocess.DEVNULL, env=environ())
+
+        def kill():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+        self.addCleanup(kill)
+
+        def events():
+            with open(out) as f:
+                return [json.loads(line) for line in f if line.endswith("\n")]
+
+        yield waitFor(lambda: sum("is ready" in formatEvent(e) for e in events())
+                      == 2, what="two workers ready, in JSON")
+        process.terminate()
+        yield threads.deferToThread(process.wait, 30)
+        systems = {e.get("log_system", "") for e in events()}
+        self.assertTrue(any(s.startswith("generic.0:") for s in systems),
+                        "worker lines, tagged")
+        self.assertIn("all workers stopped", [formatEvent(e) for e in events()])
 
     @defer.inlineCallbacks
     def test_dashboardInChromium(self):
