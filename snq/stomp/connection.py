@@ -305,9 +305,10 @@ class BrokerConnection:
                 timer.cancel()
         self.stomp = stomp
         stomp.whenDisconnected().addCallback(self._lost, stomp)
-        self.log.info("connected to STOMP server {url} ({server}), {n} "
-                      "subscriptions", url=self.url, server=stomp.server,
-                      n=len(self.subscriptions))
+        again = (f"; subscribed again to {len(self.subscriptions)} destinations"
+                 if self.subscriptions else "")
+        self.log.info("connected to STOMP server {url} ({server}){again}",
+                      url=self.url, server=stomp.server, again=again)
         ready, self._ready = self._ready, []
         for waiter in ready:
             waiter.callback(stomp)
