@@ -31,6 +31,7 @@ comes next unacknowledged, for the broker to take back when it disconnects.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import heapq
@@ -320,10 +321,9 @@ class StompQueue(Queue):
         for delivery in deliveries:
             received = delivery.token
             if received.connection.stomp is received.stomp:
-                try:
+                # STOMP 1.0 has no NACK: back on DISCONNECT, then.
+                with contextlib.suppress(StompProtocolError):
                     received.stomp.nack(received.frame)
-                except StompProtocolError:
-                    pass  # STOMP 1.0 has no NACK: back on DISCONNECT, then.
         return defer.succeed(None)
 
     @defer.inlineCallbacks
