@@ -27,6 +27,9 @@ class Server:
 
     name = ""
     start = ""
+    #: The URL scheme, a key of L{snq.queues.dialects.DIALECTS}.
+    scheme = ""
+    placeholder = "%s"
     #: The INSERT the README documents for producers, with %(frame)s,
     #: %(transport)s and %(site)s to fill in as SQL literals.
     producerInsert = ""
@@ -52,7 +55,7 @@ class Server:
         conn = self.connect()
         try:
             cursor = conn.cursor()
-            cursor.execute(statement, params or None)
+            cursor.execute(statement, params)
             rows = cursor.fetchall() if cursor.description else []
             conn.commit()
             return [tuple(r) for r in rows]
@@ -61,11 +64,12 @@ class Server:
 
     def insertMany(self, rows):
         """(frame, transport, site, created, run_at) rows in one transaction."""
+        p = self.placeholder
         conn = self.connect()
         try:
             conn.cursor().executemany(
                 "INSERT INTO queue_item (frame, transport, site, created, run_at)"
-                " VALUES (%s, %s, %s, %s, %s)", rows)
+                f" VALUES ({p}, {p}, {p}, {p}, {p})", rows)
             conn.commit()
         finally:
             conn.close()
@@ -104,6 +108,7 @@ class Server:
 
 class Postgres(Server):
     name = "PostgreSQL on 127.0.0.1:5432"
+    scheme = "postgresql"
     start = ("pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) "
              "main start")
     producerInsert = (
@@ -148,6 +153,7 @@ class Postgres(Server):
 
 class MariaDb(Server):
     name = "MariaDB on 127.0.0.1:3306"
+    scheme = "mysql"
     start = "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd"
     producerInsert = (
         "INSERT INTO queue_item (frame, transport, site, created, run_at)\n"
@@ -209,6 +215,8 @@ class Sqlite(Server):
     """The embedded default, for the benchmark's comparison."""
 
     name = "SQLite"
+    scheme = "sqlite"
+    placeholder = "?"
 
     def __init__(self, directory, prefix="snq_test"):
         super().__init__(prefix)
@@ -227,19 +235,6 @@ class Sqlite(Server):
 
     def connect(self):
         return sqlite3.connect(self.path, timeout=30)
-
-    def insertMany(self, rows):
-        with self.connect() as conn:
-            conn.executemany(
-                "INSERT INTO queue_item (frame, transport, site, created, run_at)"
-                " VALUES (?, ?, ?, ?, ?)", rows)
-
-    def sql(self, statement, params=()):
-        with self.connect() as conn:
-            return conn.execute(statement, params).fetchall()
-
-
-SERVERS = {"postgresql": Postgres, "mysql": MariaDb}
 
 
 def forTest(testCase, serverClass):

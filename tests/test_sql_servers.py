@@ -182,6 +182,22 @@ class ServerTestsMixin:
         self.assertEqual(self.server.count(), 1)
         self.assertEqual(self.server.sql("SELECT version FROM snq_schema"), [(1,)])
 
+    def test_statusNetTableRefused(self):
+        """StatusNet's own queue_item is in the way: say so, touch nothing."""
+        self.server.sql("CREATE TABLE queue_item (id INTEGER PRIMARY KEY,"
+                        " frame TEXT NOT NULL, transport VARCHAR(8) NOT NULL,"
+                        " created TIMESTAMP NOT NULL, claimed TIMESTAMP NULL)")
+        self.server.sql("INSERT INTO queue_item (id, frame, transport, created)"
+                        " VALUES (1, 'x', 'jabber', CURRENT_TIMESTAMP)")
+        config, _ = self.config()
+        for _ in range(2):  # nothing was recorded as done
+            result = snqctl("-c", config, "db", "init", cwd=self.dir, check=False)
+            self.assertNotEqual(result.returncode, 0)
+            self.assertIn("queue_item exists without snq's columns (attempts, "
+                          "claimed_by", result.stderr)
+        self.assertEqual(self.server.sql("SELECT id, frame FROM queue_item"),
+                         [(1, "x")])
+
     @defer.inlineCallbacks
     def test_claimSkipsLockedRowsWithoutWaiting(self):
         """

@@ -32,6 +32,10 @@ from snq.item import Item
 from snq.queues.base import DeadLetter, Delivery, Depth, Queue, TransportFilter
 from snq.queues.dialects import DIALECTS
 
+#: The columns of the contract (DESIGN.md, "SQL").
+ITEM_COLUMNS = frozenset({"id", "frame", "transport", "site", "priority", "created",
+                          "run_at", "attempts", "claimed_by", "lease_until"})
+
 #: Ids per statement in C{id IN (…)} lists (SQLite allows 32,766 parameters,
 #: PostgreSQL 65,535; shorter statements also keep lock times short).
 CHUNK = 500
@@ -112,6 +116,7 @@ class DbQueue(Queue):
                     f" this snq's {len(steps)}: upgrade snq")
             if version == len(steps):
                 return None
+            self._checkItemTable(txn)
             for step in steps[version:]:
                 for statement in step:
                     txn.execute(statement)
@@ -119,6 +124,19 @@ class DbQueue(Queue):
             txn.execute("INSERT INTO snq_schema (version) VALUES"
                         f" ({self.dialect.placeholder})", (len(steps),))
             return version
+
+    def _checkItemTable(self, txn):
+        """
+        C{CREATE TABLE IF NOT EXISTS} would leave alone a C{queue_item} that
+        was there before: StatusNet's own, say, which snq must not touch.
+        """
+        existing = self.dialect.columns(txn, "queue_item")
+        missing = ITEM_COLUMNS - existing
+        if existing and missing:
+            raise SchemaError(
+                f"{self.describe()}: queue_item exists without snq's columns "
+                f"({', '.join(sorted(missing))}); if it is StatusNet's own queue "
+                "table, rename or drop it, then run snqctl db init")
 
     @defer.inlineCallbacks
     def close(self):

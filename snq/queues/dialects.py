@@ -39,10 +39,20 @@ class Dialect:
     def begin(self, txn):
         """Start a transaction that will write."""
 
+    #: SQL for the schema (namespace) that unqualified table names are in.
+    currentSchema = "current_schema()"
+
     @contextlib.contextmanager
     def schemaLock(self, txn):
         """Keep two processes from creating or upgrading the schema at once."""
         yield
+
+    def columns(self, txn, table) -> set[str]:
+        """The names of C{table}'s columns; empty if there is no such table."""
+        txn.execute("SELECT column_name FROM information_schema.columns"
+                    f" WHERE table_schema = {self.currentSchema}"
+                    f" AND table_name = {self.placeholder}", (table,))
+        return {name.lower() for (name,) in txn.fetchall()}
 
     def claim(self, txn, claimant, leaseUntil, now, limit, where, params):
         p = self.placeholder
@@ -100,12 +110,16 @@ class Sqlite(Dialect):
             died DOUBLE PRECISION NOT NULL)""",
     ),)
 
-    def connectionPool(self, url):
-        path = url.path
+    @staticmethod
+    def path(url) -> str:
         # sqlite:///rel.sqlite → "rel.sqlite"; sqlite:////abs → "/abs"
-        path = path[1:] if path.startswith("/") else path
+        path = url.path[1:] if url.path.startswith("/") else url.path
         if not path:
             raise ValueError(f"{url.geturl()}: no database file")
+        return path
+
+    def connectionPool(self, url):
+        path = self.path(url)
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
 
@@ -121,10 +135,19 @@ class Sqlite(Dialect):
             timeout=30, cp_min=1, cp_max=1, cp_openfun=prepare,
             cp_reconnect=True)
 
+    def columns(self, txn, table):
+        txn.execute(f"PRAGMA table_info({table})")
+        return {row[1].lower() for row in txn.fetchall()}
+
     def begin(self, txn):
         # Take the write lock up front: a reader upgrading to a writer later
         # can fail with SQLITE_BUSY without waiting for busy_timeout.
         txn.execute("BEGIN IMMEDIATE")
+
+    def listener(self, url, wake, reactor):
+        from snq.queues.sqlitewatch import walWatcher
+
+        return walWatcher(self.path(url), wake, reactor)
 
 
 class Mysql(Dialect):
@@ -166,6 +189,7 @@ class Mysql(Dialect):
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
     ),)
 
+    currentSchema = "DATABASE()"
     #: URL query parameters passed on to PyMySQL.
     OPTIONS = ("unix_socket",)
 
