@@ -587,6 +587,24 @@ class QueueWatchTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
+    def test_aBackendThatCannotCountIsLeftAlone(self):
+        clock = Clock()
+
+        class Uncounted(MemoryQueue):
+            def depth(self):
+                return defer.succeed(None)
+
+            def deadList(self, limit=50):
+                raise AssertionError("a broker's dead letters are costly to list")
+
+        queue = Uncounted(clock)
+        watch = QueueWatch(queue, Tracker(FakePool(), clock), 5.0, clock)
+        watch.startService()
+        self.assertFalse(queue.opened, "closed again")
+        self.assertEqual(clock.getDelayedCalls(), [], "not asked again")
+        self.successResultOf(defer.maybeDeferred(watch.stopService))
+
+
 class MonitorConfigTests(SynchronousTestCase):
     def test_defaults(self):
         monitor = snqconfig.Config().monitor

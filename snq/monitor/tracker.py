@@ -233,7 +233,8 @@ class QueueWatch(Service):
     Looks at the queue's depth and newest dead letters every C{interval}
     seconds, on a queue of the master's own (read-only use).  A queue that
     cannot be opened or asked is tried again at the next look; the daemon
-    runs on without the numbers.
+    runs on without the numbers.  A backend that cannot count (its depth is
+    None) is not asked again.
     """
 
     log = Logger()
@@ -268,7 +269,11 @@ class QueueWatch(Service):
             if not self.opened:
                 yield self.queue.open()
                 self.opened = True
-            self.tracker.depth = yield self.queue.depth()
+            depth = yield self.queue.depth()
+            if depth is None:
+                yield self._cannotCount()
+                return
+            self.tracker.depth = depth
             self.tracker.dead = yield self.queue.deadList(DEAD_SHOWN)
         except Exception:
             if not self._failing:
@@ -281,3 +286,15 @@ class QueueWatch(Service):
                 self.log.info("the queue {queue} answers again",
                               queue=self.queue.describe())
             self._failing = False
+
+    def _cannotCount(self):
+        """
+        Looking again would only cost: listing a broker's dead letters, for
+        one, means taking every one of them and giving it back.
+        """
+        self.log.info("the {queue} backend does not tell how much it holds: "
+                      "the dashboard and /metrics leave the queue out",
+                      queue=self.queue.describe())
+        self._looker.stop()
+        self.opened = False
+        return self.queue.close()
