@@ -16,6 +16,10 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0, 30.0, 60.0)
 
 
+def emptyBuckets() -> list[int]:
+    return [0] * (len(DURATION_BUCKETS) + 1)
+
+
 class Stats:
     def __init__(self):
         #: (counter, transport, site) → count
@@ -24,8 +28,7 @@ class Stats:
         self.timings: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
         #: transport → items per L{DURATION_BUCKETS} bucket (not cumulative),
         #: so the master can build a histogram without every single time.
-        self.buckets: dict[str, list] = collections.defaultdict(
-            lambda: [0] * (len(DURATION_BUCKETS) + 1))
+        self.buckets: dict[str, list] = collections.defaultdict(emptyBuckets)
 
     def count(self, counter: str, transport: str = "", site: str = "",
               n: int = 1):

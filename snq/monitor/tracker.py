@@ -19,7 +19,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from snq.iomaster import residentMemory
-from snq.stats import DURATION_BUCKETS
+from snq.stats import emptyBuckets
 
 #: Samples kept: ten minutes at one a second.
 HISTORY = 600
@@ -47,7 +47,7 @@ class Sink:
 
 
 def _newDurations():
-    return [0, 0.0, [0] * (len(DURATION_BUCKETS) + 1)]
+    return [0, 0.0, emptyBuckets()]
 
 
 class Tracker(Service):
@@ -114,7 +114,7 @@ class Tracker(Service):
     def _addTimings(self, report, previous):
         oldTimings = previous.get("timings", {})
         oldBuckets = previous.get("buckets", {})
-        empty = [0] * (len(DURATION_BUCKETS) + 1)
+        empty = emptyBuckets()
         for transport, (n, seconds) in report.get("timings", {}).items():
             oldN, oldSeconds = oldTimings.get(transport, (0, 0.0))
             if n <= oldN:
