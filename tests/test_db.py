@@ -184,6 +184,31 @@ class DbQueueTests(TestCase):
         self.assertEqual(len(claimed), 400)
         self.assertEqual(len(set(claimed)), 400)
 
+    @defer.inlineCallbacks
+    def test_otherWritersWakeUs(self):
+        """
+        A producer's commit wakes an idle worker at once (inotify on the
+        WAL); the worker's own empty claims do not, or it would spin.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        wakes = []
+        listener = self.a.listen(lambda: wakes.append(1))
+        self.assertIsNotNone(listener)
+        yield self.a.claim(10, ALL)
+        yield deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(wakes, [], "an empty claim writes nothing")
+        with sqlite3.connect(self.path) as conn:
+            conn.execute("INSERT INTO queue_item (frame, transport, site, created,"
+                         " run_at) VALUES ('{}', 'log', 'default', 0, 0)")
+        for _ in range(100):
+            if wakes:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertTrue(wakes)
+        yield listener.stopListening()
+
     def test_describeHidesPassword(self):
         q = DbQueue("sqlite:///x.sqlite", 60)
         self.assertEqual(q.describe(), "sqlite:///x.sqlite")

@@ -548,10 +548,14 @@ class QueueManager(PollingManager):
 
     def _notified(self):
         """
-        The backend says items arrived.  A poll in progress may have looked
-        before they did: then poll once more as soon as it ends, instead of
-        sleeping for up to C{poll_interval}.
+        The backend says items may have arrived.  A poll in progress may
+        have looked before they did: then poll once more as soon as it ends,
+        instead of sleeping for up to C{poll_interval}.
         """
+        if self._paused:
+            # Waiting for room, not for items: a settled item will wake it,
+            # and claiming into a nearly full window means tiny batches.
+            return
         self._missed = self._polling is not None
         self.wake()
 
