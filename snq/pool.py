@@ -215,10 +215,15 @@ class Worker:
         self.done = False
 
     @property
+    def waiting(self) -> bool:
+        """A respawn is scheduled."""
+        return self.respawnCall is not None and self.respawnCall.active()
+
+    @property
     def state(self) -> str:
         if self.process is not None:
             return self.process.state
-        if self.respawnCall is not None and self.respawnCall.active():
+        if self.waiting:
             return "waiting"
         return "exited" if self.done else "stopped"
 
@@ -275,7 +280,7 @@ class WorkerPool(Service):
     def stopService(self):
         super().stopService()
         for worker in self.workers:
-            if worker.respawnCall is not None and worker.respawnCall.active():
+            if worker.waiting:
                 worker.respawnCall.cancel()
         processes = [p for w in self.workers for p in (w.process, w.replacement)
                      if p is not None] + list(self.retiring)
@@ -440,7 +445,7 @@ class WorkerPool(Service):
                      "last_exit": worker.lastExit}
             if process is None:
                 entry["state"] = worker.state
-                if worker.respawnCall is not None and worker.respawnCall.active():
+                if worker.waiting:
                     entry["respawn_in"] = worker.respawnCall.getTime() - now
             else:
                 entry.update(pid=process.pid, state=process.state,
