@@ -214,6 +214,24 @@ class RedisQueueTests(RedisFixture, TestCase):
         self.assertEqual((yield self.zcard("processing")), 0)
 
     @defer.inlineCallbacks
+    def test_acknowledgementsAreGrouped(self):
+        """The first goes at once; those made meanwhile go together next."""
+        a = yield self.open()
+        yield a.enqueue(self.items(50))
+        claimed = yield a.claim(50)
+        sent = []
+        execute = a.connection.execute
+
+        def spy(*args, **kw):
+            sent.append(args[0])
+            return execute(*args, **kw)
+
+        a.connection.execute = spy
+        yield defer.gatherResults([a.ack(d) for d in claimed])
+        self.assertEqual(sent, ["ZREM", "ZREM"])
+        self.assertEqual((yield self.zcard("processing")), 0)
+
+    @defer.inlineCallbacks
     def test_claimInBatchesAndExclusively(self):
         a = yield self.open("a")
         b = yield self.open("b")
@@ -498,6 +516,30 @@ class ConnectionTests(RedisFixture, TestCase):
         yield self.killClients(c.name)
         yield self.assertFailure(blocked, txredisapi.ConnectionError)
         self.assertEqual((yield c.execute("PING")), "PONG")
+
+    @defer.inlineCallbacks
+    def test_stopWhileTheHandshakeWaits(self):
+        """A server that accepts and never answers: stopping still stops."""
+        from twisted.internet.protocol import Factory, Protocol
+
+        accepted = []
+
+        class Silent(Protocol):
+            def connectionMade(self):
+                accepted.append(self)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Silent),
+                                 interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        c = RedisConnection(RedisAddress("127.0.0.1", port.getHost().port),
+                            "silent", 5.0)
+        c.start()
+        waiting = c.whenConnected()
+        yield waitUntil(lambda: accepted, what="the connection")
+        yield c.stop()
+        yield self.assertFailure(waiting, txredisapi.ConnectionError)
+        yield waitUntil(lambda: not accepted[0].transport.connected,
+                        what="the connection closed")
 
     @defer.inlineCallbacks
     def test_refusedHandshakeIsRetriedUntilItWorks(self):

@@ -231,6 +231,21 @@ class RedisDaemonTests(RedisFixture, TestCase):
         yield self.assertEmpty()
 
     @defer.inlineCallbacks
+    def test_sigtermFinishesInFlightAndGivesBackTheRest(self):
+        self.enqueue(300, '{"sleep": 2.0}')
+        ids = yield self.readyIds()
+        daemon = self.daemon()
+        yield self.until("ZCARD", "processing", 100, "a window (prefetch) claimed")
+        daemon.process.send_signal(signal.SIGTERM)
+        yield waitFor(lambda: daemon.process.poll() is not None, timeout=15,
+                      what="the daemon to exit")
+        self.assertIn("Server Shut Down.", daemon.output())
+        handled = set(self.handled())
+        self.assertEqual(len(handled), 50, "what was running (concurrency 50)")
+        self.assertEqual((yield self.zcard("processing")), 0)
+        self.assertEqual(handled | (yield self.readyIds()), ids)
+
+    @defer.inlineCallbacks
     def test_malformedEntriesAreDeadLettered(self):
         daemon = self.daemon()
         yield self.started(daemon)

@@ -38,6 +38,7 @@ from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from snq.handlers import HandlerError, HandlerRegistry
 from snq.item import Item
@@ -121,7 +122,7 @@ def tlsOptions(address: RedisAddress, config):
 class _Protocol(txredisapi.RedisProtocol):
     """
     txredisapi's protocol, returning bytes as they are (a frame of digits
-    stays a frame), with snq's handshake.
+    stays a frame), with snq's handshake once connected.
     """
 
     #: Why the handshake failed; such a connection is closed, never used.
@@ -132,8 +133,22 @@ class _Protocol(txredisapi.RedisProtocol):
         super().__init__(charset=None, convertNumbers=False,
                          replyTimeout=connection.timeout)
         self.connection = connection
+        self.shaken = False
+        self._waiters: list[defer.Deferred] = []
 
-    def handshake(self):
+    def connectionMade(self):
+        super().connectionMade()
+        self._handshake()
+
+    def whenShaken(self):
+        """Fires with this protocol once the handshake worked or was refused."""
+        if self.shaken:
+            return defer.succeed(self)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+    def _handshake(self):
         """AUTH, SELECT, a name for CLIENT LIST, the scripts: in one go."""
         c = self.connection
         address = c.address
@@ -151,15 +166,7 @@ class _Protocol(txredisapi.RedisProtocol):
         d = defer.gatherResults([self.execute_command(*cmd) for cmd in commands],
                                 consumeErrors=True)
         d.addCallbacks(lambda _: c._ready(self), self._refuse)
-        return d
-
-    def connectionLost(self, why):
-        # Before the base class fails the commands waiting with a plain
-        # "Lost connection": a failed TLS handshake says why here only.
-        self.lostBecause = why
-        if self.connection.current is self:
-            self.connection._lost(self, why)
-        super().connectionLost(why)
+        d.addCallback(self._shaken)
 
     def _refuse(self, failure):
         if failure.check(defer.FirstError):
@@ -169,6 +176,20 @@ class _Protocol(txredisapi.RedisProtocol):
         self.refused = failure.getErrorMessage()
         self.connection._refused(self)
         self.transport.loseConnection()
+
+    def _shaken(self, _):
+        self.shaken = True
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(self)
+
+    def connectionLost(self, why):
+        # Before the base class fails the commands waiting with a plain
+        # "Lost connection": a failed TLS handshake says why here only.
+        self.lostBecause = why
+        if self.connection.current is self:
+            self.connection._lost(self, why)
+        super().connectionLost(why)
 
 
 class _Factory:
@@ -191,11 +212,12 @@ class RedisConnection:
     """
     One connection to Redis, kept up by a L{ClientService} with backoff.
 
-    A failed handshake (wrong password, a SELECT refused while the server
-    loads its data) closes the connection and counts as a failed attempt,
-    so the backoff grows and reconnecting never stops.  It is not reported
-    to L{ClientService} as a rejected connection: closing one at that point
-    upsets its state machine.
+    The handshake runs once L{ClientService} has the connection, not in its
+    C{prepareConnection}: closing a connection rejected there, or stopping
+    while one is being prepared, upsets its state machine.  A failed
+    handshake (wrong password, a SELECT refused while the server loads its
+    data) closes the connection and counts as one more failed attempt, so
+    the backoff grows, and reconnecting never stops.
     """
 
     log = Logger()
@@ -221,8 +243,7 @@ class RedisConnection:
         self.service = ClientService(
             endpoint, _Factory(self), clock=reactor,
             retryPolicy=lambda attempt: self._policy(max(attempt,
-                                                         self._refusals)),
-            prepareConnection=lambda proxy: proxy.handshake())
+                                                         self._refusals)))
 
     def start(self):
         self.service.startService()
@@ -249,9 +270,10 @@ class RedisConnection:
 
     def _refused(self, protocol: _Protocol):
         self._refusals += 1
-        self.log.error("redis connection {name} to {where} refused: {why}",
-                       name=self.name, where=self.address.describe(),
-                       why=protocol.refused)
+        if self.service.running:
+            self.log.error("redis connection {name} to {where} refused: {why}",
+                           name=self.name, where=self.address.describe(),
+                           why=protocol.refused)
 
     def whenConnected(self, failAfterFailures: int | None = 1):
         """
@@ -263,11 +285,17 @@ class RedisConnection:
             # It will fire inside ClientService's state machine, which whoever
             # waits must not re-enter (to stop it, say): hand over a turn later.
             d.addBoth(lambda result: deferLater(self.reactor, 0, lambda: result))
+        d.addCallback(lambda protocol: protocol.whenShaken())
         return d.addCallback(self._usable, failAfterFailures)
 
     def _usable(self, protocol: _Protocol, failAfterFailures):
-        if protocol.refused is None:
+        if protocol.refused is None and protocol.connected:
             return protocol
+        if protocol.refused is None:
+            # Just lost: ClientService learns it only once the protocol has
+            # been told, so it still hands this one out.  Ask again a turn on.
+            return deferLater(self.reactor, 0, self.whenConnected,
+                              failAfterFailures)
         if failAfterFailures is None:
             gone = (protocol.whenDisconnected() if protocol.connected
                     else defer.succeed(None))
@@ -403,6 +431,8 @@ class Doorbell:
 class Listener:
     """The doorbells of the lists a worker consumes, as L{Queue.listen} gives."""
 
+    log = Logger()
+
     def __init__(self, doorbells: list[Doorbell]):
         self.doorbells = doorbells
         for bell in doorbells:
@@ -413,8 +443,10 @@ class Listener:
             bell.arm()
 
     def stopListening(self):
-        return defer.gatherResults([bell.stop() for bell in self.doorbells],
-                                   consumeErrors=True)
+        d = defer.gatherResults([bell.stop() for bell in self.doorbells],
+                                consumeErrors=True)
+        # Never fails: the manager still has to let its items finish.
+        return d.addErrback(lambda f: self.log.failure("stopping doorbells", f))
 
 
 class RedisManager(QueueManager):
@@ -516,6 +548,8 @@ class RedisQueue(Queue):
         self._registry = None
         self._seq = itertools.count()
         self._turn = 0
+        self._acks: list[tuple[bytes, defer.Deferred]] = []
+        self._acking: defer.Deferred | None = None
 
     def describe(self) -> str:
         return f"{self.address.describe()} (keys {self.prefix}*)"
@@ -589,6 +623,7 @@ class RedisQueue(Queue):
                 f"snq needs {'.'.join(map(str, MIN_VERSION))} or later")
 
     def close(self):
+        # The manager waited for the acknowledgements; any still going fail.
         connection, self.connection = self.connection, None
         if connection is None:
             return defer.succeed(None)
@@ -650,17 +685,46 @@ class RedisQueue(Queue):
         return d.addCallback(self._claimed)
 
     def _claimed(self, result):
-        due, *members = result
+        due, packed = result
         self.nextDue = float(due) if due else None
         deliveries = []
-        for member in members:
-            lease = Lease(member)
+        start = 0
+        while start < len(packed):
+            colon = packed.index(b":", start)
+            end = colon + 1 + int(packed[start:colon])
+            lease = Lease(packed[colon + 1:end])
             deliveries.append(Delivery(frame=lease.frame, token=lease))
+            start = end
         return deliveries
 
     def ack(self, delivery):
-        return self.connection.execute("ZREM", self.processing,
-                                       delivery.token.member, again=True)
+        """
+        Acknowledgements are grouped: while one ZREM is on its way, the next
+        ones gather for the one after, so a busy worker sends one command
+        for many items and an idle one still sends each at once.
+        """
+        done = defer.Deferred()
+        self._acks.append((delivery.token.member, done))
+        if self._acking is None:
+            self._flushAcks()
+        return done
+
+    def _flushAcks(self):
+        batch, self._acks = self._acks, []
+        self._acking = self.connection.execute(
+            "ZREM", self.processing, *(member for member, _ in batch), again=True)
+
+        def sent(result):
+            self._acking = None
+            if self._acks:
+                self._flushAcks()
+            for _, done in batch:
+                if isinstance(result, Failure):
+                    done.errback(result)
+                else:
+                    done.callback(None)
+
+        self._acking.addBoth(sent)
 
     def retry(self, delivery, item, delay, error):
         lease = delivery.token

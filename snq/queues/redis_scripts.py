@@ -29,10 +29,12 @@ class Script:
 #: ARGV: now, deadline, limit, token prefix.
 #: First moves due retries back onto their lists, then pops up to C{limit}
 #: frames (in batches) into processing.  Returns the earliest due time still
-#: waiting ("" if none) followed by the claimed members.
+#: waiting ("" if none) and the claimed members packed into one string, each
+#: as C{LENGTH:MEMBER}: txredisapi's pure-Python parser reads each element
+#: of an array in a reactor turn of its own, one string in one go.
 CLAIM = Script("""
 local now, deadline, limit = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-local result, nextDue = {''}, nil
+local packed, claimed, nextDue = {}, 0, nil
 for k = 2, #KEYS, 2 do
   local list, delayed = KEYS[k], KEYS[k + 1]
   local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
@@ -43,14 +45,14 @@ for k = 2, #KEYS, 2 do
     end
     redis.call('ZREM', delayed, unpack(due))
   end
-  local want = limit - (#result - 1)
-  if want > 0 then
-    local frames = redis.call('RPOP', list, want)
+  if limit > claimed then
+    local frames = redis.call('RPOP', list, limit - claimed)
     if frames then
       for _, f in ipairs(frames) do
-        local m = ARGV[4] .. (#result) .. '\\n' .. list .. '\\n' .. f
+        claimed = claimed + 1
+        local m = ARGV[4] .. claimed .. '\\n' .. list .. '\\n' .. f
         redis.call('ZADD', KEYS[1], deadline, m)
-        result[#result + 1] = m
+        packed[#packed + 1] = #m .. ':' .. m
       end
     end
   end
@@ -60,9 +62,9 @@ for k = 2, #KEYS, 2 do
     if nextDue == nil or score < nextDue then nextDue = score end
   end
 end
-if nextDue ~= nil then result[1] = string.format('%.6f', nextDue) end
-return result
+return {nextDue and string.format('%.6f', nextDue) or '', table.concat(packed)}
 """)
+
 
 #: KEYS: processing, then one list per member.
 #: ARGV: a score cutoff ("" = none), then (member, frame) pairs.
