@@ -9,6 +9,7 @@ INSERTs as any producer would.
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -82,6 +83,7 @@ class Daemon:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(60)
         self.log.close()
+        shutil.rmtree(self.dir)
 
     def status(self):
         result = subprocess.run(
