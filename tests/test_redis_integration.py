@@ -13,10 +13,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
-from twisted.internet import defer, reactor
+import txredisapi
+from twisted.internet import defer, error, reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -24,6 +26,7 @@ from snq import config as snqconfig
 from snq.handlers import HandlerRegistry, QueueHandler
 from snq.iomaster import IoMaster
 from snq.item import Item
+from snq.queues.redis import RedisQueue
 from tests.daemon import Daemon, snqctl, waitFor
 from tests.redis_handlers import recorded
 from tests.test_redis import REDIS_URL, RedisFixture, waitUntil
@@ -297,6 +300,72 @@ class RedisDaemonTests(RedisFixture, TestCase):
             lengths[spec] = yield self.redis.execute("LLEN", self.key(f"q:{spec}"))
         self.assertEqual(lengths, {"main": 2, "bulk": 1, "main/fast": 1})
         self.assertEqual((yield self.zcard("delayed:main")), 1)
+
+
+def freePort():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class ServerRestartTests(TestCase):
+    """A Redis of the test's own, killed and started again under a worker."""
+
+    timeout = 60
+
+    def startServer(self):
+        self.server = subprocess.Popen(
+            [shutil.which("redis-server") or "redis-server", "--port",
+             str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return waitUntil(self.answers, 10, what="the redis-server")
+
+    def answers(self):
+        try:
+            socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def killServer(self):
+        if self.server.poll() is None:
+            self.server.send_signal(signal.SIGKILL)
+            self.server.wait(10)
+
+    @defer.inlineCallbacks
+    def test_workerCarriesOnAfterARestart(self):
+        handled = []
+
+        class Note(QueueHandler):
+            def handle(self, item):
+                handled.append(item.payload)
+
+        self.port = freePort()
+        yield self.startServer()
+        self.addCleanup(self.killServer)
+        config = snqconfig.parse({
+            "queue": {"backend": "redis", "poll_interval": 30},
+            "redis": {"url": f"redis://127.0.0.1:{self.port}/3"}})
+        master = IoMaster(config, registry=HandlerRegistry({"note": Note}))
+        yield master.startService()
+        self.addCleanup(master.stopService)
+        producer = RedisQueue(config)
+        yield producer.open()
+        self.addCleanup(producer.close)
+        yield producer.enqueue([Item(transport="note", payload=1)])
+        yield waitUntil(lambda: handled == [1], what="the first item")
+
+        self.killServer()
+        yield deferLater(reactor, 1, lambda: None)
+        yield self.startServer()
+        yield producer.enqueue([Item(transport="note", payload=2)])
+        yield waitUntil(lambda: handled == [1, 2], timeout=20,
+                        what="an item pushed after the restart")
+        # Claims that found Redis gone were logged, as they should be.
+        self.flushLoggedErrors(error.ConnectError, txredisapi.ConnectionError)
 
 
 class InProcessTests(RedisFixture, TestCase):

@@ -476,7 +476,14 @@ class RedisManager(QueueManager):
         d = super().poll()
         if d is None:
             return None
-        return d.addCallback(self._idleUnlessFound)
+        return d.addCallbacks(self._idleUnlessFound, self._claimFailed)
+
+    def _claimFailed(self, failure):
+        if failure.check(*CONNECTION_ERRORS) and self._listening is not None:
+            # A doorbell waits for its own reconnection: the first push
+            # after Redis is back wakes us, not the poll's backoff.
+            self._listening.arm()
+        return failure
 
     def _idleUnlessFound(self, found):
         self._asleep = not found
