@@ -730,6 +730,13 @@ class DoorbellTests(SynchronousTestCase):
         self.assertEqual(self.rings, [BLOCK])
         self.assertEqual(len(self.flushLoggedErrors(txredisapi.ResponseError)), 1)
 
+    def test_stopCancelsALaterRing(self):
+        self.bell.arm()
+        self.answer(txredisapi.ResponseError("WRONGTYPE not a list"))
+        self.flushLoggedErrors(txredisapi.ResponseError)
+        self.successResultOf(self.bell.stop())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_stoppedNeverRings(self):
         self.bell.arm()
         self.successResultOf(self.bell.stop())

@@ -36,6 +36,7 @@ import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -192,15 +193,11 @@ class _Protocol(txredisapi.RedisProtocol):
         super().connectionLost(why)
 
 
-class _Factory:
+class _Factory(Factory):
+    noisy = False
+
     def __init__(self, connection):
         self.connection = connection
-
-    def doStart(self):
-        pass
-
-    def doStop(self):
-        pass
 
     def buildProtocol(self, addr):
         p = _Protocol(self.connection)
@@ -382,6 +379,7 @@ class Doorbell:
         self.ring = ring
         self.armed = False
         self.stopped = True
+        self._later = None
 
     def start(self):
         self.stopped = False
@@ -389,6 +387,8 @@ class Doorbell:
 
     def stop(self):
         self.stopped = True
+        if self._later is not None and self._later.active():
+            self._later.cancel()
         return self.connection.stop()
 
     def arm(self):
@@ -420,12 +420,10 @@ class Doorbell:
                           why=failure.getErrorMessage())
             self.ring()
         else:
+            # Not the connection (a key of the wrong type, say): ringing at
+            # once would spin; the claim will say what is wrong meanwhile.
             self.log.failure("waiting on {key} failed", failure, key=self.key)
-            self.connection.reactor.callLater(BLOCK, self._ringUnlessStopped)
-
-    def _ringUnlessStopped(self):
-        if not self.stopped:
-            self.ring()
+            self._later = self.connection.reactor.callLater(BLOCK, self.ring)
 
 
 class Listener:
