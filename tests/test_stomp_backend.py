@@ -452,6 +452,27 @@ class StompQueueTests(QueueTestCase):
         self.assertEqual(self.acks(), [], "the broker has taken it back")
         self.closeQueue()
 
+    def test_ackWhileSubscriptionsAreRestored(self):
+        """
+        After a reconnect, messages for the first subscription restored
+        may come (and be done) before the last is confirmed: they are
+        acknowledged on the connection they came on all the same.
+        """
+        got = self.consume()
+        self.queue.listenControl(lambda body, headers: None)
+        self.pump()
+        self.broker.last.lose()
+        self.broker.holdReceipts = True
+        self.clock.advance(31)
+        self.pump()
+        conn = self.broker.last
+        self.assertEqual(len(conn.subscriptions), 1, "the control topic waits")
+        self.assertIsNone(self.queue.connections[0].stomp, "not ready yet")
+        ackId = conn.deliver("/queue/snq%2Fmain", b"x")
+        self.settled(self.queue.ack(got[-1]))
+        self.assertEqual(self.acks(), [ackId])
+        self.closeQueue()
+
     def test_enqueueRoutesPersistentWithReceipts(self):
         self.broker.holdReceipts = True
         items = [Item(transport="webhook", payload=1),

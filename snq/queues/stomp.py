@@ -300,7 +300,7 @@ class StompQueue(Queue):
 
     def ack(self, delivery):
         received = delivery.token
-        if received.connection.stomp is not received.stomp:
+        if received.stomp.lost:
             # That connection is gone, and with it the broker's hold: the
             # message is back in its queue and will come again.
             return defer.succeed(None)
@@ -320,7 +320,7 @@ class StompQueue(Queue):
         """
         for delivery in deliveries:
             received = delivery.token
-            if received.connection.stomp is received.stomp:
+            if not received.stomp.lost:
                 # STOMP 1.0 has no NACK: back on DISCONNECT, then.
                 with contextlib.suppress(StompProtocolError):
                     received.stomp.nack(received.frame)

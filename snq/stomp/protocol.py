@@ -209,6 +209,11 @@ class StompClientProtocol(Protocol):
         return done
 
     @property
+    def lost(self):
+        """Whether the connection has ended: no command can be sent any more."""
+        return self._lost is not None
+
+    @property
     def server(self):
         """
         The broker's C{server} header (C{"RabbitMQ/3.10.8"}), or None: what
