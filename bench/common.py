@@ -24,6 +24,14 @@ def rssBytes(pid=None):
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def privateBytes(pid=None):
+    """Memory only this process holds: its RSS less pages shared with others."""
+    with open(f"/proc/{pid or os.getpid()}/smaps_rollup") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return sum(int(fields[k].split()[0]) * 1024
+               for k in ("Private_Clean", "Private_Dirty"))
+
+
 class Timer:
     def __enter__(self):
         self.start = time.perf_counter()

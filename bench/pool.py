@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 
-from bench.common import percentile, rssBytes, table
+from bench.common import percentile, privateBytes, rssBytes, table
 from snq.handlers import QueueHandler
 from snq.item import Item
 
@@ -114,14 +114,6 @@ class Daemon:
         with open(path) as f:
             return [(int(pid), float(t)) for pid, t in
                     (line.split() for line in f if line.strip())]
-
-
-def privateBytes(pid):
-    """Memory only this process holds (RSS less pages shared with others)."""
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        fields = dict(line.split(":", 1) for line in f if ":" in line)
-    return sum(int(fields[k].split()[0]) * 1024
-               for k in ("Private_Clean", "Private_Dirty"))
 
 
 def drain(workers):

@@ -13,7 +13,7 @@ import time
 
 from twisted.internet import defer, task
 
-from bench.common import Timer, percentile, rssBytes, table
+from bench.common import Timer, percentile, privateBytes, rssBytes, table
 from snq import config as snqconfig
 from snq.handlers import HandlerRegistry, QueueHandler
 from snq.iomaster import IoMaster
@@ -51,7 +51,7 @@ def main(reactor, args):
             yield task.deferLater(reactor, 0.01, lambda: None)
         while master.dispatcher.held:
             yield task.deferLater(reactor, 0.01, lambda: None)
-    rss = rssBytes()
+    rss, private = rssBytes(), privateBytes()
 
     # Idle latency: one item at a time, the worker waiting for work.
     del Probe.waits[:]
@@ -73,7 +73,9 @@ def main(reactor, args):
             "unit": "ms"},
            {"measure": "idle enqueue→start p99", "value": percentile(waits, 0.99),
             "unit": "ms"},
-           {"measure": "RSS after the drain", "value": rss / 2**20, "unit": "MiB"}],
+           {"measure": "RSS after the drain", "value": rss / 2**20, "unit": "MiB"},
+           {"measure": "of which private", "value": private / 2**20,
+            "unit": "MiB"}],
           ["measure", "value", "unit"])
 
 
