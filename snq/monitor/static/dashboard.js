@@ -45,6 +45,8 @@
     const td = document.createElement("td");
     td.textContent = text;
     if (className) td.className = className;
+    // A long error is cut to one line; all of it shows on hovering.
+    if (className === "error") td.title = text;
     row.appendChild(td);
   }
 
