@@ -18,11 +18,6 @@ from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
-#: A cut network (rather than a closed connection) shows up within about a
-#: minute instead of never: polling covers the gap meanwhile.
-KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
-              "keepalives_count": 3}
-
 
 @implementer(IReadDescriptor)
 class NotifyListener:
@@ -36,8 +31,11 @@ class NotifyListener:
 
     log = Logger()
 
-    def __init__(self, conninfo, channel, wake, reactor, policy=None):
+    def __init__(self, conninfo, channel, wake, reactor, options=None,
+                 policy=None):
         self.conninfo = conninfo
+        #: More libpq parameters (keepalives).
+        self.options = options or {}
         self.channel = channel
         self.wake = wake
         self.reactor = reactor
@@ -73,7 +71,7 @@ class NotifyListener:
 
     def _open(self):
         """In a thread: connecting blocks."""
-        conn = psycopg.connect(self.conninfo, autocommit=True, **KEEPALIVES)
+        conn = psycopg.connect(self.conninfo, autocommit=True, **self.options)
         try:
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
         except BaseException:
