@@ -149,11 +149,11 @@ class StompDaemonTests(TestCase):
         yield waitFor(lambda: self.main() == (0, 0), what="all acknowledged")
         handled = handledIds(self.record)
         self.assertEqual(len(set(handled)), 3_000)
-        # Twice only what ran when the broker went (its acknowledgement went
-        # nowhere; at most the concurrency, 20) and what the broker gives
-        # again of the acknowledgements it had not processed as it stopped
-        # (at most the rest of the window: prefetch-count 40).
-        self.assertLessEqual(len(handled) - 3_000, 40)
+        # Twice only what the broker gives again: what the worker held (its
+        # window, prefetch-count 40), which it may well finish while the
+        # stopping broker keeps the connection open but no longer takes
+        # acknowledgements, and the few acknowledgements in flight before.
+        self.assertLessEqual(len(handled) - 3_000, 2 * 40)
         print(f"\n{len(handled) - 3_000} items handled twice")
 
     @defer.inlineCallbacks
