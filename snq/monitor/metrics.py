@@ -7,6 +7,8 @@ events), so a collector reads them at each scrape instead of keeping a
 second copy in prometheus_client's own counters.
 """
 
+import itertools
+
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -44,7 +46,7 @@ class SnqCollector:
         tracker = self.tracker
         labels = ["transport", "site", "worker"]
         counters = {name: CounterMetricFamily(
-            f"snq_{name}", _HELP.get(name, f"snq's {name} counter"), labels=labels)
+            f"snq_{name}", _HELP[name], labels=labels)
             for name in COUNTERS}
         for (counter, transport, site, wid), n in sorted(tracker.counts.items()):
             if counter in counters:
@@ -56,11 +58,8 @@ class SnqCollector:
             labels=["transport"])
         bounds = [floatToGoString(b) for b in DURATION_BUCKETS] + ["+Inf"]
         for transport, (_, seconds, buckets) in sorted(tracker.durations.items()):
-            cumulative, running = [], 0
-            for bound, count in zip(bounds, buckets, strict=True):
-                running += count
-                cumulative.append((bound, running))
-            histogram.add_metric([transport], cumulative, seconds)
+            cumulative = zip(bounds, itertools.accumulate(buckets), strict=True)
+            histogram.add_metric([transport], list(cumulative), seconds)
         yield histogram
 
         yield from self._queue()
