@@ -21,7 +21,7 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from tests.daemon import TWISTD, Daemon, environ, handledIds, snqctl, waitFor
-from tests.test_monitor import Listener
+from tests.test_monitor import Listener, deferLater
 
 CONFIG = """
 [daemon]
@@ -189,13 +189,18 @@ class MonitoredDaemonTests(TestCase):
         self.enqueue(80, '{"sleep": 0.05}')
         yield waitFor(lambda: len(handledIds(self.record)) == 80,
                       what="80 items handled")
-        metrics = yield self.waitForMetrics(
-            base, lambda m: sum(s.value for s in m["snq_handled"].samples
-                                if s.name == "snq_handled_total") == 80,
-            "snq_handled_total at 80")
-        restarts = sum(s.value for s in metrics["snq_worker_restarts"].samples
-                       if s.name == "snq_worker_restarts_total")
-        self.assertGreaterEqual(restarts, 2, "workers were recycled")
+
+        def total(metrics, family):
+            return sum(s.value for s in metrics[family].samples
+                       if s.name == f"{family}_total")
+
+        def recycledAndBack(metrics):
+            up = [s.value for s in metrics["snq_worker_up"].samples]
+            return total(metrics, "snq_worker_restarts") >= 1 and up == [1, 1]
+
+        metrics = yield self.waitForMetrics(base, recycledAndBack,
+                                            "a recycled worker replaced")
+        self.assertEqual(total(metrics, "snq_handled"), 80)
 
     @defer.inlineCallbacks
     def test_nagiosCheck(self):
@@ -303,9 +308,3 @@ class MonitoredDaemonTests(TestCase):
                                   text=True, timeout=60, check=True).stdout
         finally:
             shutil.rmtree(profile, ignore_errors=True)
-
-
-def deferLater(seconds):
-    from twisted.internet.task import deferLater
-
-    return deferLater(reactor, seconds, lambda: None)
