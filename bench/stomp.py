@@ -12,7 +12,8 @@ run:
 
 Every backlog is published first; a drain is timed from the first item
 handled to the last (each handler stamps the time), so process start-up is
-left out.  Run from the repository root, RabbitMQ on 127.0.0.1 (5672,
+left out; so is it from the consumers' CPU time per item, which depends
+less on what else the machine is doing.  Run from the repository root, RabbitMQ on 127.0.0.1 (5672,
 61613), C{pip install 'dramatiq[rabbitmq]'}:
 
     python -m bench.stomp [--items 20000]
@@ -76,17 +77,52 @@ def stamps(directory):
     return times
 
 
+def treeCpu(pid):
+    """CPU seconds (user + system) of a process and its descendants."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total, parents = 0.0, {pid}
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    grown = True
+    while grown:
+        children = {p for p, (ppid, _) in stats.items()
+                    if ppid in parents and p not in parents}
+        grown = bool(children)
+        parents |= children
+    for p in parents:
+        total += stats.get(p, (0, 0))[1] / ticks
+    return total
+
+
 def waitForStamps(directory, n, process, what, timeout=300):
+    """
+    The drain, first item to last, and the consumers' CPU per item between
+    the 5% and the 100% mark (start-up left out).
+    """
     deadline = time.monotonic() + timeout
-    while len(stamps(directory)) < n:
+    cpuAt5 = None
+    while True:
+        done = len(stamps(directory))
+        if cpuAt5 is None and done >= n // 20:
+            cpuAt5, doneAt5 = treeCpu(process.pid), done
+        if done >= n:
+            break
         if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{what}: {len(stamps(directory))} of {n} items "
-                             f"handled; see {directory}")
-        time.sleep(0.1)
+            raise SystemExit(f"{what}: {done} of {n} items handled; see "
+                             f"{directory}")
+        time.sleep(0.05)
+    cpu = (treeCpu(process.pid) - cpuAt5) / (n - doneAt5)
     times = stamps(directory)
     return {"items": n, "seconds": max(times) - min(times),
             "items/s": n / (max(times) - min(times)),
-            "twice": len(times) - n}
+            "CPU us/item": cpu * 1e6, "twice": len(times) - n}
 
 
 def publish(destination, n):
@@ -119,15 +155,17 @@ def rawCeiling(name, n, prefetch):
     try:
         client.subscribe(destination, {"ack": "client-individual", "id": "raw",
                                        "prefetch-count": str(prefetch)})
+        cpu = time.process_time()
         with Timer() as t:
             for _ in range(n):
                 frame = client.receiveFrame()
                 client.ack(frame)
+        cpu = time.process_time() - cpu
     finally:
         client.disconnect()
         client.close()
     return published, {"items": n, "seconds": t.seconds, "items/s": n / t.seconds,
-                       "twice": 0}
+                       "CPU us/item": cpu / n * 1e6, "twice": 0}
 
 
 def snq(name, n, workers):
@@ -208,7 +246,8 @@ def main():
     print(f"\n{n:,} persistent no-op items on RabbitMQ, each acknowledged after "
           f"its handler (STOMP: client-individual, prefetch-count {prefetch}); "
           f"publishing ran at {published:,.0f} messages/s\n")
-    table(rows, ["consumer", "items", "seconds", "items/s", "twice", "RSS MB"])
+    table(rows, ["consumer", "items", "seconds", "items/s", "CPU us/item", "twice",
+                 "RSS MB"])
     ceiling, one, two, peer = (r["items/s"] for r in rows)
     print(f"\nsnq 1 worker / raw ceiling: {one / ceiling:.0%} (target >= 50%)")
     print(f"snq 2 workers / Dramatiq 2 processes: {two / peer:.1f}x "

@@ -7,10 +7,11 @@ real broker is in L{tests.test_stomp_integration}.
 """
 
 
-from stompest.protocol import StompSpec
+from stompest.protocol import StompFrame, StompSpec, commands
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -28,6 +29,7 @@ from snq.stomp.control import (
     parseCommand,
 )
 from snq.stomp.destinations import Destinations, onTheWire, retryBucket
+from snq.stomp.protocol import StompClientProtocol
 from tests.stomp_fakes import FakeBroker
 
 
@@ -56,6 +58,44 @@ class OnTheWireTests(SynchronousTestCase):
 
     def test_notEscapingKeepsTheContractName(self):
         self.assertEqual(onTheWire("/queue/snq/main", False), "/queue/snq/main")
+
+
+class AckTests(SynchronousTestCase):
+    """The protocol's ACK written directly equals stompest's frame."""
+
+    def ackBytes(self, version, headers, receipt=False):
+        clock = Clock()
+        stomp = StompClientProtocol(clock)
+        transport = StringTransport()
+        stomp.makeConnection(transport)
+        stomp.connect("g", "g", "/", versions=[version])
+        stomp.dataReceived(bytes(StompFrame(
+            "CONNECTED", {"version": version}, version=version)))
+        stomp.subscribe("/queue/a", lambda f: None, {"ack": "client-individual"},
+                        receipt=False)
+        transport.clear()
+        message = StompFrame("MESSAGE", {"destination": "/queue/a",
+                                         "subscription": "sub-1",
+                                         "message-id": "m-1", **headers},
+                             b"x", version=version)
+        clock.advance(5)
+        stomp.ack(message, receipt=receipt)
+        self.assertEqual(stomp._lastSent, 5, "counts as sent for heart-beats")
+        return transport.value(), message
+
+    def test_sameBytesAsStompest(self):
+        for version, headers in (
+                ("1.2", {"ack": "T_sub-1@@session-Ab_9@@42"}),
+                ("1.2", {"ack": "needs:escaping\n"}),
+                ("1.2", {"ack": "a1", "transaction": "tx"}),
+                ("1.1", {"ack": "a1"}),
+                ("1.0", {})):
+            wire, message = self.ackBytes(version, headers)
+            self.assertEqual(wire, bytes(commands.ack(message)), (version, headers))
+
+    def test_receiptStillAsked(self):
+        wire, _ = self.ackBytes("1.2", {"ack": "a1"}, receipt=True)
+        self.assertIn(b"receipt:", wire)
 
 
 class DestinationsTests(SynchronousTestCase):
