@@ -13,8 +13,8 @@ run:
 Every backlog is published first; a drain is timed from the first item
 handled to the last (each handler stamps the time), so process start-up is
 left out; so is it from the consumers' CPU time per item, which depends
-less on what else the machine is doing.  Run from the repository root, RabbitMQ on 127.0.0.1 (5672,
-61613), C{pip install 'dramatiq[rabbitmq]'}:
+less on what else the machine is doing.  Run from the repository root,
+RabbitMQ on 127.0.0.1 (5672, 61613), C{pip install 'dramatiq[rabbitmq]'}:
 
     python -m bench.stomp [--items 20000]
 """
