@@ -210,6 +210,20 @@ class StompDaemonTests(TestCase):
                        cwd=self.dir).stdout.splitlines()), 4, "still all there")
 
     @defer.inlineCallbacks
+    def test_fanoutEnqueuesThroughTheBroker(self):
+        """The handlers' enqueue API (fanout) routes new items by group."""
+        daemon = yield self.started("--inline")
+        snqctl("-c", self.config, "enqueue", "fanout", json.dumps(
+            {"transports": ["record", "record", "xmppout"], "payload": {}}),
+            cwd=self.dir)
+        yield waitFor(lambda: len(handledIds(self.record)) == 2,
+                      what="two record items from one fanout")
+        yield waitFor(lambda: rabbitmq.queueDepths(self.name).get(
+            f"{self.name}/xmpp") == (1, 0), what="xmppout on the xmpp queue")
+        self.assertTrue(daemon.alive())
+        self.assertEqual(self.main(), (0, 0))
+
+    @defer.inlineCallbacks
     def test_controlChannelWithASecret(self):
         """
         Unsigned and forged control messages are refused and the worker

@@ -72,7 +72,6 @@ class NoBrokerError(ConnectionLost):
 class Received:
     """A Delivery's token: what it takes to acknowledge a MESSAGE."""
 
-    connection: BrokerConnection
     stomp: StompClientProtocol
     frame: object
     #: The destination it came from, where a retry goes back to.
@@ -214,12 +213,11 @@ class StompQueue(Queue):
                    "activemq.prefetchSize": str(self.prefetch)}
         return defer.gatherResults([
             connection.subscribe(Subscription(destination, functools.partial(
-                self._received, connection, destination, onDelivery), headers))
+                self._received, destination, onDelivery), headers))
             for connection in self.connections for destination in destinations])
 
-    def _received(self, connection, origin, onDelivery, stomp, frame):
-        onDelivery(Delivery(frame=frame.body,
-                            token=Received(connection, stomp, frame, origin)))
+    def _received(self, origin, onDelivery, stomp, frame):
+        onDelivery(Delivery(frame=frame.body, token=Received(stomp, frame, origin)))
 
     def listenControl(self, onControl):
         """The control topic on every server: C{onControl(body, headers)}."""
