@@ -193,7 +193,7 @@
     fillTable($("dead").tBodies[0], status.dead, (d) => [
       [String(d.id), "num"], [when(d.died)], [d.transport || "–"], [d.site || "–"],
       [d.reason], [String(d.attempts), "num"], [d.error, "error"],
-    ], "no dead letters");
+    ], status.queue ? "no dead letters" : "not known: this backend does not count");
   }
 
   function connection(ok, why) {
