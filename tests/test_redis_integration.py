@@ -180,9 +180,16 @@ class RedisDaemonTests(RedisFixture, TestCase):
 
     @defer.inlineCallbacks
     def test_twoWorkersNeverShareAnItem(self):
-        self.enqueue(3_000, '{"sleep": 0.002}')
-        ids = yield self.readyIds()
         workers = [self.daemon(), self.daemon()]
+        for worker in workers:
+            yield self.started(worker)
+        producer = RedisQueue(snqconfig.load(self.config))
+        yield producer.open()
+        self.addCleanup(producer.close)
+        items = [Item(transport="record", payload={"sleep": 0.01})
+                 for _ in range(3_000)]
+        yield producer.enqueue(items)
+        ids = {item.id for item in items}
         yield waitFor(lambda: len(self.handled()) >= 3_000,
                       what="3,000 items handled")
         lines = recorded(self.record)
