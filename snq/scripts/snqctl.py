@@ -116,7 +116,10 @@ def run(reactor, args, out=sys.stdout, stdin=sys.stdin):
         result = yield _control(config, args, out, reactor)
         return result
     queue = makeQueue(config, reactor)
-    yield queue.open()
+    try:
+        yield queue.open()
+    except Exception as e:
+        raise CommandError(f"cannot open the queue {queue.describe()}: {e}")
     try:
         result = yield _COMMANDS[args.command](queue, config, args, out, stdin,
                                                reactor)
