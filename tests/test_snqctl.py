@@ -104,10 +104,19 @@ class SnqctlTests(TestCase):
         result = daemon.snqctl("-c", bad, "dead", "list", cwd=self.dir, check=False)
         self.assertEqual(result.returncode, 2)
         self.assertIn(f"{bad}: queue.backend: expected a string", result.stderr)
-        result = daemon.snqctl("-c", self.config, "dead", "show", "5", cwd=self.dir,
-                           check=False)
+        result = daemon.snqctl("-c", self.config, "dead", "show", "5",
+                               cwd=self.dir, check=False)
         self.assertEqual((result.returncode, result.stderr.strip()),
                          (1, "snqctl: no dead letter 5"))
         result = daemon.snqctl("-c", self.config, "enqueue", "log", "{}",
-                           cwd=self.dir)
+                               cwd=self.dir)
         self.assertEqual(result.returncode, 0)
+        unreachable = os.path.join(self.dir, "unreachable.toml")
+        with open(unreachable, "w") as f:
+            f.write('[db]\nurl = "sqlite:////proc/snq-nowhere/q.sqlite"\n')
+        result = daemon.snqctl("-c", unreachable, "dead", "list", cwd=self.dir,
+                               check=False)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertIn("snqctl: cannot open the queue sqlite:////proc/snq-nowhere/"
+                      "q.sqlite: ", result.stderr)
