@@ -38,6 +38,7 @@ class PollingManager(IoManager):
         self._delay = 0.0
         self._timer = None
         self._polling = None
+        self._failures = 0
 
     @property
     def idle(self) -> bool:
@@ -79,11 +80,25 @@ class PollingManager(IoManager):
     def _run(self):
         self._timer = None
         self._polling = defer.maybeDeferred(self.poll)
-        self._polling.addErrback(self._failed)
+        self._polling.addCallbacks(self._succeeded, self._failed)
         self._polling.addCallback(self._polled)
 
+    def _succeeded(self, found):
+        if self._failures:
+            self.log.info("{manager} polls again after {n} failures",
+                          manager=self, n=self._failures)
+            self._failures = 0
+        return found
+
     def _failed(self, failure):
-        self.log.failure("{manager} poll failed", failure, manager=self)
+        # An outage fails every poll: one traceback, then one line each.
+        self._failures += 1
+        if self._failures == 1:
+            self.log.failure("{manager} poll failed", failure, manager=self)
+        else:
+            self.log.warn("{manager} poll failed again ({n} in a row): {error}",
+                          manager=self, n=self._failures,
+                          error=failure.getErrorMessage())
         return False
 
     def _polled(self, found):

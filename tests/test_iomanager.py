@@ -2,6 +2,7 @@
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from snq.iomanager import PollingManager
@@ -42,12 +43,19 @@ class PollingManagerTests(SynchronousTestCase):
         self.assertEqual(p.calls, [0, 0, 0, 1, 3, 7, 12, 17, 17, 18])
 
     def test_errorBacksOff(self):
+        """An outage: backoff, one traceback, then one line per failure."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         clock = Clock()
-        p = ScriptedPoller(["boom", "boom", True, False], clock)
+        p = ScriptedPoller(["boom", "boom", "boom", True, False], clock)
         p.startService()
-        clock.pump([0] + [1] * 5)
-        self.assertEqual(p.calls, [0, 1, 3, 3, 4])
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        clock.pump([0] + [1] * 8)
+        self.assertEqual(p.calls, [0, 1, 3, 7, 7, 8])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual([e["n"] for e in events if "n" in e], [2, 3, 3])
+        self.assertEqual(events[-1]["log_format"],
+                         "{manager} polls again after {n} failures")
 
     def test_pausedUntilWoken(self):
         """None means "no capacity": no timer until wake()."""
