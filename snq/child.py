@@ -1,17 +1,24 @@
 # -*- test-case-name: tests.test_child -*-
 """
 A worker process, started by the master's L{snq.pool.WorkerPool} as
-C{python -m snq.child [--config PATH] --id ID [--groups G,…]}; not meant to
-be run by hand.
+C{python -m snq.child [--config PATH [--stdin-config]] --id ID [--groups
+G,…] [--site NICK] [--generation N --loaded T]}; not meant to be run by
+hand.  With C{--stdin-config} the config's text comes on stdin (the master
+read and validated it; C{--config} only names it).
 
 It runs one L{IoMaster}, reports to the master over AMP on fds 3 (in) and
 4 (out) once a second, writes its log to stderr as C{"level text"} lines
 (the master logs them again, tagged), and tells the master what to do next
 by its exit status: 0 after an ordinary stop, 1 if it could not start,
-101 to be replaced at once (it recycled itself, or the control channel said
-restart), 100 to stay down (the control channel said shutdown).  It stops
-gracefully on SIGTERM or SIGINT, and when the pipe from the master closes
-(the master died).
+101 to be replaced at once (it recycled itself, the control channel said
+restart, or a reloaded config could not be applied in place), 100 to stay
+down (the control channel said shutdown).  It stops gracefully on SIGTERM
+or SIGINT, and when the pipe from the master closes (the master died).
+
+C{python -m snq.child --check [--config PATH]} with a config's text on
+stdin loads what a worker would (handlers, the queue's settings) without
+running anything, and prints what is wrong: the master's test of a
+reloaded config, in a fresh interpreter that sees the handlers' new code.
 """
 
 import argparse
@@ -24,9 +31,19 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel, eventAsText, globalLogBeginner
 
 from snq import config as snqconfig
-from snq.control import EXIT_RECYCLE, EXIT_SHUTDOWN, Channel, Report
+from snq.control import (
+    EXIT_RECYCLE,
+    EXIT_SHUTDOWN,
+    Channel,
+    ControlError,
+    Reconfigure,
+    Report,
+    RequestReload,
+)
+from snq.handlers import HandlerError, HandlerRegistry
 from snq.iomanager import PollingManager
 from snq.iomaster import IoMaster, residentMemory
+from snq.queues import makeQueue
 
 FROM_MASTER, TO_MASTER = 3, 4
 REPORT_INTERVAL = 1.0
@@ -46,6 +63,11 @@ class _WorkerChannel(Channel):
             self.closed.callback(None)
         self.worker.masterGone()
 
+    @Reconfigure.responder
+    def reconfigure(self, config):
+        d = self.worker.reconfigure(config)
+        return d.addCallback(lambda applied: {"applied": applied})
+
 
 class WorkerProcess:
     """This process's life: start, report, stop, and the exit status."""
@@ -53,11 +75,16 @@ class WorkerProcess:
     log = Logger()
 
     def __init__(self, config, workerId: str, reactor, iomasterFactory=IoMaster,
-                 groups=None):
+                 groups=None, site=None, generation=0, loaded=None):
         self.config = config
         self.workerId = workerId
         #: None: C{[queue] groups}.
         self.groups = groups
+        #: Only this site's items (C{twistd snq --site}); None: every site.
+        self.site = site
+        #: Which of the master's configs it runs, and when that was loaded.
+        self.generation = generation
+        self.loaded = loaded
         self.reactor = reactor
         self.iomasterFactory = iomasterFactory
         self.exitCode = 0
@@ -82,7 +109,7 @@ class WorkerProcess:
             self.config, workerId=self.workerId, clock=self.reactor,
             recycle=lambda reason: self.exit(EXIT_RECYCLE, reason),
             shutdown=lambda reason: self.exit(EXIT_SHUTDOWN, reason),
-            groups=self.groups)
+            reload=self.requestReload, groups=self.groups, site=self.site)
 
     def _running(self, _):
         if self.state == "starting":
@@ -110,6 +137,42 @@ class WorkerProcess:
     def masterGone(self):
         if self.state != "stopping":
             self.exit(0, "the master has gone")
+
+    def requestReload(self, reason: str):
+        """Ask the master to reload the config file (and so every worker)."""
+        if self.channel.transport is not None:
+            self.channel.callRemote(RequestReload, reason=reason)
+
+    @defer.inlineCallbacks
+    def reconfigure(self, spec: dict):
+        """
+        Run the master's new config (L{Reconfigure}) in place, once started.
+        A worker that fails half-way does not carry on half configured: it
+        exits to be replaced, and its successor starts on the new config.
+        """
+        yield self._starting
+        if self.state != "running":
+            raise ControlError(f"worker {self.workerId} is {self.state}")
+        generation = spec["generation"]
+        try:
+            config = snqconfig.parseText(spec["text"].encode("utf-8"),
+                                         spec["source"])
+            applied = yield self.iomaster.reconfigService(config, spec["groups"])
+        except Exception as e:
+            self.log.failure("worker {wid} cannot apply config generation {g} in "
+                             "place; it exits to be replaced", wid=self.workerId,
+                             g=generation)
+            self.exit(EXIT_RECYCLE, f"config generation {generation} could not "
+                                    "be applied in place")
+            raise ControlError(f"{type(e).__name__}: {e} (the worker exits, and "
+                               "its replacement starts on the new config)")
+        self.config, self.groups = config, spec["groups"]
+        self.generation, self.loaded = generation, spec["loaded"]
+        self.log.info("worker {wid} runs config generation {g}: {applied}",
+                      wid=self.workerId, g=generation,
+                      applied="; ".join(applied) or "nothing to change here")
+        self.report()
+        return applied
 
     @defer.inlineCallbacks
     def stop(self):
@@ -149,7 +212,9 @@ class WorkerProcess:
         """What the master keeps of this worker (see L{snq.pool})."""
         snapshot = {"state": self.state, "pid": os.getpid(),
                     "started": self.started, "rss": residentMemory(),
-                    "activity": self.activity()}
+                    "activity": self.activity(),
+                    "config": {"generation": self.generation,
+                               "loaded": self.loaded}}
         master = self.iomaster
         if master is not None:
             stats, dispatcher = master.stats, master.dispatcher
@@ -198,18 +263,55 @@ def lineObserver(stream):
     return observe
 
 
-def main(argv=None) -> int:
+def check(text: bytes, source: str) -> list[str]:
+    """What would keep a worker from starting on this config's text."""
+    try:
+        config = snqconfig.parseText(text, source)
+    except snqconfig.ConfigError as e:
+        return e.problems
+    problems = []
+    try:
+        HandlerRegistry.load(config.handlers)
+    except HandlerError as e:
+        problems.append(f"{source}: {e}")
+    try:
+        makeQueue(config)
+    except Exception as e:
+        problems.append(f"{source}: [queue] backend {config.queue.backend}: {e}")
+    return problems
+
+
+def main(argv=None, stdin=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m snq.child",
                                      description="An snq worker process.")
     parser.add_argument("--config", help="TOML config file (default: built-in)")
-    parser.add_argument("--id", required=True, help="the worker id")
+    parser.add_argument("--stdin-config", action="store_true",
+                        help="read the config's text from stdin; --config names it")
+    parser.add_argument("--check", action="store_true",
+                        help="check the config on stdin and exit")
+    parser.add_argument("--id", help="the worker id")
     parser.add_argument("--groups", help="comma-separated groups to consume "
                         "instead of [queue] groups")
+    parser.add_argument("--site", help="handle only this site's items")
+    parser.add_argument("--generation", type=int, default=0,
+                        help="the master's number for this config")
+    parser.add_argument("--loaded", type=float, default=None,
+                        help="when the master loaded this config")
     args = parser.parse_args(argv)
+    stdin = stdin or sys.stdin.buffer
+    if args.check:
+        problems = check(stdin.read(), args.config or "<stdin>")
+        print("\n".join(problems))
+        return 1 if problems else 0
+    if not args.id:
+        parser.error("--id is required")
     globalLogBeginner.beginLoggingTo([lineObserver(sys.stderr)])
     log = Logger(namespace="snq.child")
     try:
-        config = snqconfig.load(args.config)
+        if args.stdin_config:
+            config = snqconfig.parseText(stdin.read(), args.config or "<stdin>")
+        else:
+            config = snqconfig.load(args.config)
     except snqconfig.ConfigError as e:
         log.critical("worker {wid}: invalid configuration:\n{e}", wid=args.id, e=e)
         return 1
@@ -217,7 +319,8 @@ def main(argv=None) -> int:
     from twisted.internet import reactor
 
     groups = args.groups.split(",") if args.groups else None
-    worker = WorkerProcess(config, args.id, reactor, groups=groups)
+    worker = WorkerProcess(config, args.id, reactor, groups=groups, site=args.site,
+                           generation=args.generation, loaded=args.loaded)
     stdio.StandardIO(worker.channel, stdin=FROM_MASTER, stdout=TO_MASTER,
                      reactor=reactor)
     reactor.addSystemEventTrigger("before", "shutdown", worker.stop)

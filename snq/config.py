@@ -302,6 +302,17 @@ class Config:
         merged.update(self.sites.get(site, {}))
         return merged
 
+    def knownSites(self) -> frozenset | None:
+        """
+        The sites items may be for: the nicks under C{[sites]} and
+        C{default}, once a site other than C{default} is configured; None
+        (any site) before, so that C{[sites.default]} alone stays the base
+        of every site.
+        """
+        if not self.sites.keys() - {"default"}:
+            return None
+        return frozenset({*self.sites, "default"})
+
     def xmppAccounts(self) -> dict[str, XmppConfig]:
         """Site → its own XMPP account, for the sites that have one."""
         accounts = {"default": self.xmpp} if self.xmpp.jid else {}
@@ -336,14 +347,31 @@ def load(path: str | None = None, environ: typing.Mapping = os.environ) -> Confi
     path = path or environ.get(ENV_VAR) or None
     if path is None:
         return Config()
+    return parseText(read(path), path)
+
+
+def read(path: str) -> bytes:
+    """The file's bytes, or L{ConfigError} saying why not."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return f.read()
     except OSError as e:
         raise ConfigError([f"{path}: cannot read: {e.strerror}"])
+
+
+def parseText(text: bytes, source: str = "<config>") -> Config:
+    """
+    A config from the text of a file: a reload validates the text it read
+    once and hands that same text to the workers, whatever the file says
+    by the time they read it.
+    """
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{source}: not UTF-8: {e}"])
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError([f"{path}: not valid TOML: {e}"])
-    return parse(data, path)
+        raise ConfigError([f"{source}: not valid TOML: {e}"])
+    return parse(data, source)
 
 
 def parse(data: dict, source: str = "<config>") -> Config:

@@ -79,6 +79,38 @@ class Restart(amp.Command):
     errors = {ControlError: b"CONTROL_ERROR"}
 
 
+class Reload(amp.Command):
+    """
+    snqctl → master: reload the config file; answers once it is applied
+    (L{snq.reload.Reloader.reload} says with what), or fails saying why
+    nothing changed.
+    """
+
+    response = [(b"reloaded", JSON())]
+    errors = {ControlError: b"CONTROL_ERROR"}
+
+
+class Reconfigure(amp.Command):
+    """
+    Master → worker: run this config from now on, changing in place what
+    changed.  C{config}: C{text} (the file as the master validated it),
+    C{source} (its path, for messages), C{generation}, C{loaded} (when the
+    master loaded it) and C{groups} (this worker's, None for C{[queue]
+    groups}).  Answers with what the worker changed, in words.
+    """
+
+    arguments = [(b"config", JSON())]
+    response = [(b"applied", JSON())]
+    errors = {ControlError: b"CONTROL_ERROR"}
+
+
+class RequestReload(amp.Command):
+    """Worker → master: reload the config (the control channel said so)."""
+
+    arguments = [(b"reason", amp.Unicode())]
+    requiresAnswer = False
+
+
 class Channel(amp.AMP):
     """
     AMP without AMP's connection log lines, which ask the transport for
@@ -143,32 +175,52 @@ class _ControlProtocol(Channel):
         return self.service.pool.restart().addCallback(
             lambda replaced: {"restarted": replaced})
 
+    @Reload.responder
+    def reload(self):
+        if self.service.reloader is None:
+            raise ControlError("this daemon does not reload its config")
+        d = self.service.reloader.reload("snqctl reload")
+        return d.addCallback(lambda result: {"reloaded": result})
+
 
 class ControlService(Service):
     """
-    The master's control: C{snqctl status|stop|restart} on a UNIX socket
-    that only the daemon's user can use (mode 0600), and SIGUSR1 for a
-    rolling restart.  SIGTERM and SIGINT are twistd's: they stop the
-    daemon, which stops the pool gracefully.
+    The master's control: C{snqctl status|stop|restart|reload} on a UNIX
+    socket that only the daemon's user can use (mode 0600), SIGUSR1 for a
+    rolling restart and SIGHUP for a reload (with a C{reloader},
+    L{snq.reload.Reloader}).  SIGTERM and SIGINT are twistd's: they stop
+    the daemon, which stops the pool gracefully.
     """
 
     log = Logger()
 
-    def __init__(self, pool, path, reactor=None, stopDaemon=None):
+    def __init__(self, pool, path, reactor=None, stopDaemon=None, reloader=None):
         if reactor is None:
             from twisted.internet import reactor
         self.pool = pool
         self.path = path
         self.reactor = reactor
         self.stopDaemon = stopDaemon or reactor.stop
+        self.reloader = reloader
         self.started = None
         #: Open snqctl connections; closed on stop, which tells a waiting
         #: C{snqctl stop} that the daemon is done.
         self.connections: set = set()
         self._port = None
-        self._previousHandler = None
+        self._previousHandlers = {}
 
     def startService(self):
+        self._port = self._listen(self.path)
+        self._previousHandlers[signal.SIGUSR1] = signal.signal(
+            signal.SIGUSR1, self._sigusr1)
+        if self.reloader is not None:
+            self._previousHandlers[signal.SIGHUP] = signal.signal(
+                signal.SIGHUP, self._sighup)
+        self.started = self.reactor.seconds()
+        super().startService()
+        self.log.info("control socket {path}", path=os.path.abspath(self.path))
+
+    def _listen(self, path):
         factory = protocol.Factory.forProtocol(lambda: _ControlProtocol(self))
         factory.noisy = False
         # wantPID: a socket left by a dead master is replaced, one in use by
@@ -176,32 +228,55 @@ class ControlService(Service):
         # bound as it is (in twistd's run directory by now): socket paths
         # are limited to about 100 bytes.
         try:
-            self._port = self.reactor.listenUNIX(self.path, factory, mode=0o600,
-                                                 wantPID=True)
+            return self.reactor.listenUNIX(path, factory, mode=0o600,
+                                           wantPID=True)
         except error.CannotListenError as e:
             raise ControlError(
                 f"cannot listen on the control socket "
-                f"{os.path.abspath(self.path)}: {e.socketError}; is another snq "
+                f"{os.path.abspath(path)}: {e.socketError}; is another snq "
                 f"daemon running with the same [daemon] control_socket?")
-        self._previousHandler = signal.signal(signal.SIGUSR1, self._sigusr1)
-        self.started = self.reactor.seconds()
-        super().startService()
-        self.log.info("control socket {path}", path=os.path.abspath(self.path))
 
     def stopService(self):
         super().stopService()
-        signal.signal(signal.SIGUSR1, self._previousHandler)
+        for signum, handler in self._previousHandlers.items():
+            signal.signal(signum, handler)
+        self._previousHandlers.clear()
         for connection in list(self.connections):
             connection.transport.loseConnection()
         return defer.maybeDeferred(self._port.stopListening)
 
+    def reconfigService(self, config):
+        """
+        A reloaded C{[daemon] control_socket}: listen there, then let go of
+        the old socket (open connections, a waiting C{snqctl reload}
+        among them, stay).  If the new one cannot be had, the old stays.
+        """
+        path = config.daemon.control_socket
+        if path == self.path:
+            return []
+        try:
+            port = self._listen(path)
+        except ControlError as e:
+            self.log.error("{why}; snqctl still finds this daemon on {old}",
+                           why=e, old=os.path.abspath(self.path))
+            return [f"control socket: {e}; still on {os.path.abspath(self.path)}"]
+        old, self._port, self.path = self._port, port, path
+        old.stopListening()
+        return [f"control socket now {os.path.abspath(path)}"]
+
     def status(self) -> dict:
+        pool = self.pool
         return {"pid": os.getpid(), "started": self.started,
                 "uptime": self.reactor.seconds() - self.started,
-                "restarting": self.pool.restarting, "workers": self.pool.status()}
+                "restarting": pool.restarting, "workers": pool.status(),
+                "config": {"generation": pool.generation, "loaded": pool.loaded,
+                           "source": pool.config.source}}
 
     def _sigusr1(self, signum, frame):
         self.reactor.callFromThread(self._restart)
+
+    def _sighup(self, signum, frame):
+        self.reactor.callFromThread(self.reloader.requested, "SIGHUP")
 
     def _restart(self):
         self.log.info("rolling restart on SIGUSR1")

@@ -3,7 +3,8 @@
 The IoMaster: one worker's service tree.  It opens the queue, runs the
 managers that feed handlers from it, and on stop lets them finish before
 the queue is closed.  In a worker process a L{MemoryWatch} recycles it
-before a leak grows.
+before a leak grows.  A reloaded config is applied in place
+(L{IoMaster.reconfigService}).
 """
 
 import os
@@ -85,6 +86,26 @@ class MemoryWatch(Service):
         if self._timer.running:
             self._timer.stop()
 
+    def reconfigure(self, softLimit: int | None, maxItems: int) -> list[str]:
+        """New limits, checked from now on; → what changed, in words."""
+        applied = []
+        if softLimit != self.softLimit:
+            limit = _mb(softLimit) if softLimit else "none"
+            applied.append(f"soft memory limit {limit}")
+        if maxItems != self.maxItems:
+            applied.append(f"max_items {maxItems}")
+        self.softLimit, self.maxItems = softLimit, maxItems
+        if self.running and bool(softLimit) != self._timer.running:
+            if softLimit:
+                self._timer.start(self.interval, now=False)
+            else:
+                self._timer.stop()
+        if self.maxItems and self.items >= self.maxItems:
+            self._recycle(f"{self.items} items done (max_items {self.maxItems})")
+        else:
+            self.check()
+        return applied
+
     def itemSettled(self):
         self.items += 1
         if self.maxItems and self.items >= self.maxItems:
@@ -116,15 +137,20 @@ class IoMaster(AsyncMultiService):
     pool runs one worker of its own for the "xmpp" group.  A worker with
     "xmpp" among its groups holds the XMPP connections.
 
+    C{site}, when given (C{twistd snq --site NICK}), restricts the worker
+    to that site's items.
+
     C{recycle} and C{shutdown} (called with a reason: stop for good) are
     also what its managers call when asked from outside (the STOMP control
-    channel); None where nothing can carry them out.
+    channel), as is C{reload} (asks the master to reload the config file);
+    None where nothing can carry them out.
     """
 
     log = Logger()
 
     def __init__(self, config, workerId="inline", clock=None, queue=None,
-                 registry=None, recycle=None, groups=None, shutdown=None):
+                 registry=None, recycle=None, groups=None, shutdown=None,
+                 site=None, reload=None):
         super().__init__()
         if clock is None:
             from twisted.internet import reactor as clock
@@ -133,8 +159,10 @@ class IoMaster(AsyncMultiService):
         self.clock = clock
         self.stats = Stats()
         self.groups = list(groups or config.queue.groups)
+        self.site = site
         self.recycle = recycle
         self.shutdown = shutdown
+        self.reload = reload
         self.queue = queue if queue is not None else makeQueue(config, clock)
         self.registry = registry or HandlerRegistry.load(config.handlers)
         self.dispatcher = Dispatcher(self.queue, self.registry, config,
@@ -145,29 +173,75 @@ class IoMaster(AsyncMultiService):
                                      config.queue.max_items, recycle, clock)
             self.watch.setServiceParent(self)
             self.dispatcher.settledHooks.append(self.watch.itemSettled)
-        if "xmpp" in self.groups:
-            self._addXmppManagers()
-        groupOf = {name: self.registry.groupOf(name, config.transport(name).group)
-                   for name in {*self.registry.classes, *config.transports}}
+        # The XMPP connections start before the queue manager and so stop
+        # after it: items in flight can still finish.
+        self.xmpp = AsyncMultiService()
+        self.xmpp.setServiceParent(self)
+        self._followXmpp()
         managerClass = self.queue.managerClass or QueueManager
-        self.manager = managerClass(
-            self.queue, self.dispatcher, config,
-            TransportFilter.forGroups(self.groups, groupOf), clock)
+        self.manager = managerClass(self.queue, self.dispatcher, config,
+                                    self._transports(), clock)
         self.manager.setServiceParent(self)
 
-    def _addXmppManagers(self):
+    def _transports(self) -> TransportFilter:
+        groupOf = {name: self.registry.groupOf(name, self.config.transport(name).group)
+                   for name in {*self.registry.classes, *self.config.transports}}
+        return TransportFilter.forGroups(self.groups, groupOf, self.site)
+
+    def _followXmpp(self) -> defer.Deferred:
         """
-        One connection per site with an account, started before the queue
-        manager and so stopped after it: items in flight can still finish.
+        One connection per site with an account, in a worker whose groups
+        include "xmpp".  On a reload an account that changed connects
+        again (after its old connection is closed: one session per JID);
+        the others stay connected.  → what changed, in words.
         """
+        context = self.dispatcher.context
+        wanted = self.config.xmppAccounts() if "xmpp" in self.groups else {}
+        applied, closing = [], []
+        for site, manager in sorted(context.xmppManagers.items()):
+            if wanted.get(site) != manager.settings:
+                del context.xmppManagers[site]
+                closing.append(defer.maybeDeferred(manager.disownServiceParent))
+                applied.append(f"xmpp {site}: {manager.settings.jid} "
+                               "disconnected")
+        if not wanted.keys() - context.xmppManagers.keys():
+            return defer.gatherResults(closing).addCallback(lambda _: applied)
         # wokkel and OpenSSL only in the worker that uses them.
         from snq.xmpp.manager import XmppManager
 
-        context = self.dispatcher.context
-        for site, account in self.config.xmppAccounts().items():
-            manager = XmppManager(site, account, context, self.clock)
-            manager.setServiceParent(self)
-            context.xmppManagers[site] = manager
+        def connect(_):
+            for site, account in sorted(wanted.items()):
+                if site not in context.xmppManagers:
+                    manager = XmppManager(site, account, context, self.clock)
+                    manager.setServiceParent(self.xmpp)
+                    context.xmppManagers[site] = manager
+                    applied.append(f"xmpp {site}: {account.jid} connecting")
+            return applied
+
+        return defer.gatherResults(closing).addCallback(connect)
+
+    @defer.inlineCallbacks
+    def reconfigService(self, config, groups=None):
+        """
+        Apply a reloaded C{config} in place, in the manner of buildbot's
+        C{reconfigService}: each part compares old and new and changes only
+        what changed.  C{groups} as for the constructor.  → what changed
+        here, in words.  The handlers are loaded first, so one that does not
+        load changes nothing; a failure after that leaves the worker half
+        configured, and its process asks to be replaced (L{snq.child}).
+        """
+        registry = HandlerRegistry.load(config.handlers)
+        self.config = config
+        self.groups = list(groups or config.queue.groups)
+        self.registry = registry
+        applied = self.dispatcher.reconfigure(config, registry)
+        if self.watch is not None:
+            applied += self.watch.reconfigure(config.queue.softLimitBytes(),
+                                              config.queue.max_items)
+        applied += yield self._followXmpp()
+        self.queue.reconfigure(config)
+        applied += yield self.manager.reconfigService(config, self._transports())
+        return applied
 
     @defer.inlineCallbacks
     def startService(self):

@@ -13,7 +13,10 @@ one process.
 
 Each child gets two extra pipes for AMP (fd 3 master → child, fd 4 child →
 master); its stdout and stderr carry log lines, which the master logs again
-tagged with the worker's id and pid.
+tagged with the worker's id and pid.  Its stdin carries the config's text,
+as the master validated it, so every worker runs the same config whatever
+the file says by then; a reload (L{snq.reload}) sends running workers the
+new text over AMP, and the pool's slots follow C{workers} and the groups.
 """
 
 import contextlib
@@ -24,7 +27,15 @@ from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger, LogLevel
 
-from snq.control import EXIT_RECYCLE, EXIT_SHUTDOWN, Channel, ControlError, Report
+from snq.control import (
+    EXIT_RECYCLE,
+    EXIT_SHUTDOWN,
+    Channel,
+    ControlError,
+    Reconfigure,
+    Report,
+    RequestReload,
+)
 
 TO_CHILD, FROM_CHILD = 3, 4
 CHILD_FDS = {0: "w", 1: "r", 2: "r", TO_CHILD: "w", FROM_CHILD: "r"}
@@ -56,6 +67,21 @@ class _ChildPipe:
         self.process.closeChildFD(TO_CHILD)
 
 
+def _slots(config, count: int) -> list[tuple[object, str, list[str] | None]]:
+    """
+    C{(key, id, groups)} of each worker slot: C{count} numbered ones, and
+    the "xmpp" one while that group is active (see the module's doc).
+    """
+    daemon = config.daemon.id
+    slots = [(n, f"{daemon}.{n}", None) for n in range(count)]
+    groups = config.queue.groups
+    if "xmpp" in groups:
+        others = [g for g in groups if g != "xmpp"]
+        slots = [(n, wid, others) for n, wid, _ in slots] if others else []
+        slots.append(("xmpp", f"{daemon}.xmpp", ["xmpp"]))
+    return slots
+
+
 class _MasterChannel(Channel):
     def __init__(self, process):
         super().__init__()
@@ -66,15 +92,25 @@ class _MasterChannel(Channel):
         self.process.reported(report)
         return {}
 
+    @RequestReload.responder
+    def requestReload(self, reason):
+        self.process.worker.pool.reloadRequested(
+            f"{reason} (worker {self.process.worker.wid})")
+        return {}
+
 
 class WorkerProcess(protocol.ProcessProtocol):
     """One child process of a slot, from spawn to exit."""
 
     log = Logger()
 
-    def __init__(self, worker, clock):
+    def __init__(self, worker, clock, generation: int = 0,
+                 configText: bytes | None = None):
         self.worker = worker
         self.clock = clock
+        #: The pool's config generation it runs: spawned with, or applied.
+        self.generation = generation
+        self._configText = configText
         self.pid = None
         self.started = clock.seconds()
         #: starting → running (it said so) → stopping → exited
@@ -96,6 +132,8 @@ class WorkerProcess(protocol.ProcessProtocol):
 
     def connectionMade(self):
         self.pid = self.transport.pid
+        if self._configText is not None:
+            self.transport.writeToChild(0, self._configText)
         self.transport.closeStdin()
         self.channel.makeConnection(_ChildPipe(self.transport))
 
@@ -195,9 +233,11 @@ class Worker:
     """
 
     def __init__(self, pool, index: int, wid: str, delay: float,
-                 groups: list[str] | None = None):
+                 groups: list[str] | None = None, key=None):
         self.pool = pool
         self.index = index
+        #: What it is across reloads: its number, or "xmpp".
+        self.key = index if key is None else key
         self.wid = wid
         #: What it consumes, if not C{[queue] groups} (C{--groups}).
         self.groups = groups
@@ -247,28 +287,36 @@ class WorkerPool(Service):
 
     log = Logger()
 
-    def __init__(self, config, count: int, reactor=None, command=None):
+    def __init__(self, config, count: int, reactor=None, command=None,
+                 text: bytes | None = None, site: str | None = None):
         if reactor is None:
             from twisted.internet import reactor
         self.config = config
+        #: The config file's text as validated, which each new worker reads
+        #: on its stdin; None: workers load C{config.source} themselves.
+        self.text = text
+        #: Counts the configs this master has run (a reload adds one), and
+        #: when the current one was loaded.
+        self.generation = 1
+        self.loaded = reactor.seconds()
+        #: Every worker handles this site's items only (C{--site}).
+        self.site = site
         self.reactor = reactor
         self.command = command or childCommand(config)
-        slots = [(f"{config.daemon.id}.{n}", None) for n in range(count)]
-        groups = config.queue.groups
-        if "xmpp" in groups:
-            others = [g for g in groups if g != "xmpp"]
-            slots = [(wid, others) for wid, _ in slots] if others else []
-            slots.append((f"{config.daemon.id}.xmpp", ["xmpp"]))
         self.workers = [
-            Worker(self, n, wid, config.daemon.min_restart_delay, slotGroups)
-            for n, (wid, slotGroups) in enumerate(slots)]
-        #: Replaced by a rolling restart, stopping.
+            Worker(self, n, wid, config.daemon.min_restart_delay, groups, key)
+            for n, (key, wid, groups) in enumerate(_slots(config, count))]
+        #: Replaced by a rolling restart or removed by a reload, stopping.
         self.retiring: set[WorkerProcess] = set()
         self.restarting = False
+        self._restarted: list[defer.Deferred] = []
         #: Told of every report (C{workerReported(process, report)}) and
         #: every end (C{workerEnded(process)}) as they come: the monitors,
         #: which must not miss a process's last counts.
         self.observers: list = []
+        #: Called with a reason when a worker asks for a reload (the STOMP
+        #: control channel's C{update:<site>}).
+        self.onReloadRequest = None
 
     def startService(self):
         super().startService()
@@ -292,12 +340,18 @@ class WorkerPool(Service):
         return d
 
     def _spawn(self, worker) -> WorkerProcess | None:
-        process = WorkerProcess(worker, self.reactor)
+        process = WorkerProcess(worker, self.reactor, self.generation, self.text)
+        args = ["--id", worker.wid]
+        if worker.groups:
+            args += ["--groups", ",".join(worker.groups)]
+        if self.site is not None:
+            args += ["--site", self.site]
+        if self.text is not None:
+            args += ["--stdin-config", "--generation", str(self.generation),
+                     "--loaded", repr(self.loaded)]
         try:
-            groups = ["--groups", ",".join(worker.groups)] if worker.groups else []
             self.reactor.spawnProcess(
-                process, self.command[0],
-                [*self.command, "--id", worker.wid, *groups],
+                process, self.command[0], [*self.command, *args],
                 env=None, childFDs=CHILD_FDS)
         except Exception:
             self.log.failure("cannot start a process for worker {wid}",
@@ -328,8 +382,9 @@ class WorkerPool(Service):
         code, how = _describe(status)
         if process in self.retiring:
             self.retiring.discard(process)
-            self.log.info("worker {wid} (pid {pid}), replaced, has exited ({how})",
-                          wid=worker.wid, pid=process.pid, how=how)
+            why = "replaced" if worker in self.workers else "removed"
+            self.log.info("worker {wid} (pid {pid}), {why}, has exited ({how})",
+                          wid=worker.wid, pid=process.pid, why=why, how=how)
             return
         if process is worker.replacement:
             worker.replacement = None
@@ -381,9 +436,10 @@ class WorkerPool(Service):
                           "{lived:.1f} s: restarting now", **fields)
         self._scheduleRespawn(worker, delay)
 
-    def restart(self) -> defer.Deferred:
+    def restart(self, outdated: bool = False) -> defer.Deferred:
         """
-        Replace every running worker, one at a time.  Each replacement
+        Replace every running worker (with C{outdated}, every one running an
+        older config than the pool's), one at a time.  Each replacement
         starts first; the old process is stopped only once its replacement
         reports ready, and the next slot waits for that, so capacity never
         drops.  Fires with C{[{"id", "old", "new"}]}, or fails with
@@ -395,22 +451,36 @@ class WorkerPool(Service):
         if self.restarting:
             return defer.fail(ControlError("a rolling restart is in progress"))
         self.restarting = True
-        d = self._restartAll()
+        d = self._restartAll(outdated)
 
         def over(result):
             self.restarting = False
+            waiting, self._restarted = self._restarted, []
+            for waiter in waiting:
+                waiter.callback(None)
             return result
 
         return d.addBoth(over)
 
+    def whenRestarted(self) -> defer.Deferred:
+        """Fires once no rolling restart is in progress."""
+        if not self.restarting:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._restarted.append(d)
+        return d
+
     @defer.inlineCallbacks
-    def _restartAll(self):
+    def _restartAll(self, outdated):
         replaced = []
         timeout = self.config.daemon.start_timeout
-        for worker in self.workers:
+        for worker in list(self.workers):
             old = worker.process
-            # An empty slot gets a fresh process when it respawns anyway.
-            if old is None or not self.running:
+            # An empty slot gets a fresh process when it respawns anyway; a
+            # slot a reload removed meanwhile is gone.
+            if old is None or not self.running or worker not in self.workers:
+                continue
+            if outdated and old.generation >= self.generation:
                 continue
             new = worker.replacement = self._spawn(worker)
             if new is None:
@@ -435,6 +505,102 @@ class WorkerPool(Service):
                           wid=worker.wid, old=old.pid, new=new.pid)
         return replaced
 
+    def reloadRequested(self, reason: str):
+        if self.onReloadRequest is None:
+            self.log.warn("reload asked for ({reason}) but nothing reloads "
+                          "here", reason=reason)
+        else:
+            self.onReloadRequest(reason)
+
+    def setConfig(self, config, text: bytes, loaded: float):
+        """
+        A reloaded config, the next generation: new workers start on it,
+        and the timing keys (respawn backoff, kill_time, …) apply from the
+        next decision on.  What runs follows through L{resize},
+        L{reconfigureChildren} or L{restart}.
+        """
+        self.config, self.text = config, text
+        self.generation += 1
+        self.loaded = loaded
+
+    def resize(self, count: int) -> dict:
+        """
+        Follow the slots that C{count} and the config's groups give (see
+        L{_slots}): a new slot is started, one that is gone is stopped
+        gracefully (its running items finish) and not started again; a
+        slot that stays keeps its process, under the config's daemon id.
+        → C{{"added": [ids], "removed": [ids]}}.
+        """
+        kept = {w.key: w for w in self.workers}
+        workers, added = [], []
+        for index, (key, wid, groups) in enumerate(_slots(self.config, count)):
+            worker = kept.pop(key, None)
+            if worker is None:
+                worker = Worker(self, index, wid,
+                                self.config.daemon.min_restart_delay, groups, key)
+                added.append(worker)
+            worker.index, worker.wid, worker.groups = index, wid, groups
+            workers.append(worker)
+        self.workers = workers
+        for worker in kept.values():
+            self._remove(worker)
+        if self.running:
+            for n, worker in enumerate(added):
+                self._scheduleRespawn(worker, n * self.config.queue.spawndelay)
+        return {"added": [w.wid for w in added],
+                "removed": [w.wid for w in kept.values()]}
+
+    def _remove(self, worker):
+        if worker.waiting:
+            worker.respawnCall.cancel()
+        for process in (worker.process, worker.replacement):
+            if process is not None and not process.ended:
+                self.retiring.add(process)
+                process.stop(self.config.daemon.kill_time)
+        self.log.info("worker {wid} removed from the pool", wid=worker.wid)
+
+    def reconfigureChildren(self) -> defer.Deferred:
+        """
+        Send each live worker process running an older generation the
+        current config (L{Reconfigure}).  Fires with a row per process:
+        C{{"id", "pid", "applied": [...]}}, or C{"error"} instead of
+        C{"applied"} (such a worker exits and starts again on the new
+        config).
+        """
+        processes = [p for w in self.workers for p in (w.process, w.replacement)
+                     if p is not None and not p.ended
+                     and p.generation < self.generation]
+        return defer.gatherResults([self._reconfigure(p) for p in processes])
+
+    def _reconfigure(self, process):
+        generation = self.generation
+        spec = {"text": self.text.decode("utf-8"), "source": self.config.source,
+                "generation": generation, "loaded": self.loaded,
+                "groups": process.worker.groups}
+        row = {"id": process.worker.wid, "pid": process.pid}
+        # A worker may first have to let a dropped subscription's items
+        # finish (at most kill_time), or finish starting.
+        timeout = self.config.daemon.kill_time + self.config.daemon.start_timeout
+        d = process.channel.callRemote(Reconfigure, config=spec)
+        d.addTimeout(timeout, self.reactor)
+
+        def applied(answer):
+            process.generation = max(process.generation, generation)
+            return {**row, "applied": answer["applied"]}
+
+        def failed(failure):
+            why = failure.getErrorMessage()
+            if failure.check(defer.TimeoutError):
+                why = f"no answer within {timeout:g} s"
+            elif process.ended or not failure.check(ControlError):
+                why = f"it exited ({why}); its successor starts on the new config"
+            self.log.error("worker {wid} (pid {pid}) did not apply config "
+                           "generation {g}: {why}", wid=process.worker.wid,
+                           pid=process.pid, g=generation, why=why)
+            return {**row, "error": why}
+
+        return d.addCallbacks(applied, failed)
+
     def status(self) -> list[dict]:
         """Every slot and process, for snqctl and monitors."""
         now = self.reactor.seconds()
@@ -450,7 +616,8 @@ class WorkerPool(Service):
             else:
                 entry.update(pid=process.pid, state=process.state,
                              started=process.started,
-                             uptime=now - process.started, report=process.report)
+                             uptime=now - process.started, report=process.report,
+                             generation=process.generation)
             rows.append(entry)
 
         for worker in self.workers:

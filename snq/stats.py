@@ -8,7 +8,8 @@ import bisect
 import collections
 
 COUNTERS = ("enqueued", "handled", "error", "requeued", "deadletter",
-            "baditem", "badhandler", "switch", "siteupdate", "xmpp_process")
+            "baditem", "badhandler", "badsite", "switch", "siteupdate",
+            "xmpp_process")
 
 #: Upper bounds (seconds) of the handle-time histogram; one more bucket
 #: counts everything slower.  Prometheus' defaults, plus two for slow remotes.

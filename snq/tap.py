@@ -2,7 +2,8 @@
 """
 C{twistd snq}: command-line options and the service they build: a master
 supervising a pool of worker processes (L{snq.pool}) with its control
-socket (L{snq.control}), or with C{--inline} one IoMaster in this process.
+socket (L{snq.control}) and reloads (L{snq.reload}), or with C{--inline}
+one IoMaster in this process.
 """
 
 import os
@@ -40,11 +41,15 @@ class Options(usage.Options):
          "TOML configuration file (default: $SNQ_CONFIG, else built-in defaults)"],
         ["workers", "t", None,
          "Worker processes (default: [daemon] workers)", _workerCount],
+        ["site", None, None,
+         "Run one site: handle only the items of site NICK (on Redis and "
+         "STOMP: consume only its breakouts)."],
     ]
     optFlags = [
         ["inline", None,
          "Run the handlers in this process: one worker, no respawning, no "
          "memory recycling, no control socket (for debugging)."],
+        ["all", None, "Run every site in this daemon (the default)."],
     ]
 
     def opt_threads(self, value):
@@ -55,6 +60,9 @@ class Options(usage.Options):
         path = self["config"]
         if path is not None and not os.path.exists(path):
             raise usage.UsageError(f"config file {path} does not exist")
+        if self["site"] is not None and self["all"]:
+            raise usage.UsageError("--site runs one site, --all every site: "
+                                   "give one of them")
 
 
 class Daemon(AsyncMultiService):
@@ -79,22 +87,35 @@ class Daemon(AsyncMultiService):
         reactor.callWhenRunning(reactor.stop)
 
 
-def loadConfig(path):
-    """The validated config, or exit with every problem listed."""
+def loadConfig(path, environ=os.environ):
+    """
+    The validated config and the text it was read from (None for the
+    embedded default), or exit with every problem listed.
+    """
+    path = path or environ.get(snqconfig.ENV_VAR) or None
     try:
-        return snqconfig.load(path)
+        if path is None:
+            return snqconfig.Config(), None
+        text = snqconfig.read(path)
+        return snqconfig.parseText(text, path), text
     except snqconfig.ConfigError as e:
         raise SystemExit(f"snq: invalid configuration, not starting:\n{e}")
 
 
 def makeService(options):
-    config = loadConfig(options["config"])
+    config, text = loadConfig(options["config"])
     # Every worker would fail on a handler that does not load: refuse now.
     try:
         registry = HandlerRegistry.load(config.handlers)
     except HandlerError as e:
         raise SystemExit(f"snq: {e}")
     source = config.source or "embedded default config"
+    site = options["site"]
+    sites = config.knownSites()
+    if site is not None and sites is not None and site not in sites:
+        raise SystemExit(f"snq: --site {site}: there is no [sites.{site}] in "
+                         f"{source}")
+    running = f"site {site}" if site is not None else "every site"
     daemon = Daemon()
     if options["inline"]:
         from twisted.internet import reactor
@@ -103,27 +124,35 @@ def makeService(options):
 
         # No pool to ask: a shutdown from the control channel stops it all.
         master = IoMaster(config, workerId=f"{config.daemon.id}.0",
-                          registry=registry,
+                          registry=registry, site=site,
                           shutdown=lambda reason: reactor.stop())
-        print(f"snq: {source}, queue {master.queue.describe()}, inline",
-              file=sys.stderr)
+        print(f"snq: {source}, queue {master.queue.describe()}, inline, "
+              f"{running}", file=sys.stderr)
         master.setServiceParent(daemon)
         return daemon
 
     from snq.control import ControlService
     from snq.monitor.service import MonitorService
     from snq.pool import WorkerPool
+    from snq.reload import Reloader
 
     count = options["workers"]
     if count is None:
         count = config.daemon.workers
-    pool = WorkerPool(config, count or os.cpu_count() or 1)
-    print(f"snq: {source}, {len(pool.workers)} workers", file=sys.stderr)
+    pool = WorkerPool(config, count or os.cpu_count() or 1, text=text, site=site)
+    print(f"snq: {source}, {len(pool.workers)} workers, {running}",
+          file=sys.stderr)
+    monitor = MonitorService(config, pool)
+    control = ControlService(pool, config.daemon.control_socket)
+    reloader = Reloader(pool, [control, monitor], site=site,
+                        workers=options["workers"])
+    control.reloader = reloader
+    pool.onReloadRequest = reloader.requested
     # The control socket first: a second master refuses to start before it
     # has spawned anything; and on stop it answers until the pool is down.
-    ControlService(pool, config.daemon.control_socket).setServiceParent(daemon)
+    control.setServiceParent(daemon)
     # Before the pool, so it stops after it: the last counts and states of
     # the stopping workers still reach the monitors.
-    MonitorService(config, pool).setServiceParent(daemon)
+    monitor.setServiceParent(daemon)
     pool.setServiceParent(daemon)
     return daemon

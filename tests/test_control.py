@@ -5,6 +5,7 @@ pool behind it, and snqctl's status/stop/restart talking to it.
 """
 
 import argparse
+import datetime
 import io
 import json
 import os
@@ -56,12 +57,16 @@ class FakePool:
     def __init__(self):
         self.restarting = False
         self.restarts = []
+        self.config = snqconfig.Config(source="/etc/snq.toml")
+        self.generation = 2
+        self.loaded = 1764340000.0
 
     def status(self):
         return [
             {"id": "generic.0", "role": "current", "pid": 4242, "state": "running",
              "started": 0, "uptime": 3725.2, "restarts": 2, "last_exit": None,
-             "report": {"handled": 1234, "errors": 5, "rss": 31 * 2**20}},
+             "report": {"handled": 1234, "errors": 5, "rss": 31 * 2**20,
+                        "config": {"generation": 1, "loaded": 1764339000.0}}},
             {"id": "generic.1", "role": "current", "state": "waiting",
              "respawn_in": 4.0, "restarts": 7, "last_exit": "exit status 1"},
         ]
@@ -187,11 +192,17 @@ class SnqctlTests(ControlTestCase):
         out = yield self.command("status")
         lines = out.splitlines()
         self.assertTrue(lines[0].startswith(f"snq master pid {os.getpid()}, up 0:00:0"))
-        self.assertEqual(lines[1:], [
+        loaded = datetime.datetime.fromtimestamp(1764340000.0)
+        older = datetime.datetime.fromtimestamp(1764339000.0).strftime("%H:%M:%S")
+        self.assertEqual(lines[1], f"config generation 2, loaded "
+                         f"{loaded.isoformat(' ', 'seconds')} from /etc/snq.toml")
+        self.assertEqual(lines[2:], [
             "worker     pid   state            uptime   handled  errors  rss      "
-            "restarts",
-            "generic.0  4242  running          1:02:05  1234     5       31.0 MB  2",
-            "generic.1  -     waiting (4.0 s)  -        -        -       -        7",
+            "restarts  config",
+            "generic.0  4242  running          1:02:05  1234     5       31.0 MB  "
+            f"2         1 {older} (old)",
+            "generic.1  -     waiting (4.0 s)  -        -        -       -        "
+            "7         -",
         ])
 
     @defer.inlineCallbacks

@@ -16,6 +16,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from snq import config as snqconfig
 from snq.control import ControlService
 from snq.item import Item
 from snq.monitor.check import Range
@@ -27,6 +28,9 @@ from tests.daemon import environ
 
 class FakePool:
     restarting = False
+    generation = 1
+    loaded = 0.0
+    config = snqconfig.Config()
 
     def __init__(self, states):
         self.states = states

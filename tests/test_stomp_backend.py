@@ -395,7 +395,7 @@ class FakeWorker(MultiService):
     def __init__(self, groups=("main",)):
         super().__init__()
         self.groups = list(groups)
-        self.recycle = self.shutdown = None
+        self.recycle = self.shutdown = self.reload = None
 
 
 class QueueTestCase(ConnectionTestCase):

@@ -79,7 +79,7 @@ class MakeServiceTests(SynchronousTestCase):
                          ["generic.0", "generic.1", "generic.2"])
         self.assertIn(os.path.abspath(self.config), pool.command)
         self.assertEqual(self.stderr.getvalue(),
-                         f"snq: {self.config}, 3 workers\n")
+                         f"snq: {self.config}, 3 workers, every site\n")
 
     def test_commandLineWins(self):
         self.write("[daemon]\nworkers = 3\n")

@@ -27,6 +27,7 @@ _HELP = {
     "deadletter": "Items moved to the dead letters",
     "baditem": "Frames that were not a valid envelope",
     "badhandler": "Items for a transport without a handler",
+    "badsite": "Items for a site not under [sites]",
     "switch": "Site switches (StatusNet's counter)",
     "siteupdate": "Site config updates received on the control channel",
     "xmpp_process": "Incoming XMPP stanzas processed",

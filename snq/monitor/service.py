@@ -3,6 +3,8 @@
 The master's monitoring, as one service under the daemon.
 """
 
+from twisted.internet import defer
+
 from snq.monitor.metrics import registry
 from snq.monitor.statsd import StatsdSender
 from snq.monitor.tracker import QueueWatch, Tracker
@@ -10,6 +12,12 @@ from snq.monitor.udp import StatusNetMonitor
 from snq.monitor.web import HttpService, makeSite
 from snq.queues import makeQueue
 from snq.service import AsyncMultiService
+
+
+def _where(config):
+    """What says which queue the daemon uses (a change of it rolls)."""
+    return (config.queue.backend, config.queue.basename, config.db, config.redis,
+            config.stomp)
 
 
 class MonitorService(AsyncMultiService):
@@ -24,24 +32,86 @@ class MonitorService(AsyncMultiService):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
-        monitor = config.monitor
-        if queue is None:
-            queue = makeQueue(config, reactor, claimant=f"{config.daemon.id}.monitor")
-        self.senders = []
-        if monitor.udp:
-            self.senders.append(StatusNetMonitor.fromConfig(monitor.udp, reactor))
-        if monitor.statsd:
-            self.senders.append(StatsdSender.fromConfig(monitor, reactor))
+        self.config = config
+        self.reactor = reactor
+        self.senders = self._senders(config.monitor)
         for sender in self.senders:
             sender.setServiceParent(self)
-        self.tracker = Tracker(pool, reactor, self.senders, queue.describe())
+        self.queue = queue if queue is not None else self._queue(config)
+        self.tracker = Tracker(pool, reactor, self.senders, self.queue.describe())
         self.tracker.setServiceParent(self)
         pool.observers.append(self.tracker)
-        QueueWatch(queue, self.tracker, monitor.depth_interval,
-                   reactor).setServiceParent(self)
-        self.http = None
-        if monitor.http:
-            site = makeSite(self.tracker, registry(self.tracker, config.queue.backend,
-                                                   self.senders), monitor.token)
-            self.http = HttpService(monitor.http, site, reactor)
-            self.http.setServiceParent(self)
+        self.watch = self._watch(config)
+        self.http = self._http(config)
+
+    def _queue(self, config):
+        return makeQueue(config, self.reactor,
+                         claimant=f"{config.daemon.id}.monitor")
+
+    def _senders(self, monitor) -> list:
+        senders = []
+        if monitor.udp:
+            senders.append(StatusNetMonitor.fromConfig(monitor.udp, self.reactor))
+        if monitor.statsd:
+            senders.append(StatsdSender.fromConfig(monitor, self.reactor))
+        return senders
+
+    def _watch(self, config) -> QueueWatch:
+        watch = QueueWatch(self.queue, self.tracker, config.monitor.depth_interval,
+                           self.reactor)
+        watch.setServiceParent(self)
+        return watch
+
+    def _http(self, config) -> HttpService | None:
+        monitor = config.monitor
+        if not monitor.http:
+            return None
+        site = makeSite(self.tracker, registry(self.tracker, config.queue.backend,
+                                               self.senders), monitor.token)
+        http = HttpService(monitor.http, site, self.reactor)
+        http.setServiceParent(self)
+        return http
+
+    @defer.inlineCallbacks
+    def reconfigService(self, config):
+        """
+        Follow a reloaded config: targets that changed are replaced, the
+        totals stay (in the tracker); the queue watched follows the
+        daemon's.  → what changed, in words.
+        """
+        old, self.config = self.config, config
+        before, after = old.monitor, config.monitor
+        applied = []
+        if (before.udp, before.statsd, before.statsd_prefix) != (
+                after.udp, after.statsd, after.statsd_prefix):
+            for sender in self.senders:
+                yield sender.disownServiceParent()
+            senders = self._senders(after)
+            for n, sender in enumerate(senders):
+                sender.setServiceParent(self)
+                # First among the services, as at start: they stop last.
+                self.services.remove(sender)
+                self.services.insert(n, sender)
+            self.senders[:] = senders
+            self.tracker.sinks = list(senders)
+            applied.append("monitor: sending to " + (", ".join(
+                f"{type(s).__name__} {s.host}:{s.port}" for s in senders)
+                or "neither a UDP monitor nor statsd"))
+        moved = _where(old) != _where(config)
+        if moved or before.depth_interval != after.depth_interval:
+            yield self.watch.disownServiceParent()
+            if moved:
+                self.queue = self._queue(config)
+                self.tracker.describe = self.queue.describe()
+            self.watch = self._watch(config)
+            applied.append(f"monitor: watching {self.queue.describe()} every "
+                           f"{after.depth_interval:g} s")
+        else:
+            self.queue.reconfigure(config)
+        if moved or (before.http, before.token) != (after.http, after.token):
+            if self.http is not None:
+                yield self.http.disownServiceParent()
+            self.http = self._http(config)
+            applied.append(f"monitor: HTTP on {after.http}" if after.http
+                           else "monitor: HTTP off")
+        return applied

@@ -55,18 +55,38 @@ class TransportFilter:
 
     include: frozenset | None = None
     exclude: frozenset = field(default_factory=frozenset)
+    #: Only this site's items (a daemon run with C{--site}); None = any.
+    site: str | None = None
+    #: The groups it stands for: brokers consume their queues by name.
+    groups: tuple = ()
 
     @classmethod
-    def forGroups(cls, groups, groupOf: dict[str, str]) -> TransportFilter:
+    def forGroups(cls, groups, groupOf: dict[str, str],
+                  site: str | None = None) -> TransportFilter:
         if "main" in groups:
             return cls(exclude=frozenset(
-                t for t, g in groupOf.items() if g not in groups))
-        return cls(include=frozenset(t for t, g in groupOf.items() if g in groups))
+                t for t, g in groupOf.items() if g not in groups),
+                site=site, groups=tuple(groups))
+        return cls(include=frozenset(t for t, g in groupOf.items() if g in groups),
+                   site=site, groups=tuple(groups))
 
     def accepts(self, transport: str) -> bool:
         if self.include is not None:
             return transport in self.include
         return transport not in self.exclude
+
+
+def consumedSpecs(groups, breakouts, site: str | None = None) -> list[str]:
+    """
+    The broker queues (or Redis lists), as group names and breakout specs,
+    that a worker of C{groups} consumes: the groups' own and their
+    breakouts.  With C{site}, only that site's breakouts: a group's queue
+    carries every site's items.
+    """
+    ours = sorted(b for b in breakouts if b.split("/", 1)[0] in groups)
+    if site is None:
+        return [*groups, *ours]
+    return [b for b in ours if b.count("/") == 2 and b.rsplit("/", 1)[1] == site]
 
 
 @dataclass(frozen=True)
@@ -111,6 +131,13 @@ class Queue:
     def describe(self) -> str:
         """Where the queue is, for logs (no passwords)."""
         raise NotImplementedError
+
+    def reconfigure(self, config):
+        """
+        Follow a reloaded config in what can change in place (the lease,
+        routing); where the queue is can only change in new worker
+        processes.
+        """
 
     def open(self):
         """Connect and create what is missing (tables, …)."""
@@ -253,6 +280,11 @@ class Dispatcher:
         self.context = HandlerContext(config, queue, self.stats, clock)
         self.handlers = {name: cls(self.context)
                          for name, cls in registry.classes.items()}
+        #: Handler → its items waiting or running.
+        self._uses: collections.Counter = collections.Counter()
+        #: Handlers a reconfiguration replaced or removed while they still
+        #: had items: each is stopped once its last one is settled.
+        self._retired: set = set()
         #: Called after each settled item: the manager claims more.
         self.onSettled = onSettled
         #: Also called after each settled item, for whoever else counts
@@ -281,7 +313,14 @@ class Dispatcher:
             self._settle(self._deadLetter(delivery, None, "baditem", str(e)),
                          delivery, done)
             return done
-        if item.transport not in self.handlers:
+        sites = self.config.knownSites()
+        if sites is not None and item.site not in sites:
+            reason = f"unknown site {item.site!r} (not under [sites])"
+            self._settle(self._deadLetter(delivery, item, "badsite", reason),
+                         delivery, done)
+            return done
+        handler = self.handlers.get(item.transport)
+        if handler is None:
             reason = f"no handler for transport {item.transport!r}"
             self._settle(self._deadLetter(delivery, item, "badhandler", reason),
                          delivery, done)
@@ -294,32 +333,101 @@ class Dispatcher:
             self._settle(self._deadLetter(delivery, item, "retries", error),
                          delivery, done)
             return done
-        self._waiting.append((delivery, item, done))
+        # The handler it was accepted for runs it, even if a reconfiguration
+        # replaces that handler meanwhile.
+        self._uses[handler] += 1
+        done.addBoth(self._used, handler)
+        self._waiting.append((delivery, item, done, handler))
         self._pump()
         return done
 
-    def releaseWaiting(self) -> defer.Deferred:
-        """Hand back what has not started, so other workers can take it."""
-        waiting = list(self._waiting)
-        self._waiting.clear()
-        for delivery, _, done in waiting:
+    def reconfigure(self, config, registry: HandlerRegistry) -> list[str]:
+        """
+        Take C{config} in place: limits, retries and sites are read from it
+        at use.  Transports that gained a handler get one; a handler whose
+        class changed is replaced, and one that is gone is stopped once its
+        items are done.  → what changed, in words.
+        """
+        self.config = config
+        self.context.config = config
+        applied = []
+        for name in sorted(self.handlers.keys() | registry.classes.keys()):
+            old, cls = self.handlers.get(name), registry.classes.get(name)
+            if old is not None and type(old) is cls:
+                continue
+            if old is not None:
+                del self.handlers[name]
+                self._retire(old)
+            if cls is not None:
+                self.handlers[name] = cls(self.context)
+            applied.append(f"handler {name} " + (
+                "added" if old is None else "removed" if cls is None
+                else "replaced"))
+        # A higher limit lets waiting items start now.
+        self._pump()
+        return applied
+
+    def _retire(self, handler):
+        if self._uses[handler]:
+            self._retired.add(handler)
+        else:
+            self._stopHandler(handler)
+
+    def _used(self, result, handler):
+        self._uses[handler] -= 1
+        if not self._uses[handler]:
+            del self._uses[handler]
+            if handler in self._retired:
+                self._retired.discard(handler)
+                self._stopHandler(handler)
+        return result
+
+    def _stopHandler(self, handler):
+        d = defer.maybeDeferred(handler.stop)
+        d.addErrback(lambda f: self.log.failure("stopping {handler} failed", f,
+                                                handler=handler))
+        return d
+
+    def releaseWaiting(self, which=None) -> defer.Deferred:
+        """
+        Hand back what has not started (or of it, the deliveries for which
+        C{which(delivery)} is true), so other workers can take it.
+        """
+        waiting, kept = [], collections.deque()
+        for entry in self._waiting:
+            (waiting if which is None or which(entry[0]) else kept).append(entry)
+        self._waiting = kept
+        for delivery, _, done, _ in waiting:
             self.held.discard(delivery)
             done.callback(None)
-        d = self.queue.release([delivery for delivery, _, _ in waiting])
+        d = self.queue.release([delivery for delivery, _, _, _ in waiting])
         d.addErrback(lambda f: self.log.failure("releasing items failed", f))
         return d
 
-    def drain(self) -> defer.Deferred:
-        """Fires when nothing is held any more."""
-        if not self.held:
-            return defer.succeed(None)
+    def drain(self, which=None) -> defer.Deferred:
+        """
+        Fires when nothing is held any more (or nothing for which
+        C{which(delivery)} is true).
+        """
         d = defer.Deferred()
-        self._drained.append(d)
+        self._drained.append((which, d))
+        self._fireDrained()
         return d
 
+    def _fireDrained(self):
+        for entry in list(self._drained):
+            which, d = entry
+            if d.called:  # Given up on (a timeout).
+                self._drained.remove(entry)
+            elif not any(which is None or which(h) for h in self.held):
+                self._drained.remove(entry)
+                d.callback(None)
+
     def stopHandlers(self) -> defer.Deferred:
+        handlers = [*self.handlers.values(), *self._retired]
+        self._retired.clear()
         return defer.gatherResults(
-            [defer.maybeDeferred(h.stop) for h in self.handlers.values()])
+            [defer.maybeDeferred(h.stop) for h in handlers])
 
     def _decode(self, delivery: Delivery) -> Item:
         item = Item.fromJSON(delivery.frame)
@@ -332,7 +440,7 @@ class Dispatcher:
         blocked = set()
         index = 0
         while self.running < limit and index < len(self._waiting):
-            delivery, item, done = self._waiting[index]
+            delivery, item, done, handler = self._waiting[index]
             own = self.config.transport(item.transport).concurrency
             if item.transport in blocked or (
                     own and self._running[item.transport] >= own):
@@ -340,13 +448,14 @@ class Dispatcher:
                 index += 1
                 continue
             del self._waiting[index]
-            self._start(delivery, item, done)
+            self._start(delivery, item, done, handler)
 
-    def _start(self, delivery: Delivery, item: Item, done: defer.Deferred):
+    def _start(self, delivery: Delivery, item: Item, done: defer.Deferred,
+               handler):
         self._running[item.transport] += 1
         started = self.clock.seconds()
-        d = self._call(item)
-        timeout = self._timeout(item.transport)
+        d = self._call(item, handler)
+        timeout = self._timeout(item.transport, handler)
         timer = None
         if timeout:
             # Cancelling surfaces as whatever the handler's library raises
@@ -361,17 +470,16 @@ class Dispatcher:
             self._running[item.transport] -= 1
             self.stats.timing(item.transport, self.clock.seconds() - started)
             self._pump()
-            return self._outcome(result, delivery, item, timedOut)
+            return self._outcome(result, delivery, item,
+                                 timeout if timedOut else None)
 
         d.addBoth(finished)
         self._settle(d, delivery, done)
 
-    def _timeout(self, transport: str) -> float:
-        return (self.config.transport(transport).timeout
-                or self.handlers[transport].timeout)
+    def _timeout(self, transport: str, handler) -> float:
+        return self.config.transport(transport).timeout or handler.timeout
 
-    def _call(self, item: Item) -> defer.Deferred:
-        handler = self.handlers[item.transport]
+    def _call(self, item: Item, handler) -> defer.Deferred:
         if handler.blocking:
             return threads.deferToThread(handler.handle, item)
         try:
@@ -382,10 +490,10 @@ class Dispatcher:
             return defer.Deferred.fromCoroutine(result)
         return defer.maybeDeferred(lambda: result)
 
-    def _outcome(self, result, delivery: Delivery, item: Item, timedOut: bool):
-        if timedOut:
-            return self._failed(delivery, item, f"timed out after "
-                                f"{self._timeout(item.transport):g} s")
+    def _outcome(self, result, delivery: Delivery, item: Item,
+                 timedOut: float | None):
+        if timedOut is not None:
+            return self._failed(delivery, item, f"timed out after {timedOut:g} s")
         if not isinstance(result, Failure):
             if result is True or result is None:
                 self.stats.count("handled", item.transport, item.site)
@@ -421,14 +529,14 @@ class Dispatcher:
     def _deadLetter(self, delivery: Delivery, item: Item | None, kind: str,
                     error: str):
         """
-        C{kind} is the reason's short name and, for C{baditem} and
-        C{badhandler}, the counter bumped; every dead letter counts as
-        C{deadletter} too.
+        C{kind} is the reason's short name and, for C{baditem},
+        C{badhandler} and C{badsite}, the counter bumped; every dead letter
+        counts as C{deadletter} too.
         """
         transport = item.transport if item else delivery.transport
         site = item.site if item else delivery.site
         attempts = item.attempts if item else (delivery.attempts or 0)
-        if kind in ("baditem", "badhandler"):
+        if kind in ("baditem", "badhandler", "badsite"):
             self.stats.count(kind, transport or "", site or "")
         self.stats.count("deadletter", transport or "", site or "")
         self.log.warn("dead letter ({kind}) {transport} {id}: {error}",
@@ -464,10 +572,8 @@ class Dispatcher:
         def settled(_):
             self.held.discard(delivery)
             done.callback(None)
-            if not self.held:
-                drained, self._drained = self._drained, []
-                for waiter in drained:
-                    waiter.callback(None)
+            if self._drained:
+                self._fireDrained()
             if self.onSettled is not None:
                 self.onSettled()
             for hook in self.settledHooks:
@@ -475,6 +581,17 @@ class Dispatcher:
 
         d.addErrback(failed)
         d.addCallback(settled)
+
+
+def describeFilter(transports: TransportFilter) -> str:
+    """A filter in words, for logs."""
+    if transports.include is not None:
+        what = ", ".join(sorted(transports.include)) or "nothing"
+    elif transports.exclude:
+        what = "all transports but " + ", ".join(sorted(transports.exclude))
+    else:
+        what = "all transports"
+    return what + (f" of site {transports.site}" if transports.site else "")
 
 
 class QueueManager(PollingManager):
@@ -516,17 +633,22 @@ class QueueManager(PollingManager):
             self._tender.stop()
         yield self.dispatcher.stopHandlers()
 
-    def _waitForInFlight(self):
-        drained = self.dispatcher.drain()
+    def _waitForInFlight(self, which=None):
+        """
+        The held deliveries (or those C{which} picks, see
+        L{Dispatcher.drain}) settled, or C{kill_time} passed.
+        """
+        drained = self.dispatcher.drain(which)
         if drained.called:
             return drained
         killTime = self.config.daemon.kill_time
 
         def timedOut(failure):
             failure.trap(defer.TimeoutError, defer.CancelledError)
+            n = len([d for d in self.dispatcher.held if which is None or which(d)])
             self.log.warn("{n} items still running after {t} s; their leases "
                           "will expire and others will retry them",
-                          n=len(self.dispatcher.held), t=killTime)
+                          n=n, t=killTime)
 
         drained.addTimeout(killTime, self.clock)
         drained.addErrback(timedOut)
@@ -570,6 +692,33 @@ class QueueManager(PollingManager):
         if self._paused and len(self.dispatcher.held) <= lowWater:
             self._paused = False
             self.wake()
+
+    def reconfigService(self, config, transports: TransportFilter):
+        """
+        Follow a reloaded config: the window and retries are read at use,
+        the poll interval and lease renewal reset here, and C{transports}
+        is what to claim from now on.  → what changed, in words.
+        """
+        old, self.transports = self.transports, transports
+        self.config = config
+        self.pollInterval = config.queue.poll_interval
+        interval = config.queue.lease / 3
+        if self._tender.running and self._tender.interval != interval:
+            self._tender.stop()
+            self._tender.start(interval, now=False)
+        d = defer.maybeDeferred(self.follow, old)
+        return d.addCallback(lambda applied: (self.wake(), applied)[1])
+
+    def follow(self, old: TransportFilter):
+        """
+        Consume what C{self.transports} says from now on, instead of what
+        C{old} said; → what changed, in words (or a Deferred of it).  A
+        polling backend just claims differently; brokers change their
+        subscriptions.
+        """
+        if old == self.transports:
+            return []
+        return [f"claiming {describeFilter(self.transports)}"]
 
     def _tend(self):
         d = self.queue.tend(list(self.dispatcher.held))

@@ -149,6 +149,9 @@ class DbQueue(Queue):
             self.pool.close()
             self.pool = None
 
+    def reconfigure(self, config):
+        self.lease = config.queue.lease
+
     def listen(self, wake):
         listener = self.dialect.listener(self.url, wake, self.reactor)
         if listener is None:
@@ -210,16 +213,21 @@ class DbQueue(Queue):
         return deliveries
 
     def _filter(self, transports: TransportFilter):
+        where, params = "", []
+        if transports.site is not None:
+            where, params = f" AND site = {self.dialect.placeholder}", [
+                transports.site]
         if transports.include is not None:
             names = sorted(transports.include)
             if not names:
                 return " AND 1 = 0", ()
-            return f" AND transport IN ({self.dialect.params(len(names))})", names
+            return (f"{where} AND transport IN ({self.dialect.params(len(names))})",
+                    params + names)
         if transports.exclude:
             names = sorted(transports.exclude)
-            return (f" AND transport NOT IN ({self.dialect.params(len(names))})",
-                    names)
-        return "", ()
+            return (f"{where} AND transport NOT IN "
+                    f"({self.dialect.params(len(names))})", params + names)
+        return where, params
 
     def ack(self, delivery):
         self._out.discard(delivery.token)

@@ -44,7 +44,14 @@ from twisted.python.failure import Failure
 from snq.handlers import HandlerError, HandlerRegistry
 from snq.item import Item
 from snq.queues import redis_scripts as scripts
-from snq.queues.base import DeadLetter, Delivery, Depth, Queue, QueueManager
+from snq.queues.base import (
+    DeadLetter,
+    Delivery,
+    Depth,
+    Queue,
+    QueueManager,
+    consumedSpecs,
+)
 
 #: Seconds a blocking wait lasts before it is renewed (and the connection
 #: proven alive).
@@ -431,10 +438,25 @@ class Listener:
 
     log = Logger()
 
-    def __init__(self, doorbells: list[Doorbell]):
-        self.doorbells = doorbells
-        for bell in doorbells:
-            bell.start()
+    def __init__(self, keys: list[str], makeDoorbell):
+        self.makeDoorbell = makeDoorbell
+        self.doorbells: list[Doorbell] = []
+        self.follow(keys)
+
+    def follow(self, keys: list[str]) -> defer.Deferred:
+        """
+        A doorbell on each of C{keys}: kept where there was one, new ones
+        started, those on lists no longer consumed stopped.
+        """
+        have = {bell.key: bell for bell in self.doorbells}
+        self.doorbells = [have.pop(key) if key in have else self.makeDoorbell(key)
+                          for key in keys]
+        for bell in self.doorbells:
+            if bell.stopped:
+                bell.start()
+        d = defer.gatherResults([bell.stop() for bell in have.values()],
+                                consumeErrors=True)
+        return d.addErrback(lambda f: self.log.failure("stopping doorbells", f))
 
     def arm(self):
         for bell in self.doorbells:
@@ -464,11 +486,35 @@ class RedisManager(QueueManager):
     def idle(self) -> bool:
         return self._asleep
 
+    def startService(self):
+        self._consume()
+        super().startService()
+
     def stopService(self):
         if self._dueCall is not None and self._dueCall.active():
             self._dueCall.cancel()
         self._dueCall = None
         return super().stopService()
+
+    def _consume(self):
+        """The lists of this worker's groups (and site): see L{consumedSpecs}."""
+        if self.transports is not None and self.transports.groups:
+            self.queue.consumed = consumedSpecs(
+                self.transports.groups, self.queue.breakouts, self.transports.site)
+
+    @defer.inlineCallbacks
+    def follow(self, old):
+        before = list(self.queue.consumed)
+        self._consume()
+        after = self.queue.consumed
+        if self._listening is not None:
+            yield self._listening.follow([self.queue.listKey(s) for s in after])
+        # Items claimed from a list no longer consumed are leased like any
+        # other: they run, and are acknowledged, as they would have.
+        return ([f"consuming {self.queue.listKey(s)}" for s in after
+                 if s not in before] +
+                [f"no longer consuming {self.queue.listKey(s)}" for s in before
+                 if s not in after])
 
     def poll(self):
         d = super().poll()
@@ -542,10 +588,9 @@ class RedisQueue(Queue):
         self.dead = self.prefix + "dead"
         self.deadIds = self.prefix + "dead:id"
         self.breakouts = frozenset(config.queue.breakout)
-        groups = config.queue.groups
-        #: The lists (group names and breakout specs) this worker consumes.
-        self.consumed = [*groups, *sorted(
-            b for b in self.breakouts if b.split("/", 1)[0] in groups)]
+        #: The lists (group names and breakout specs) this worker consumes;
+        #: its manager sets them from the worker's groups and site.
+        self.consumed = consumedSpecs(config.queue.groups, self.breakouts)
         #: The earliest due time of a retry on those lists, as of the last
         #: claim or retry; None = none waiting.
         self.nextDue: float | None = None
@@ -558,6 +603,13 @@ class RedisQueue(Queue):
 
     def describe(self) -> str:
         return f"{self.address.describe()} (keys {self.prefix}*)"
+
+    def reconfigure(self, config):
+        """Routing (groups, breakouts, handlers) and the lease follow a reload."""
+        self.config = config
+        self.breakouts = frozenset(config.queue.breakout)
+        self.lease = config.queue.lease
+        self._registry = None
 
     # -- keys and routing ---------------------------------------------------
 
@@ -639,9 +691,10 @@ class RedisQueue(Queue):
         A doorbell per consumed list, each on a connection of its own; the
         L{RedisManager} arms them when it runs out of work.
         """
-        return Listener([
-            Doorbell(self._connect(f"wait{n}"), self.listKey(spec), wake)
-            for n, spec in enumerate(self.consumed)])
+        bells = itertools.count()
+        return Listener(
+            [self.listKey(spec) for spec in self.consumed],
+            lambda key: Doorbell(self._connect(f"wait{next(bells)}"), key, wake))
 
     def _eval(self, script: scripts.Script, keys, args, again=False):
         d = self.connection.execute("EVALSHA", script.sha, len(keys), *keys,
@@ -678,6 +731,8 @@ class RedisQueue(Queue):
 
     def claim(self, limit, transports=None):
         """C{transports} is SQL's filter; here the consumed lists are."""
+        if not self.consumed:
+            return defer.succeed([])
         now = self.clock.seconds()
         # Start at a different list each time, so no list starves another.
         self._turn = (self._turn + 1) % len(self.consumed)

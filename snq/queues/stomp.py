@@ -26,6 +26,16 @@ one of its connections went) is a NACK, which requeues it for any worker;
 a stopping worker stays subscribed (RabbitMQ refuses an ACK after an
 UNSUBSCRIBE, and the items in flight still need theirs) and leaves what
 comes next unacknowledged, for the broker to take back when it disconnects.
+
+A reload that adds a queue to consume subscribes to it on the connections
+there are.  One that drops a queue cannot simply UNSUBSCRIBE: RabbitMQ
+then neither takes an ACK for what that subscription delivered nor gives
+it back before the connection ends, and a NACK sent just before the
+UNSUBSCRIBE comes straight back.  So the worker opens new connections with
+the new subscriptions, and retires the old ones as it does when it stops:
+what waits is NACKed, what runs finishes and is acknowledged on its own
+connection, what comes meanwhile is left alone, and the DISCONNECT gives
+that back.
 """
 
 from __future__ import annotations
@@ -72,6 +82,8 @@ class NoBrokerError(ConnectionLost):
 class Received:
     """A Delivery's token: what it takes to acknowledge a MESSAGE."""
 
+    #: The server's connection it came on, which a reload may retire.
+    connection: BrokerConnection
     stomp: StompClientProtocol
     frame: object
     #: The destination it came from, where a retry goes back to.
@@ -95,9 +107,39 @@ class StompManager(QueueManager):
 
     def startService(self):
         super().startService()
-        destinations = self.queue.destinations.consumed(self.parent.groups)
-        self.queue.consume(destinations, self._delivered, self._connectionLost)
+        self.queue.consume(self._wanted(), self._delivered, self._connectionLost)
         self.queue.listenControl(self._control)
+
+    def _wanted(self) -> list[str]:
+        """The queues of the worker's groups (and site, if it has one)."""
+        if self.transports is not None and self.transports.groups:
+            return self.queue.destinations.consumed(self.transports.groups,
+                                                    self.transports.site)
+        return self.queue.destinations.consumed(self.parent.groups)
+
+    @defer.inlineCallbacks
+    def follow(self, old):
+        if not self.running:
+            return []
+        queue = self.queue
+        wanted, before = self._wanted(), list(queue.consumed)
+        removed = [d for d in before if d not in wanted]
+        applied = ([f"subscribed to {d}" for d in wanted if d not in before] +
+                   [f"unsubscribed from {d}" for d in removed])
+        if not removed and queue.prefetch == queue.consumedPrefetch:
+            yield queue.subscribe([d for d in wanted if d not in before])
+            return applied
+        if queue.prefetch != queue.consumedPrefetch:
+            applied.append(f"prefetch-count {queue.prefetch}")
+        retired = yield queue.replaceConnections(wanted)
+
+        def cameOnThem(delivery):
+            return delivery.token.connection in retired
+
+        yield self.dispatcher.releaseWaiting(cameOnThem)
+        yield self._waitForInFlight(cameOnThem)
+        yield queue.retire(retired)
+        return applied
 
     def poll(self):
         """Nothing to claim: the broker pushes, up to its prefetch-count."""
@@ -133,8 +175,14 @@ class StompManager(QueueManager):
         master = self.parent
         if command == "update":
             stats.count("siteupdate", "", site)
-            self.log.info("control channel: update:{site} (noted; live "
-                          "reconfiguration is not implemented yet)", site=site)
+            if master.reload is None:
+                self.log.warn("control channel: update:{site} ignored: this "
+                              "worker runs without a pool (--inline); send "
+                              "the daemon SIGHUP", site=site)
+                return
+            self.log.info("control channel: update:{site}: asking the master "
+                          "to reload the config", site=site)
+            master.reload(f"update:{site} from the control channel")
             return
         hook = master.shutdown if command == "shutdown" else master.recycle
         if hook is None:
@@ -150,23 +198,42 @@ class StompQueue(Queue):
     managerClass = StompManager
 
     def __init__(self, config, clock=None, claimant=None, reactor=None,
-                 connections=None):
+                 connections=None, connect=None):
         """
         C{claimant} is not needed: the broker knows which connection holds
-        which message.  C{connections} (L{BrokerConnection}s) replace those
-        of C{[stomp] servers}, in tests.
+        which message.  C{connect(url)} makes the L{BrokerConnection} to a
+        server of C{[stomp] servers}; tests give fake ones, or the
+        C{connections} themselves.
         """
         if clock is None:
             from twisted.internet import reactor as clock
         self.config = config
         self.clock = clock
         self.destinations = Destinations(config)
+        self._connect = connect or (
+            lambda url: BrokerConnection(url, config.stomp, clock, reactor))
         self.connections = connections or [
-            BrokerConnection(url, config.stomp, clock, reactor)
-            for url in config.stomp.servers]
+            self._connect(url) for url in config.stomp.servers]
         #: Messages the broker may push ahead, per subscription.
-        self.prefetch = config.stomp.prefetch or 2 * config.queue.concurrency
+        self.prefetch = self._prefetch(config)
+        #: What the connections are subscribed to, and with which
+        #: prefetch-count.
+        self.consumed: list[str] = []
+        self.consumedPrefetch: int | None = None
+        #: Connections a reload replaced, finishing what came on them.
+        self.retiring: list[BrokerConnection] = []
+        self._onDelivery = self._onLost = self._onControl = None
         self._lastDeadId = 0
+
+    @staticmethod
+    def _prefetch(config) -> int:
+        return config.stomp.prefetch or 2 * config.queue.concurrency
+
+    def reconfigure(self, config):
+        """Routing (groups, breakouts) and the prefetch-count follow a reload."""
+        self.config = config
+        self.destinations = Destinations(config)
+        self.prefetch = self._prefetch(config)
 
     def describe(self) -> str:
         stomp = self.config.stomp
@@ -197,7 +264,8 @@ class StompQueue(Queue):
                               url=connection.url, why=error)
 
     def close(self):
-        return defer.gatherResults([c.stop() for c in self.connections])
+        return defer.gatherResults(
+            [c.stop() for c in self.connections + self.retiring])
 
     def consume(self, destinations, onDelivery, onLost=None):
         """
@@ -205,22 +273,71 @@ class StompQueue(Queue):
         C{onLost()} when a connection goes.  Fires once the servers
         connected now have confirmed.
         """
+        self._onDelivery, self._onLost = onDelivery, onLost
         if onLost is not None:
             for connection in self.connections:
                 connection.lostHooks.append(onLost)
+        return self.subscribe(destinations)
+
+    def subscribe(self, destinations):
+        """Subscribe to more destinations on every server, for L{consume}'s."""
+        self.consumed += destinations
+        self.consumedPrefetch = self.prefetch
         headers = {"ack": "client-individual",
                    "prefetch-count": str(self.prefetch),
                    "activemq.prefetchSize": str(self.prefetch)}
         return defer.gatherResults([
             connection.subscribe(Subscription(destination, functools.partial(
-                self._received, destination, onDelivery), headers))
+                self._received, connection, destination, self._onDelivery),
+                headers))
             for connection in self.connections for destination in destinations])
 
-    def _received(self, origin, onDelivery, stomp, frame):
-        onDelivery(Delivery(frame=frame.body, token=Received(stomp, frame, origin)))
+    def _received(self, connection, origin, onDelivery, stomp, frame):
+        if connection in self.retiring:
+            # Left unacknowledged: the broker takes it back at DISCONNECT.
+            return
+        onDelivery(Delivery(frame=frame.body,
+                            token=Received(connection, stomp, frame, origin)))
+
+    @defer.inlineCallbacks
+    def replaceConnections(self, destinations):
+        """
+        Connect to every server again, subscribed to C{destinations} (and
+        the control channel), and use the new connections from now on.
+        → the connections replaced: what came on them is still theirs to
+        acknowledge; what they deliver from now on is left alone, for the
+        broker to take back when they are retired (L{retire}).
+        """
+        old, self.connections = self.connections, [
+            self._connect(c.url) for c in self.connections]
+        for connection in old:
+            connection.lostHooks.clear()
+        self.retiring += old
+        self.consumed = []
+        self.consume(destinations, self._onDelivery, self._onLost)
+        if self._onControl is not None:
+            self.listenControl(self._onControl)
+        attempts = [c.firstAttempt() for c in self.connections]
+        for connection in self.connections:
+            connection.start()
+        errors = yield defer.gatherResults(attempts)
+        for connection, error in zip(self.connections, errors, strict=True):
+            if error:
+                self.log.warn("STOMP server {url} is not reachable ({why}); "
+                              "trying again in the background",
+                              url=connection.url, why=error)
+        return old
+
+    @defer.inlineCallbacks
+    def retire(self, connections):
+        """DISCONNECT: what they delivered and nobody started goes back."""
+        yield defer.gatherResults([c.stop() for c in connections])
+        for connection in connections:
+            self.retiring.remove(connection)
 
     def listenControl(self, onControl):
         """The control topic on every server: C{onControl(body, headers)}."""
+        self._onControl = onControl
         return defer.gatherResults([
             connection.subscribe(Subscription(
                 self.destinations.control,

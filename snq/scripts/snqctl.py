@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.test_snqctl -*-
 """
-snqctl: the operator's command.  C{status}, C{stop} and C{restart} talk to
-a running daemon over its control socket; everything else talks to the
-queue itself, so it works whether or not a daemon is running.
+snqctl: the operator's command.  C{status}, C{stop}, C{restart} and
+C{reload} talk to a running daemon over its control socket; everything
+else talks to the queue itself, so it works whether or not a daemon is
+running.
 """
 
 import argparse
@@ -66,6 +67,10 @@ def parser() -> argparse.ArgumentParser:
                    help="stop the daemon gracefully and wait until it has")
     sub.add_parser("restart", parents=[socket],
                    help="replace the workers one at a time, losing nothing")
+    sub.add_parser("reload", parents=[socket],
+                   help="reload the daemon's config file and print what "
+                        "changed and how it was applied (exit status 1 if "
+                        "the file is invalid: nothing changed)")
     ck = sub.add_parser(
         "check", parents=[socket], description=plugin.DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -225,8 +230,12 @@ def _status(client, args, out):
     restarting = ", rolling restart in progress" if status["restarting"] else ""
     print(f"snq master pid {status['pid']}, up {_duration(status['uptime'])}"
           f"{restarting}", file=out)
+    config = status["config"]
+    print(f"config generation {config['generation']}, loaded "
+          f"{_when(config['loaded'])} from "
+          f"{config['source'] or 'the embedded default'}", file=out)
     rows = [("worker", "pid", "state", "uptime", "handled", "errors", "rss",
-             "restarts")]
+             "restarts", "config")]
     for w in status["workers"]:
         report = w.get("report") or {}
         state = w["state"] if w["role"] == "current" else f"{w['state']} ({w['role']})"
@@ -236,12 +245,24 @@ def _status(client, args, out):
                      _duration(w["uptime"]) if "uptime" in w else "-",
                      str(report.get("handled", "-")), str(report.get("errors", "-")),
                      f"{report['rss'] / 2**20:.1f} MB" if "rss" in report else "-",
-                     str(w["restarts"])))
+                     str(w["restarts"]), _generation(report, config)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width)
                         for cell, width in zip(row, widths, strict=True)).rstrip(),
               file=out)
+
+
+def _generation(report: dict, config: dict) -> str:
+    """C{"3 12:00:01"}: the config a worker says it runs, and its load time."""
+    own = report.get("config") or {}
+    if not own.get("generation"):
+        return "-"
+    loaded = own.get("loaded")
+    when = datetime.datetime.fromtimestamp(loaded).strftime(" %H:%M:%S") \
+        if loaded else ""
+    old = " (old)" if own["generation"] < config["generation"] else ""
+    return f"{own['generation']}{when}{old}"
 
 
 def _duration(seconds: float) -> str:
@@ -272,7 +293,48 @@ def _restart(client, args, out):
         print("no running worker to restart", file=out)
 
 
-_CONTROL = {"status": _status, "stop": _stop, "restart": _restart}
+@defer.inlineCallbacks
+def _reload(client, args, out):
+    try:
+        answer = (yield client.callRemote(control.Reload))["reloaded"]
+    except control.ControlError as e:
+        raise CommandError(f"reload: {e}")
+    changes = answer["changes"]
+    if not changes:
+        print(f"{answer['source']} has not changed: nothing to do "
+              f"(config generation {answer['generation']})", file=out)
+        return
+    print(f"config generation {answer['generation']} from {answer['source']}, "
+          f"{len(changes)} changes:", file=out)
+    for change in changes:
+        print(f"  {change['text']}", file=out)
+    for note in answer["notes"]:
+        print(note, file=out)
+    for wid in answer["added"]:
+        print(f"{wid}: added", file=out)
+    for wid in answer["removed"]:
+        print(f"{wid}: removed (it finishes its items first)", file=out)
+    for r in answer["restarted"]:
+        print(f"{r['id']}: restarted on the new config, pid {r['old']} -> "
+              f"{r['new']}", file=out)
+    failed = []
+    for w in answer["workers"]:
+        if "error" in w:
+            failed.append(f"{w['id']} (pid {w['pid']}): {w['error']}")
+        else:
+            print(f"{w['id']} (pid {w['pid']}): applied in place: "
+                  f"{'; '.join(w['applied']) or 'nothing to change there'}",
+                  file=out)
+    if answer["restart_error"]:
+        failed.append(f"the rolling restart stopped: {answer['restart_error']}")
+    if failed:
+        raise CommandError("reload: config generation "
+                           f"{answer['generation']} is the daemon's, but:\n"
+                           + "\n".join(failed))
+
+
+_CONTROL = {"status": _status, "stop": _stop, "restart": _restart,
+            "reload": _reload}
 
 
 def main(argv=None):

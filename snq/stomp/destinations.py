@@ -22,6 +22,7 @@ from urllib.parse import unquote
 from twisted.logger import Logger
 
 from snq.handlers import HandlerError, HandlerRegistry
+from snq.queues.base import consumedSpecs
 
 #: Prefixes after which RabbitMQ reads the rest as one name.
 _NAMED = ("/queue/", "/topic/", "/amq/queue/")
@@ -77,11 +78,13 @@ class Destinations:
         self.control = config.stomp.control_channel
         self._registry = None
 
-    def consumed(self, groups) -> list[str]:
-        """What a worker of C{groups} subscribes to: their queues and breakouts."""
-        specs = [*groups, *sorted(b for b in self.breakouts
-                                  if b.split("/", 1)[0] in groups)]
-        return [self.basename + spec for spec in specs]
+    def consumed(self, groups, site=None) -> list[str]:
+        """
+        What a worker of C{groups} subscribes to: their queues and breakouts
+        (L{consumedSpecs}: with C{site}, only that site's breakouts).
+        """
+        return [self.basename + spec
+                for spec in consumedSpecs(groups, self.breakouts, site)]
 
     def route(self, transport: str, site: str) -> str:
         """An item's queue: the most specific breakout, else its group's."""
