@@ -55,7 +55,8 @@ class MemoryQueue(Queue):
         ready = sorted(
             (rowId for rowId, r in self.rows.items()
              if r["lease_until"] is None and r["run_at"] <= now
-             and transports.accepts(r["transport"])),
+             and transports.accepts(r["transport"])
+             and transports.site in (None, r["site"])),
             key=lambda rowId: (-self.rows[rowId]["priority"], rowId))[:limit]
         deliveries = []
         for rowId in ready:

@@ -1,0 +1,665 @@
+# -*- test-case-name: tests.test_reload -*-
+"""
+Reloading on the master: the L{Reloader} with a real L{WorkerPool} on a
+fake process reactor (no real process, no real time); the workers' side
+of AMP is played by the test, which reads the L{Reconfigure} requests a
+worker got on its fd 3 and answers on its fd 4.  Then the master's other
+parts: C{snqctl reload} and SIGHUP on the control socket, the socket
+moving, the monitors, C{--site}.
+"""
+
+import io
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from twisted.logger import capturedLogs
+from twisted.protocols import amp
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from snq import config as snqconfig
+from snq.control import ControlError, ControlService, Reconfigure, Status, connect
+from snq.monitor.service import MonitorService
+from snq.pool import WorkerPool
+from snq.queues.memory import MemoryQueue
+from snq.reload import Reloader, ReloadError
+from snq.scripts import snqctl
+from snq.tap import Options, makeService
+from tests.test_pool import FakeProcessReactor
+
+BASE = """
+[daemon]
+workers = {workers}
+kill_time = 10
+start_timeout = 30
+{daemon}
+
+[queue]
+{queue}
+
+[handlers]
+{handlers}
+
+[sites.default]
+record_file = "handled.txt"
+{sites}
+"""
+
+
+def reconfigureRequests(process) -> list[tuple[bytes, dict]]:
+    """Every L{Reconfigure} a fake worker process was sent: (tag, config)."""
+    boxes = amp.parseString(process.written.get(3, b""))
+    return [(box[b"_ask"], Reconfigure.parseArguments(box, None)["config"])
+            for box in boxes if box.get(b"_command") == b"Reconfigure"]
+
+
+def wid(process) -> str:
+    return process.args[process.args.index("--id") + 1]
+
+
+def answer(process, tag, applied=None, error=None):
+    """The worker's answer to request C{tag}."""
+    if error is None:
+        box = {b"_answer": tag, b"applied": json.dumps(applied or []).encode()}
+    else:
+        box = {b"_error": tag, b"_error_code": b"CONTROL_ERROR",
+               b"_error_description": error.encode()}
+    process.proto.childDataReceived(4, amp.AmpBox(box).serialize())
+
+
+class ReloadTestCase(SynchronousTestCase):
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "snq.toml")
+        self.reactor = FakeProcessReactor()
+        self.problems = []
+        self.checks = []
+        #: pid → requests answered
+        self.answered = {}
+        self.write()
+        text = snqconfig.read(self.path)
+        self.pool = WorkerPool(snqconfig.parseText(text, self.path), 2,
+                               reactor=self.reactor, text=text)
+        self.pool.startService()
+        self.reactor.advance(1)
+        for process in self.reactor.processes:
+            process.ready()
+        self.reloader = Reloader(self.pool, reactor=self.reactor, check=self.check)
+
+    def write(self, workers=2, daemon="", queue="", handlers="", sites=""):
+        with open(self.path, "w") as f:
+            f.write(BASE.format(workers=workers, daemon=daemon, queue=queue,
+                                handlers=handlers, sites=sites))
+
+    def check(self, text, source, reactor):
+        self.checks.append(text)
+        return defer.succeed(self.problems)
+
+    def live(self):
+        return [p for p in self.reactor.processes if not p.ended]
+
+    def answerAll(self, applied=("nothing",)):
+        """Every worker applies what it was sent; → how many answered."""
+        n = 0
+        for process in self.live():
+            answered = self.answered.setdefault(process.pid, 0)
+            for tag, _ in reconfigureRequests(process)[answered:]:
+                answer(process, tag, list(applied))
+                self.answered[process.pid] += 1
+                n += 1
+        return n
+
+    def reload(self):
+        return self.reloader.reload("test")
+
+
+class RefusedTests(ReloadTestCase):
+    def test_invalidFileChangesNothing(self):
+        """Every problem is reported; no worker hears of it."""
+        with open(self.path, "a") as f:
+            f.write("\n[monitor]\nhttp = 8750\ncolour = 'red'\n")
+        with capturedLogs() as events:
+            e = self.failureResultOf(self.reload(), ReloadError).value
+        self.assertEqual(e.problems, [
+            f"{self.path}: monitor.colour: unknown key (known: udp, statsd, "
+            "statsd_prefix, http, token, depth_interval)",
+            f"{self.path}: monitor.http: expected a string, got integer 8750"])
+        self.assertTrue(str(e).startswith(
+            "invalid configuration, nothing changed:\n"))
+        self.assertEqual(self.pool.generation, 1)
+        self.assertEqual(self.checks, [])
+        self.assertEqual([reconfigureRequests(p) for p in self.live()], [[], []])
+        logged = [e["log_format"].format(**e) for e in events]
+        self.assertIn("reload refused, the daemon runs on as it was: "
+                      + "; ".join(e.problems), logged)
+
+    def test_notTOML(self):
+        with open(self.path, "a") as f:
+            f.write("\n[sites.x\n")
+        e = self.failureResultOf(self.reload(), ReloadError).value
+        [problem] = e.problems
+        self.assertIn(f"{self.path}: not valid TOML:", problem)
+
+    def test_workersCheckRefuses(self):
+        """What only a worker can see (a handler that does not load)."""
+        self.write(handlers='x = "nowhere:X"')
+        self.problems = [f"{self.path}: handlers.x: cannot load nowhere:X"]
+        e = self.failureResultOf(self.reload(), ReloadError).value
+        self.assertEqual(e.problems, self.problems)
+        self.assertEqual(self.checks, [snqconfig.read(self.path)])
+        self.assertEqual(self.pool.generation, 1)
+        self.assertEqual(self.pool.config.handlers, {})
+
+    def test_siteDaemonsSiteMustStay(self):
+        self.write(sites="[sites.a]\n[sites.b]")
+        self.reloader.site = "a"
+        d = self.reload()
+        self.answerAll()
+        self.successResultOf(d)
+        self.write(sites="[sites.b]")
+        e = self.failureResultOf(self.reload(), ReloadError).value
+        self.assertEqual(e.problems, [f"{self.path}: sites.a: missing, but this "
+                                      "daemon runs --site a"])
+
+    def test_embeddedDefaultHasNoFile(self):
+        pool = WorkerPool(snqconfig.Config(), 1, reactor=self.reactor)
+        reloader = Reloader(pool, reactor=self.reactor, check=self.check)
+        e = self.failureResultOf(reloader.reload("test"), ControlError).value
+        self.assertIn("there is no file to reload", str(e))
+
+    def test_unchangedFileDoesNothing(self):
+        result = self.successResultOf(self.reload())
+        self.assertEqual((result["generation"], result["changes"]), (1, []))
+        self.assertEqual(self.checks, [], "nothing to check")
+        self.assertEqual(self.pool.generation, 1)
+
+
+class LiveTests(ReloadTestCase):
+    def test_workersApplyTheSameTextInPlace(self):
+        self.write(sites="[sites.new]\nrecord_file = 'new.txt'")
+        d = self.reload()
+        self.assertNoResult(d)
+        self.assertEqual(self.pool.generation, 2)
+        self.assertIn("new", self.pool.config.sites)
+        text = snqconfig.read(self.path)
+        first, second = self.reactor.processes
+        for process in (first, second):
+            [(_, spec)] = reconfigureRequests(process)
+            self.assertEqual(spec["text"], text.decode())
+            self.assertEqual((spec["source"], spec["generation"], spec["groups"]),
+                             (self.path, 2, None))
+            self.assertEqual(spec["loaded"], self.pool.loaded)
+        self.assertEqual(self.answerAll(["handler x added"]), 2)
+        result = self.successResultOf(d)
+        self.assertEqual(result["changes"], [
+            {"key": "sites.new", "kind": "added", "how": "live",
+             "text": "sites.new added (applied in place)"}])
+        self.assertEqual(result["workers"], [
+            {"id": "generic.0", "pid": first.pid, "applied": ["handler x added"]},
+            {"id": "generic.1", "pid": second.pid, "applied": ["handler x added"]}])
+        self.assertEqual(len(self.reactor.processes), 2, "no worker restarted")
+        self.assertEqual([p.signals for p in self.reactor.processes], [[], []])
+        self.assertEqual([w["generation"] for w in self.pool.status()], [2, 2])
+
+    def test_newWorkersStartOnTheNewText(self):
+        """A respawn after a reload reads the new text on its stdin."""
+        self.write(sites="[sites.new]")
+        d = self.reload()
+        self.answerAll()
+        self.successResultOf(d)
+        self.reactor.advance(5)
+        self.reactor.processes[0].exit(1)
+        self.reactor.advance(0)
+        newcomer = self.reactor.processes[-1]
+        self.assertEqual(newcomer.written[0], snqconfig.read(self.path))
+        self.assertIn(0, newcomer.closed)
+        args = newcomer.args
+        self.assertEqual(args[args.index("--generation") + 1], "2")
+        self.assertIn("--stdin-config", args)
+        self.assertEqual(args[args.index("--config") + 1], self.path)
+
+    def test_aWorkerThatFailsIsReported(self):
+        self.write(sites="[sites.new]")
+        d = self.reload()
+        first, second = self.reactor.processes
+        [(tag, _)] = reconfigureRequests(first)
+        answer(first, tag, ["fine"])
+        [(tag, _)] = reconfigureRequests(second)
+        with capturedLogs():
+            answer(second, tag, error="ValueError: boom (the worker exits, and "
+                                      "its replacement starts on the new config)")
+        result = self.successResultOf(d)
+        self.assertEqual(result["workers"][1], {
+            "id": "generic.1", "pid": second.pid,
+            "error": "ValueError: boom (the worker exits, and its replacement "
+                     "starts on the new config)"})
+        self.assertEqual(first.proto.generation, 2)
+        self.assertEqual(second.proto.generation, 1)
+
+    def test_aWorkerThatNeverAnswers(self):
+        self.write(sites="[sites.new]")
+        d = self.reload()
+        with capturedLogs():
+            self.reactor.advance(40)
+        self.assertEqual([w["error"] for w in self.successResultOf(d)["workers"]],
+                         ["no answer within 40 s"] * 2)
+
+    def test_timingKeysForTheNextDecision(self):
+        self.write(daemon="min_restart_delay = 3.0\nthreshold = 9")
+        d = self.reload()
+        self.answerAll()
+        self.successResultOf(d)
+        self.reactor.processes[0].exit(1)
+        self.assertEqual(self.pool.workers[0].respawnCall.getTime()
+                         - self.reactor.seconds(), 1.0,
+                         "the delay doubled from the old minimum")
+        self.assertEqual(self.pool.config.daemon.threshold, 9)
+
+
+class OneAtATimeTests(ReloadTestCase):
+    def test_requestsMeanwhileShareOneMoreReload(self):
+        held = defer.Deferred()
+        self.check = lambda text, source, reactor: (self.checks.append(text),
+                                                    held)[1]
+        self.reloader.check = self.check
+        self.write(sites="[sites.a]")
+        first = self.reload()
+        self.write(sites="[sites.a]\n[sites.b]")
+        second, third = self.reload(), self.reload()
+        self.assertEqual(len(self.checks), 1, "the second waits")
+        held.callback([])
+        self.assertEqual(self.answerAll(), 2)
+        self.assertEqual(self.successResultOf(first)["generation"], 2)
+        self.assertEqual(len(self.checks), 2, "one more reload, for both")
+        self.assertEqual(self.answerAll(), 2)
+        self.assertEqual(self.successResultOf(second)["generation"], 3)
+        self.assertEqual(self.successResultOf(third)["generation"], 3)
+        self.assertEqual(sorted(self.pool.config.sites), ["a", "b", "default"])
+
+    def test_waitsForARollingRestartInProgress(self):
+        restarted = self.pool.restart()
+        self.write(sites="[sites.a]")
+        d = self.reload()
+        self.assertEqual(self.checks, [])
+        for process in self.reactor.processes[2:]:
+            process.ready()
+        self.reactor.processes[3].ready()
+        for process in self.reactor.processes[:2]:
+            process.exit(0)
+        self.successResultOf(restarted)
+        self.assertEqual(len(self.checks), 1)
+        self.answerAll()
+        self.assertEqual(self.successResultOf(d)["generation"], 2)
+
+
+class PoolSizeTests(ReloadTestCase):
+    def test_twoThreeOne(self):
+        """Grow by starting, shrink by stopping the highest-numbered."""
+        first, second = self.reactor.processes
+        self.write(workers=3)
+        d = self.reload()
+        self.answerAll()
+        result = self.successResultOf(d)
+        self.assertEqual((result["added"], result["removed"]), (["generic.2"], []))
+        self.reactor.advance(1)
+        third = self.reactor.processes[2]
+        self.assertEqual(wid(third), "generic.2")
+        self.assertEqual(third.proto.generation, 2)
+        self.assertEqual(reconfigureRequests(third), [], "it starts on it")
+        third.ready()
+
+        self.write(workers=1)
+        d = self.reload()
+        self.answerAll()
+        result = self.successResultOf(d)
+        self.assertEqual(result["removed"], ["generic.1", "generic.2"])
+        self.assertEqual([w.wid for w in self.pool.workers], ["generic.0"])
+        self.assertEqual([p.signals for p in (first, second, third)],
+                         [[], ["TERM"], ["TERM"]])
+        self.assertEqual(len(reconfigureRequests(first)), 2)
+        roles = [(w["id"], w["role"]) for w in self.pool.status()]
+        self.assertEqual(sorted(roles), [("generic.0", "current"),
+                                         ("generic.1", "retiring"),
+                                         ("generic.2", "retiring")])
+        with capturedLogs() as events:
+            second.exit(0)
+            third.exit(0)
+        self.reactor.advance(60)
+        self.assertEqual(len(self.reactor.processes), 3, "not respawned")
+        self.assertIn("worker generic.1 (pid 1001), removed, has exited "
+                      "(exit status 0)",
+                      [e["log_format"].format(**e) for e in events])
+        self.assertEqual(self.pool.retiring, set())
+
+    def test_commandLineWins(self):
+        self.reloader.workers = 2
+        self.write(workers=5)
+        d = self.reload()
+        self.answerAll()
+        result = self.successResultOf(d)
+        self.assertEqual(result["added"], [])
+        self.assertEqual(result["notes"], ["daemon.workers: --workers 2 on the "
+                                           "command line wins"])
+
+    def test_xmppWorkerComesAndGoes(self):
+        first = self.reactor.processes[0]
+        self.write(queue='groups = ["main", "xmpp"]')
+        d = self.reload()
+        [(_, spec)] = reconfigureRequests(first)
+        self.assertEqual(spec["groups"], ["main"], "they leave xmpp to it")
+        self.answerAll()
+        self.assertEqual(self.successResultOf(d)["added"], ["generic.xmpp"])
+        self.reactor.advance(1)
+        xmpp = self.reactor.processes[2]
+        self.assertEqual(xmpp.args[xmpp.args.index("--groups") + 1], "xmpp")
+        xmpp.ready()
+        self.write()
+        d = self.reload()
+        self.answerAll()
+        self.assertEqual(self.successResultOf(d)["removed"], ["generic.xmpp"])
+        self.assertEqual(xmpp.signals, ["TERM"])
+        self.assertIsNone(reconfigureRequests(first)[-1][1]["groups"])
+
+
+class RollingTests(ReloadTestCase):
+    def handlerModule(self, source):
+        directory = os.path.join(self.dir, "code")
+        os.makedirs(directory, exist_ok=True)
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+            self.addCleanup(sys.path.remove, directory)
+        with open(os.path.join(directory, "reloadhandlers.py"), "w") as f:
+            f.write(source)
+
+    def test_handlerCodeChangeRollsNeverBelowCapacity(self):
+        self.handlerModule("A = 1\n")
+        self.write(handlers='mine = "reloadhandlers:Mine"')
+        d = self.reload()
+        self.answerAll()
+        self.successResultOf(d)
+        self.handlerModule("A = 2\n")
+        d = self.reload()
+        old0, old1 = self.reactor.processes[:2]
+        self.assertEqual([reconfigureRequests(p)[1:] for p in (old0, old1)],
+                         [[], []], "no change in place: it rolls")
+        new0 = self.reactor.processes[2]
+        self.assertEqual(new0.proto.generation, 3)
+        self.assertEqual(len(self.live()), 3)
+        new0.ready()
+        self.assertEqual(old0.signals, ["TERM"])
+        old0.exit(0)
+        new1 = self.reactor.processes[3]
+        self.assertEqual(old1.signals, [])
+        new1.ready()
+        old1.exit(0)
+        result = self.successResultOf(d)
+        self.assertEqual([c["text"] for c in result["changes"]],
+                         ["code reloadhandlers: " + result["changes"][0]["text"]
+                          .split(": ", 1)[1]])
+        self.assertEqual(result["changes"][0]["how"], "rolling")
+        self.assertEqual(result["restarted"], [
+            {"id": "generic.0", "old": old0.pid, "new": new0.pid},
+            {"id": "generic.1", "old": old1.pid, "new": new1.pid}])
+        self.assertEqual(result["workers"], [])
+
+    def test_onlyOutdatedWorkersRoll(self):
+        """Workers a reload added start on the new config: not replaced."""
+        self.write(workers=3, queue='backend = "redis"')
+        d = self.reload()
+        self.reactor.advance(1)
+        self.assertEqual([wid(p) for p in self.reactor.processes[2:]],
+                         ["generic.0", "generic.2"])
+        added = self.reactor.processes[3]
+        added.ready()
+        self.reactor.processes[2].ready()
+        self.assertEqual(wid(self.reactor.processes[4]), "generic.1")
+        self.reactor.processes[4].ready()
+        result = self.successResultOf(d)
+        self.assertEqual([r["id"] for r in result["restarted"]],
+                         ["generic.0", "generic.1"])
+        self.assertEqual(added.signals, [])
+        self.assertEqual(len(self.reactor.processes), 5)
+
+    def test_daemonIdRenamesAndRolls(self):
+        self.write(daemon='id = "web"')
+        d = self.reload()
+        self.assertEqual([w.wid for w in self.pool.workers], ["web.0", "web.1"])
+        replacement = self.reactor.processes[2]
+        self.assertEqual(wid(replacement),
+                         "web.0")
+        replacement.ready()
+        self.reactor.processes[3].ready()
+        self.assertEqual(len(self.successResultOf(d)["restarted"]), 2)
+
+    def test_failedRestartIsReported(self):
+        self.write(queue='backend = "redis"')
+        d = self.reload()
+        with capturedLogs():
+            self.reactor.processes[2].exit(1)
+        result = self.successResultOf(d)
+        self.assertIn("the replacement for generic.0 exited before it was ready",
+                      result["restart_error"])
+        self.assertEqual(self.pool.generation, 2)
+
+
+class FakeReloader:
+    def __init__(self):
+        self.requests = []
+        self.answers = []
+
+    def reload(self, reason):
+        self.requests.append(reason)
+        d = defer.Deferred()
+        self.answers.append(d)
+        return d
+
+    def requested(self, reason):
+        self.requests.append(reason)
+
+
+RESULT = {
+    "generation": 3, "source": "/etc/snq.toml",
+    "changes": [{"key": "sites.new", "kind": "added", "how": "live",
+                 "text": "sites.new added (applied in place)"},
+                {"key": "daemon.workers", "kind": "changed", "how": "live",
+                 "text": "daemon.workers: 2 → 3 (applied in place)"}],
+    "notes": ["monitor: HTTP off"], "added": ["generic.2"], "removed": [],
+    "workers": [{"id": "generic.0", "pid": 10, "applied": ["handler x added"]},
+                {"id": "generic.1", "pid": 11, "applied": []}],
+    "restarted": [], "restart_error": None}
+
+
+class ControlTests(TestCase):
+    """C{snqctl reload} and SIGHUP, through a real control socket."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="snq-reload-")
+        self.addCleanup(shutil.rmtree, self.dir)
+        self.path = os.path.join(self.dir, "snq.sock")
+        self.reloader = FakeReloader()
+        self.service = ControlService(FakeControlPool(), self.path, reactor,
+                                      reloader=self.reloader)
+        self.service.startService()
+        self.addCleanup(lambda: self.service.running and self.service.stopService())
+
+    def snqctl(self, *argv):
+        out = io.StringIO()
+        args = snqctl.parser().parse_args([*argv, "--socket", self.service.path])
+        d = snqctl.run(reactor, args, out=out)
+        return d.addCallback(lambda _: out.getvalue())
+
+    @defer.inlineCallbacks
+    def answered(self, d, result):
+        """The reloader answers C{result} (or fails with it)."""
+        yield deferLater(reactor, 0.05, lambda: None)
+        if isinstance(result, Exception):
+            self.reloader.answers[-1].errback(result)
+        else:
+            self.reloader.answers[-1].callback(result)
+        return (yield d)
+
+    @defer.inlineCallbacks
+    def test_reloadPrintsWhatChangedAndHow(self):
+        out = yield self.answered(self.snqctl("reload"), RESULT)
+        self.assertEqual(self.reloader.requests, ["snqctl reload"])
+        self.assertEqual(out.splitlines(), [
+            "config generation 3 from /etc/snq.toml, 2 changes:",
+            "  sites.new added (applied in place)",
+            "  daemon.workers: 2 → 3 (applied in place)",
+            "monitor: HTTP off",
+            "generic.2: added",
+            "generic.0 (pid 10): applied in place: handler x added",
+            "generic.1 (pid 11): applied in place: nothing to change there"])
+
+    @defer.inlineCallbacks
+    def test_invalidSaysWhy(self):
+        d = self.snqctl("reload")
+        e = yield self.assertFailure(self.answered(d, ReloadError(
+            ["f.toml: daemon.workers: expected a number not below 0, got -1",
+             "f.toml: monitor.colour: unknown key"])), snqctl.CommandError)
+        self.assertEqual(str(e).splitlines(), [
+            "reload: invalid configuration, nothing changed:",
+            "f.toml: daemon.workers: expected a number not below 0, got -1",
+            "f.toml: monitor.colour: unknown key"])
+
+    @defer.inlineCallbacks
+    def test_partlyFailedIsAnError(self):
+        result = dict(RESULT, workers=[{"id": "generic.0", "pid": 10,
+                                        "error": "no answer within 40 s"}],
+                      restart_error="the replacement for generic.1 exited")
+        e = yield self.assertFailure(self.answered(self.snqctl("reload"), result),
+                                     snqctl.CommandError)
+        self.assertEqual(str(e).splitlines(), [
+            "reload: config generation 3 is the daemon's, but:",
+            "generic.0 (pid 10): no answer within 40 s",
+            "the rolling restart stopped: the replacement for generic.1 exited"])
+
+    @defer.inlineCallbacks
+    def test_nothingChanged(self):
+        out = yield self.answered(self.snqctl("reload"), dict(RESULT, changes=[]))
+        self.assertEqual(out, "/etc/snq.toml has not changed: nothing to do "
+                              "(config generation 3)\n")
+
+    @defer.inlineCallbacks
+    def test_sighup(self):
+        os.kill(os.getpid(), signal.SIGHUP)
+        yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(self.reloader.requests, ["SIGHUP"])
+        yield self.service.stopService()
+        self.assertNotEqual(signal.getsignal(signal.SIGHUP), self.service._sighup)
+
+    @defer.inlineCallbacks
+    def test_controlSocketMoves(self):
+        client = yield connect(self.path, reactor)
+        yield client.callRemote(Status)  # accepted: it stays
+        other = os.path.join(self.dir, "other.sock")
+        notes = self.service.reconfigService(snqconfig.parse(
+            {"daemon": {"control_socket": other}}))
+        self.assertEqual(notes, [f"control socket now {other}"])
+        yield deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(os.path.exists(self.path))
+        yield client.callRemote(Status)
+        client.transport.loseConnection()
+        out = yield self.snqctl("status")
+        self.assertIn("config generation 1", out)
+
+    def test_controlSocketTakenStays(self):
+        other = ControlService(FakeControlPool(), os.path.join(self.dir, "b.sock"),
+                               reactor)
+        other.startService()
+        self.addCleanup(other.stopService)
+        with capturedLogs():
+            notes = self.service.reconfigService(snqconfig.parse(
+                {"daemon": {"control_socket": other.path}}))
+        self.assertIn("is another snq daemon running", notes[0])
+        self.assertIn(f"still on {self.path}", notes[0])
+        self.assertEqual(self.service.path, self.path)
+
+
+class FakeControlPool:
+    restarting = False
+    generation = 1
+    loaded = 0.0
+    config = snqconfig.Config()
+
+    def status(self):
+        return []
+
+
+class MonitorTests(SynchronousTestCase):
+    def test_targetsReplacedTotalsKept(self):
+        from tests.test_monitor import FakePool, FakeSocket, FakeUdpReactor
+
+        clock = FakeUdpReactor(FakeSocket(None), [])
+        config = snqconfig.parse({"monitor": {"http": "", "udp": "udp://127.0.0.1:9"}})
+        service = MonitorService(config, FakePool(), MemoryQueue(clock), clock)
+        self.successResultOf(service.startService())
+        [udp] = service.senders
+        tracker = service.tracker
+        tracker.counts["handled", "t", "s", "w"] = 5
+        new = snqconfig.parse({"monitor": {"http": "", "statsd": "127.0.0.1:8125",
+                                           "depth_interval": 5}})
+        applied = self.successResultOf(service.reconfigService(new))
+        self.assertEqual(applied, [
+            "monitor: sending to StatsdSender 127.0.0.1:8125",
+            "monitor: watching memory every 5 s"])
+        [statsd] = service.senders
+        self.assertFalse(udp.running)
+        self.assertTrue(statsd.running)
+        self.assertEqual(tracker.sinks, [statsd])
+        self.assertIs(next(iter(service)), statsd, "senders first: they stop last")
+        self.assertIs(service.tracker, tracker)
+        self.assertEqual(tracker.counts["handled", "t", "s", "w"], 5)
+        self.assertEqual(self.successResultOf(service.reconfigService(new)), [])
+        self.successResultOf(service.stopService())
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class SiteOptionTests(SynchronousTestCase):
+    def setUp(self):
+        self.config = os.path.abspath(self.mktemp())
+        with open(self.config, "w") as f:
+            f.write("[sites.a]\n[sites.b]\n")
+        self.patch(sys, "stderr", io.StringIO())
+
+    def make(self, *argv):
+        options = Options()
+        options.parseOptions(["-c", self.config, *argv])
+        return makeService(options)
+
+    def test_siteDaemon(self):
+        pool = list(self.make("--site", "a", "--workers", "1"))[-1]
+        self.assertEqual(pool.site, "a")
+        self.assertIn("1 workers, site a", sys.stderr.getvalue())
+        pool.reactor = FakeProcessReactor()
+        pool.startService()
+        pool.reactor.advance(0)
+        args = pool.reactor.processes[0].args
+        self.assertEqual(args[args.index("--site") + 1], "a")
+        self.assertEqual(pool.reactor.processes[0].written[0],
+                         snqconfig.read(self.config))
+
+    def test_allIsTheDefault(self):
+        self.assertIsNone(list(self.make("--all"))[-1].site)
+        self.assertIsNone(list(self.make())[-1].site)
+
+    def test_unknownSiteRefused(self):
+        e = self.assertRaises(SystemExit, self.make, "--site", "c")
+        self.assertEqual(str(e), f"snq: --site c: there is no [sites.c] in "
+                                 f"{self.config}")
+
+    def test_siteAndAllExcludeEachOther(self):
+        self.assertRaises(usage.UsageError, Options().parseOptions,
+                          ["--site", "a", "--all"])
+
+    def test_reloadWired(self):
+        control, _, pool = list(self.make())
+        self.assertIs(control.reloader.pool, pool)
+        self.assertEqual(pool.onReloadRequest, control.reloader.requested)
