@@ -70,7 +70,7 @@ def waitFor(condition, timeout=60.0, interval=0.05, what="condition"):
 
 
 def handledIds(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+    """The ids in a L{tests.recorder.Record} file, in the order handled."""
+    from tests.recorder import recorded
+
+    return [itemId for itemId, *_ in recorded(path)]

@@ -1,31 +1,46 @@
 """
-Handlers for tests that run a real daemon: they record what they handled in
-a file named by the site config, one item id a line, so the test process
-can check at-least-once delivery from outside.
+Handlers for tests that run a real daemon.  C{Record} appends
+C{"ITEM_ID PID ATTEMPTS"} to the file named by the site config's
+C{record_file}, so a test can check from outside who handled what, and how
+often.
 """
 
 import os
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.internet.task import deferLater
 
 from snq.handlers import QueueHandler
 
 
+def record(path, item):
+    line = f"{item.id} {os.getpid()} {item.attempts}\n".encode()
+    # One write with O_APPEND: lines from several processes never mix.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def recorded(path):
+    """[(item id, pid, attempts)] from a record file, in the order written."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [tuple(line.split()) for line in f if line.strip()]
+
+
 class Record(QueueHandler):
-    """Appends the item id to C{record_file}; C{payload.sleep} slows it."""
+    """Records the item; C{payload.sleep} seconds later if it says so."""
 
     def handle(self, item):
+        path = self.context.siteConfig(item.site)["record_file"]
         pause = item.payload.get("sleep") if isinstance(item.payload, dict) else None
         if pause:
-            return deferLater(reactor, pause, self._record, item)
-        self._record(item)
+            return deferLater(self.context.clock, pause, record, path, item)
+        record(path, item)
         return None
-
-    def _record(self, item):
-        path = self.context.siteConfig(item.site)["record_file"]
-        with open(path, "a") as f:
-            f.write(f"{item.id}\n")
 
 
 class Leak(QueueHandler):

@@ -20,7 +20,7 @@ from twisted.trial.unittest import TestCase
 from snq.control import Status, connect
 from snq.item import Item
 from tests.daemon import Daemon, handledIds, snqctl, waitFor
-from tests.redis_handlers import recorded
+from tests.recorder import recorded
 
 CONFIG = """
 [daemon]
@@ -38,7 +38,7 @@ poll_interval = 0.2
 [handlers]
 record = "tests.recorder:Record"
 leak = "tests.recorder:Leak"
-stamp = "tests.redis_handlers:Record"
+stamp = "tests.recorder:Record"
 
 [sites.default]
 record_file = "{dir}/handled.txt"

@@ -28,7 +28,7 @@ from snq.iomaster import IoMaster
 from snq.item import Item
 from snq.queues.redis import RedisQueue
 from tests.daemon import Daemon, snqctl, waitFor
-from tests.redis_handlers import recorded
+from tests.recorder import recorded
 from tests.test_redis import REDIS_URL, RedisFixture, waitUntil
 
 CONFIG = """
@@ -50,7 +50,7 @@ prefix = "{prefix}"
 group = "bulk"
 
 [handlers]
-record = "tests.redis_handlers:Record"
+record = "tests.recorder:Record"
 
 [sites.default]
 record_file = "{dir}/handled.txt"
