@@ -23,19 +23,26 @@ together by one more reload once it is over, which reads the file again.
 """
 
 import os
+import signal
 import sys
 
+from twisted.application.service import Service
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from snq import config as snqconfig
 from snq.control import ControlError
 from snq.handlers import handlerPaths
-from snq.reconfig import codeFingerprints, diff, needsRollingRestart
+from snq.reconfig import ROLLING, codeFingerprints, diff, needsRollingRestart
 
 #: Seconds the check of a new config may take (a fresh interpreter that
 #: imports the handlers).
 CHECK_TIMEOUT = 60.0
+
+
+def _absolute(source: str | None) -> str | None:
+    """The file reloads read, absolute: twistd may change directory."""
+    return os.path.abspath(source) if source is not None else None
 
 
 class ReloadError(ControlError):
@@ -92,6 +99,51 @@ def checkInWorker(text: bytes, source: str, reactor) -> list[str]:
                      f"(exit status {code})"]
 
 
+def refuse(log, problems: list[str]):
+    """Nothing changes: say why, and raise L{ReloadError}."""
+    if problems:
+        log.error("reload refused, the daemon runs on as it was: {problems}",
+                  problems="; ".join(problems))
+        raise ReloadError(problems)
+
+
+def readChanges(log, reason: str, path: str | None, current, code: dict,
+                site: str | None = None):
+    """
+    Read and validate the file at C{path} → its text, its config, the
+    fingerprints of its handlers' code and the changes from C{current}
+    (whose handlers' code had the fingerprints C{code}).  Raises
+    L{ReloadError} (logged) when it is not valid, L{ControlError} when
+    there is no file.
+    """
+    log.info("reloading the config ({reason})", reason=reason)
+    if path is None:
+        raise ControlError("snq runs on the embedded default config (no "
+                           "--config, no $SNQ_CONFIG): there is no file to "
+                           "reload")
+    try:
+        text = snqconfig.read(path)
+        new = snqconfig.parseText(text, path)
+    except snqconfig.ConfigError as e:
+        refuse(log, e.problems)
+    sites = new.knownSites()
+    if site is not None and sites is not None and site not in sites:
+        refuse(log, [f"{path}: sites.{site}: missing, but this daemon runs "
+                     f"--site {site}"])
+    newCode = codeFingerprints(handlerPaths(new.handlers))
+    changes = diff(current, new, code, newCode)
+    if not changes:
+        log.info("reload: {path} has not changed; nothing to do", path=path)
+    return text, new, newCode, changes
+
+
+def logChanges(log, what: str, path: str, changes):
+    log.info("reload: {what} from {path}, {n} changes:", what=what, path=path,
+             n=len(changes))
+    for change in changes:
+        log.info("  {change}", change=change.describe())
+
+
 class Reloader:
     """
     The master's reload.  C{pool} holds the running config
@@ -116,9 +168,7 @@ class Reloader:
         self.workers = workers
         self.reactor = reactor
         self.check = check
-        source = pool.config.source
-        #: The file reloads read, absolute: twistd may change directory.
-        self.path = os.path.abspath(source) if source is not None else None
+        self.path = _absolute(pool.config.source)
         #: Module → fingerprint of the handler code the workers run.
         self.code = codeFingerprints(handlerPaths(pool.config.handlers))
         self._requests: list[tuple[str, defer.Deferred]] = []
@@ -170,40 +220,25 @@ class Reloader:
         "text"}], "notes": [...], "added": [...], "removed": [...],
         "workers": [...], "restarted": [...], "restart_error"}}.
         """
-        self.log.info("reloading the config ({reason})", reason=reason)
-        if self.path is None:
-            raise ControlError("snq runs on the embedded default config (no "
-                               "--config, no $SNQ_CONFIG): there is no file "
-                               "to reload")
         pool = self.pool
         # A rolling restart in progress finishes on the config it began with.
         yield pool.whenRestarted()
-        try:
-            text = snqconfig.read(self.path)
-            new = snqconfig.parseText(text, self.path)
-        except snqconfig.ConfigError as e:
-            self._refuse(e.problems)
-        self._refuse(self._siteProblems(new))
-        code = codeFingerprints(handlerPaths(new.handlers))
-        changes = diff(pool.config, new, self.code, code)
+        text, new, code, changes = readChanges(self.log, reason, self.path,
+                                               pool.config, self.code, self.site)
         result = {"generation": pool.generation, "source": self.path,
                   "changes": [{"key": c.key, "kind": c.kind, "how": c.how,
                                "text": c.describe()} for c in changes],
                   "notes": [], "added": [], "removed": [], "workers": [],
                   "restarted": [], "restart_error": None}
         if not changes:
-            self.log.info("reload: {path} has not changed; nothing to do",
-                          path=self.path)
             return result
-        self._refuse((yield self.check(text, self.path, self.reactor)))
+        refuse(self.log, (yield self.check(text, self.path, self.reactor)))
 
         pool.setConfig(new, text, self.reactor.seconds())
         self.code = code
         result["generation"] = pool.generation
-        self.log.info("reload: config generation {g} from {path}, {n} changes:",
-                      g=pool.generation, path=self.path, n=len(changes))
-        for change in changes:
-            self.log.info("  {change}", change=change.describe())
+        logChanges(self.log, f"config generation {pool.generation}", self.path,
+                   changes)
         for part in self.parts:
             result["notes"] += yield part.reconfigService(new)
         if self.workers is not None and any(
@@ -222,19 +257,6 @@ class Reloader:
             result["workers"] = yield pool.reconfigureChildren()
         self._logResult(result)
         return result
-
-    def _refuse(self, problems: list[str]):
-        if problems:
-            self.log.error("reload refused, the daemon runs on as it was: "
-                           "{problems}", problems="; ".join(problems))
-            raise ReloadError(problems)
-
-    def _siteProblems(self, config) -> list[str]:
-        sites = config.knownSites()
-        if self.site is None or sites is None or self.site in sites:
-            return []
-        return [f"{config.source}: sites.{self.site}: missing, but this daemon "
-                f"runs --site {self.site}"]
 
     def _logResult(self, result):
         for note in result["notes"]:
@@ -256,3 +278,64 @@ class Reloader:
                       "place, {m} restarted, {f} failed)", g=result["generation"],
                       n=len(applied), m=len(result["restarted"]),
                       f=len(result["workers"]) - len(applied))
+
+
+class InlineReloader(Service):
+    """
+    C{--inline}: SIGHUP (or the control channel) reloads the file into the
+    one IoMaster in this process.  What only new processes can apply (a
+    rolling restart's changes) is refused: restart snq for those.
+    """
+
+    log = Logger()
+
+    def __init__(self, master, reactor=None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.master = master
+        self.reactor = reactor
+        self.path = _absolute(master.config.source)
+        self.code = codeFingerprints(handlerPaths(master.config.handlers))
+        self._reloading = None
+        self._previous = None
+
+    def startService(self):
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._sighup)
+
+    def stopService(self):
+        super().stopService()
+        signal.signal(signal.SIGHUP, self._previous)
+
+    def _sighup(self, signum, frame):
+        self.reactor.callFromThread(self.requested, "SIGHUP")
+
+    def requested(self, reason: str):
+        if self._reloading is not None:
+            # One at a time: the one running reads the file anew anyway.
+            self.log.info("reload ({reason}) joins the one in progress",
+                          reason=reason)
+            return
+        self._reloading = defer.maybeDeferred(self._reload, reason)
+        self._reloading.addErrback(lambda f: f.trap(ControlError))
+        self._reloading.addErrback(lambda f: self.log.failure(
+            "reload failed; this worker may be half configured: restart it", f))
+        self._reloading.addBoth(lambda _: setattr(self, "_reloading", None))
+
+    @defer.inlineCallbacks
+    def _reload(self, reason):
+        master = self.master
+        _, new, code, changes = readChanges(self.log, reason, self.path,
+                                            master.config, self.code, master.site)
+        rolling = [c.describe() for c in changes if c.how == ROLLING]
+        if rolling:
+            refuse(self.log, [f"{self.path}: needs new processes, which "
+                              f"--inline has not: {'; '.join(rolling)}; "
+                              "restart snq"])
+        if not changes:
+            return
+        applied = yield master.reconfigService(new)
+        self.code = code
+        logChanges(self.log, "applied", self.path, changes)
+        self.log.info("reload: {applied}", applied="; ".join(applied)
+                      or "nothing to change in the worker")

@@ -121,14 +121,18 @@ def makeService(options):
         from twisted.internet import reactor
 
         from snq.iomaster import IoMaster
+        from snq.reload import InlineReloader
 
         # No pool to ask: a shutdown from the control channel stops it all.
         master = IoMaster(config, workerId=f"{config.daemon.id}.0",
                           registry=registry, site=site,
-                          shutdown=lambda reason: reactor.stop())
+                          shutdown=lambda reason: reactor.stop(),
+                          reload=lambda reason: reloader.requested(reason))
+        reloader = InlineReloader(master)
         print(f"snq: {source}, queue {master.queue.describe()}, inline, "
               f"{running}", file=sys.stderr)
         master.setServiceParent(daemon)
+        reloader.setServiceParent(daemon)
         return daemon
 
     from snq.control import ControlService

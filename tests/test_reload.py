@@ -17,7 +17,7 @@ import sys
 import tempfile
 
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import capturedLogs
 from twisted.protocols import amp
 from twisted.python import usage
@@ -25,10 +25,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from snq import config as snqconfig
 from snq.control import ControlError, ControlService, Reconfigure, Status, connect
+from snq.iomaster import IoMaster
 from snq.monitor.service import MonitorService
 from snq.pool import WorkerPool
 from snq.queues.memory import MemoryQueue
-from snq.reload import Reloader, ReloadError
+from snq.reload import InlineReloader, Reloader, ReloadError
 from snq.scripts import snqctl
 from snq.tap import Options, makeService
 from tests.test_pool import FakeProcessReactor
@@ -476,7 +477,7 @@ RESULT = {
     "restarted": [], "restart_error": None}
 
 
-class ControlTests(TestCase):
+class ControlTestCase(TestCase):
     """C{snqctl reload} and SIGHUP, through a real control socket."""
 
     def setUp(self):
@@ -505,6 +506,9 @@ class ControlTests(TestCase):
             self.reloader.answers[-1].callback(result)
         return (yield d)
 
+
+
+class ControlTests(ControlTestCase):
     @defer.inlineCallbacks
     def test_reloadPrintsWhatChangedAndHow(self):
         out = yield self.answered(self.snqctl("reload"), RESULT)
@@ -663,3 +667,69 @@ class SiteOptionTests(SynchronousTestCase):
         control, _, pool = list(self.make())
         self.assertIs(control.reloader.pool, pool)
         self.assertEqual(pool.onReloadRequest, control.reloader.requested)
+
+
+class InlineTests(SynchronousTestCase):
+    """C{--inline}: the one IoMaster in the process reloads in place."""
+
+    def setUp(self):
+        self.path = os.path.abspath(self.mktemp())
+        self.write("[sites.a]\n")
+        self.clock = Clock()
+        self.master = IoMaster(snqconfig.load(self.path), clock=self.clock,
+                               queue=MemoryQueue(self.clock))
+        self.successResultOf(self.master.startService())
+        self.addCleanup(self.master.stopService)
+        self.reloader = InlineReloader(self.master, reactor=self.clock)
+
+    def write(self, text):
+        with open(self.path, "w") as f:
+            f.write(text)
+
+    def test_appliedInPlace(self):
+        self.write("[sites.a]\n[sites.b]\n[queue]\nconcurrency = 3\n")
+        with capturedLogs() as events:
+            self.reloader.requested("SIGHUP")
+        self.assertEqual(sorted(self.master.config.sites), ["a", "b"])
+        self.assertEqual(self.master.dispatcher.config.queue.concurrency, 3)
+        logged = [e["log_format"].format(**e) for e in events]
+        self.assertIn("  sites.b added (applied in place)", logged)
+
+    def test_whatWouldRollIsRefused(self):
+        self.write('[sites.a]\n[sites.b]\n[queue]\nbackend = "redis"\n')
+        with capturedLogs() as events:
+            self.reloader.requested("SIGHUP")
+        self.assertEqual(sorted(self.master.config.sites), ["a"], "nothing changed")
+        [refused] = [e["log_format"].format(**e) for e in events
+                     if "refused" in e["log_format"]]
+        self.assertIn("needs new processes, which --inline has not: "
+                      "queue.backend: 'db' → 'redis' (rolling restart)", refused)
+
+    def test_sighup(self):
+        self.reloader.startService()
+        self.addCleanup(self.reloader.stopService)
+        self.assertEqual(signal.getsignal(signal.SIGHUP), self.reloader._sighup)
+
+
+class SnqctlInvalidFileTests(ControlTestCase):
+    @defer.inlineCallbacks
+    def test_brokenFileStillNamesTheSocket(self):
+        """snqctl reload reaches the daemon, which says what is wrong."""
+        path = os.path.join(self.dir, "snq.toml")
+        with open(path, "w") as f:
+            f.write(f'[daemon]\ncontrol_socket = "{self.path}"\nworkers = -1\n')
+        args = snqctl.parser().parse_args(["-c", path, "reload"])
+        d = snqctl.run(reactor, args, out=io.StringIO())
+        e = yield self.assertFailure(self.answered(d, ReloadError(
+            [f"{path}: daemon.workers: expected a number not below 0, got -1"])),
+            snqctl.CommandError)
+        self.assertIn("daemon.workers: expected a number not below 0", str(e))
+        self.assertEqual(self.reloader.requests, ["snqctl reload"])
+
+    def test_otherCommandsStillRefuseIt(self):
+        path = os.path.join(self.dir, "snq.toml")
+        with open(path, "w") as f:
+            f.write("[daemon]\nworkers = -1\n")
+        args = snqctl.parser().parse_args(["-c", path, "status"])
+        self.failureResultOf(snqctl.run(reactor, args, out=io.StringIO()),
+                             snqconfig.ConfigError)

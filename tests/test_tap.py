@@ -93,8 +93,9 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(len(list(self.make())[-1].workers), os.cpu_count())
 
     def test_inline(self):
-        (master,) = list(self.make("--inline", "--workers", "4"))
+        master, reloader = list(self.make("--inline", "--workers", "4"))
         self.assertIsInstance(master, IoMaster)
+        self.assertIs(reloader.master, master)
         self.assertIsNone(master.watch)
         self.assertEqual(master.workerId, "generic.0")
 

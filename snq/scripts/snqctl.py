@@ -7,10 +7,12 @@ running.
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
 import sys
+import tomllib
 
 from twisted.internet import defer, error, task
 
@@ -116,10 +118,10 @@ def run(reactor, args, out=sys.stdout, stdin=sys.stdin):
     if args.command == "check":
         # A plugin's exit status is its answer, for a bad config too.
         raise SystemExit((yield plugin.run(args, reactor, out)))
-    config = snqconfig.load(args.config)
     if args.command in _CONTROL:
-        result = yield _control(config, args, out, reactor)
+        result = yield _control(_controlConfig(args), args, out, reactor)
         return result
+    config = snqconfig.load(args.config)
     queue = makeQueue(config, reactor)
     try:
         yield queue.open()
@@ -202,6 +204,29 @@ def _broadcast(queue, config, args, out, stdin, reactor):
 
 _COMMANDS = {"enqueue": _enqueue, "dead": _dead, "db": _db,
              "control": _broadcast}
+
+
+def _controlConfig(args):
+    """
+    The config, for its control socket.  A file that does not validate
+    still names its socket for C{reload}: the daemon, which reads the file
+    itself, then says what is wrong with it, and changes nothing.
+    """
+    try:
+        return snqconfig.load(args.config)
+    except snqconfig.ConfigError:
+        if args.command != "reload":
+            raise
+    path = args.config or os.environ.get(snqconfig.ENV_VAR)
+    try:
+        with open(path, "rb") as f:
+            socket = tomllib.load(f)["daemon"]["control_socket"]
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        socket = None
+    daemon = snqconfig.DaemonConfig()
+    if isinstance(socket, str):
+        daemon = dataclasses.replace(daemon, control_socket=socket)
+    return snqconfig.Config(daemon=daemon)
 
 
 @defer.inlineCallbacks
