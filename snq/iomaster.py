@@ -249,9 +249,10 @@ class IoMaster(AsyncMultiService):
                       wid=self.workerId, backend=self.config.queue.backend)
         yield self.queue.open()
         yield super().startService()
-        self.log.info("worker {wid} consuming groups {groups}; handlers: "
+        self.log.info("worker {wid} consuming groups {groups}{site}; handlers: "
                       "{handlers}", wid=self.workerId,
                       groups=", ".join(self.groups),
+                      site=f" (site {self.site} only)" if self.site else "",
                       handlers=", ".join(sorted(self.dispatcher.handlers)))
 
     @defer.inlineCallbacks

@@ -281,7 +281,7 @@ class EmbeddedDefaultPoolTests(TestCase):
         yield waitFor(lambda: len(running() or []) == 2, what="two workers")
         before = running()
         table = snqctl("status", cwd=directory).stdout.splitlines()
-        self.assertEqual([line.split()[0] for line in table[1:]],
+        self.assertEqual([line.split()[0] for line in table[2:]],
                          ["worker", "generic.0", "generic.1"])
         restarted = snqctl("restart", cwd=directory).stdout.splitlines()
         self.assertEqual([line.split(":")[0] for line in restarted],
