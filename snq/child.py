@@ -281,7 +281,7 @@ def check(text: bytes, source: str) -> list[str]:
     return problems
 
 
-def main(argv=None, stdin=None) -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m snq.child",
                                      description="An snq worker process.")
     parser.add_argument("--config", help="TOML config file (default: built-in)")
@@ -298,7 +298,7 @@ def main(argv=None, stdin=None) -> int:
     parser.add_argument("--loaded", type=float, default=None,
                         help="when the master loaded this config")
     args = parser.parse_args(argv)
-    stdin = stdin or sys.stdin.buffer
+    stdin = sys.stdin.buffer
     if args.check:
         problems = check(stdin.read(), args.config or "<stdin>")
         print("\n".join(problems))
