@@ -206,8 +206,8 @@ class ReloadTestCase(TestCase):
         self.assertEqual([w["restarts"] for w in after], [0] * len(after))
 
 
-class SqliteReloadTests(ReloadTestCase):
-    """The pool's side on the embedded SQLite queue."""
+class SqliteTestCase(ReloadTestCase):
+    """On the embedded SQLite queue."""
 
     def sql(self, statement, params=()):
         with sqlite3.connect(os.path.join(self.dir, "snq.sqlite"),
@@ -236,6 +236,10 @@ class SqliteReloadTests(ReloadTestCase):
 
     def dead(self):
         return self.sql("SELECT site, reason, error FROM queue_dead")
+
+
+class SqliteReloadTests(SqliteTestCase):
+    """The pool's side."""
 
     @defer.inlineCallbacks
     def test_siteAndBreakoutAddedBySighup(self):
@@ -499,3 +503,22 @@ class StompReloadTests(ReloadTestCase):
             feeder, lambda: self.depths().get(f"{self.name}/main") == (0, 0))
         after = yield self.running(1)
         self.assertSamePids(before, after)
+
+
+class SiteDaemonTests(SqliteTestCase):
+    """C{--site}: a daemon of one site on a queue shared with others."""
+
+    @defer.inlineCallbacks
+    def test_oneSiteOnly(self):
+        self.configure(workers=1, sites=["a", "b"])
+        daemon = Daemon(self, self.dir, "-c", self.path, "--site", "a")
+        yield self.running(1)
+        self.assertIn("1 workers, site a", daemon.output())
+        self.assertIn("consuming groups main (site a only)", daemon.output())
+        yield self.insert("b", 10)
+        yield self.insert("a", 10)
+        yield waitFor(lambda: len(self.handled()) >= 10, what="a's items")
+        yield deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual({r[0] for r in self.handled()}, self.enqueued["a"])
+        self.assertEqual(self.sql("SELECT site, count(*), count(claimed_by) FROM "
+                                  "queue_item GROUP BY site"), [("b", 10, 0)])
