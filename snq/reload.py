@@ -137,6 +137,16 @@ def readChanges(log, reason: str, path: str | None, current, code: dict,
     return text, new, newCode, changes
 
 
+def unanswered(log, failure):
+    """The end of a reload nobody waits for (SIGHUP, a worker's request)."""
+    if failure.check(ReloadError):
+        return  # Logged with its reasons already.
+    if failure.check(ControlError):
+        log.error("reload failed: {why}", why=failure.getErrorMessage())
+    else:
+        log.failure("reload failed", failure)
+
+
 def logChanges(log, what: str, path: str, changes):
     log.info("reload: {what} from {path}, {n} changes:", what=what, path=path,
              n=len(changes))
@@ -188,9 +198,7 @@ class Reloader:
 
     def requested(self, reason: str):
         """A reload nobody waits for (SIGHUP, a worker): the log says it all."""
-        d = self.reload(reason)
-        d.addErrback(lambda f: f.trap(ControlError))
-        d.addErrback(lambda f: self.log.failure("reload failed", f))
+        self.reload(reason).addErrback(lambda f: unanswered(self.log, f))
 
     def _next(self):
         if not self._requests:
@@ -317,9 +325,7 @@ class InlineReloader(Service):
                           reason=reason)
             return
         self._reloading = defer.maybeDeferred(self._reload, reason)
-        self._reloading.addErrback(lambda f: f.trap(ControlError))
-        self._reloading.addErrback(lambda f: self.log.failure(
-            "reload failed; this worker may be half configured: restart it", f))
+        self._reloading.addErrback(lambda f: unanswered(self.log, f))
         self._reloading.addBoth(lambda _: setattr(self, "_reloading", None))
 
     @defer.inlineCallbacks

@@ -733,3 +733,15 @@ class SnqctlInvalidFileTests(ControlTestCase):
         args = snqctl.parser().parse_args(["-c", path, "status"])
         self.failureResultOf(snqctl.run(reactor, args, out=io.StringIO()),
                              snqconfig.ConfigError)
+
+
+class UnansweredTests(SynchronousTestCase):
+    def test_sighupWithoutAFileIsLogged(self):
+        pool = WorkerPool(snqconfig.Config(), 1, reactor=FakeProcessReactor())
+        reloader = Reloader(pool, reactor=pool.reactor)
+        with capturedLogs() as events:
+            reloader.requested("SIGHUP")
+        logged = [e["log_format"].format(**e) for e in events]
+        self.assertIn("reload failed: snq runs on the embedded default config "
+                      "(no --config, no $SNQ_CONFIG): there is no file to reload",
+                      logged)
