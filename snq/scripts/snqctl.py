@@ -28,7 +28,10 @@ class CommandError(Exception):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="snqctl", description=__doc__.strip())
+    p = argparse.ArgumentParser(prog="snqctl", description=(
+        "The operator's command. status, stop, restart and reload talk to a "
+        "running daemon over its control socket; everything else talks to the "
+        "queue itself, so it works whether or not a daemon is running."))
     p.add_argument("-c", "--config",
                    help="TOML config file (default: $SNQ_CONFIG, else built-in)")
     sub = p.add_subparsers(dest="command", required=True)
