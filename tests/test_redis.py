@@ -136,7 +136,7 @@ class RoutingTests(SynchronousTestCase):
         config = redisConfig("r:", queueConfig,
                              transports={"slow": {"group": "bulk"}})
         queue = RedisQueue(config, clock=Clock(), claimant="c")
-        queue._registry = HandlerRegistry({"jabber": Xmpp})
+        queue.routing._registry = HandlerRegistry({"jabber": Xmpp})
         return queue
 
     def test_groups(self):

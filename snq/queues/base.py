@@ -25,7 +25,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from snq.handlers import HandlerRegistry, Reject, Retry
+from snq.handlers import HandlerError, HandlerRegistry, Reject, Retry
 from snq.iomanager import PollingManager
 from snq.item import DEFAULT_SITE, BadItem, Item
 from snq.stats import Stats
@@ -87,6 +87,44 @@ def consumedSpecs(groups, breakouts, site: str | None = None) -> list[str]:
     if site is None:
         return [*groups, *ours]
     return [b for b in ours if b.count("/") == 2 and b.rsplit("/", 1)[1] == site]
+
+
+class Routing:
+    """
+    Where an item goes on a broker (a STOMP queue, a Redis list), as a group
+    name or breakout spec: the most specific breakout of its transport (and
+    site), else its transport's group: C{[transports.NAME] group}, else its
+    handler's, else C{main}.
+    """
+
+    log = Logger()
+
+    def __init__(self, config):
+        self.config = config
+        self.breakouts = frozenset(config.queue.breakout)
+        self._registry = None
+
+    def registry(self) -> HandlerRegistry:
+        """The handlers, for their groups; loaded when first needed."""
+        if self._registry is None:
+            try:
+                self._registry = HandlerRegistry.load(self.config.handlers)
+            except HandlerError as e:
+                self.log.warn("routing without the configured handlers: {why}",
+                              why=e)
+                self._registry = HandlerRegistry.load({})
+        return self._registry
+
+    def groupOf(self, transport: str) -> str:
+        return self.registry().groupOf(transport,
+                                       self.config.transport(transport).group)
+
+    def route(self, transport: str, site: str) -> str:
+        group = self.groupOf(transport)
+        for spec in (f"{group}/{transport}/{site}", f"{group}/{transport}"):
+            if spec in self.breakouts:
+                return spec
+        return group
 
 
 @dataclass(frozen=True)

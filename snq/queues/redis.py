@@ -41,7 +41,6 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from snq.handlers import HandlerError, HandlerRegistry
 from snq.item import Item
 from snq.queues import redis_scripts as scripts
 from snq.queues.base import (
@@ -50,6 +49,7 @@ from snq.queues.base import (
     Depth,
     Queue,
     QueueManager,
+    Routing,
     consumedSpecs,
 )
 
@@ -591,11 +591,11 @@ class RedisQueue(Queue):
         #: The lists (group names and breakout specs) this worker consumes;
         #: its manager sets them from the worker's groups and site.
         self.consumed = consumedSpecs(config.queue.groups, self.breakouts)
+        self.routing = Routing(config)
         #: The earliest due time of a retry on those lists, as of the last
         #: claim or retry; None = none waiting.
         self.nextDue: float | None = None
         self.connection: RedisConnection | None = None
-        self._registry = None
         self._seq = itertools.count()
         self._turn = 0
         self._acks: list[tuple[bytes, defer.Deferred]] = []
@@ -609,7 +609,7 @@ class RedisQueue(Queue):
         self.config = config
         self.breakouts = frozenset(config.queue.breakout)
         self.lease = config.queue.lease
-        self._registry = None
+        self.routing = Routing(config)
 
     # -- keys and routing ---------------------------------------------------
 
@@ -624,27 +624,7 @@ class RedisQueue(Queue):
 
     def route(self, item: Item) -> str:
         """The list spec an item goes to: a matching breakout, or its group."""
-        group = self.groupOf(item.transport)
-        for spec in (f"{group}/{item.transport}/{item.site}",
-                     f"{group}/{item.transport}"):
-            if spec in self.breakouts:
-                return spec
-        return group
-
-    def groupOf(self, transport: str) -> str:
-        return (self.config.transport(transport).group
-                or self.registry().groupOf(transport))
-
-    def registry(self) -> HandlerRegistry:
-        """The handlers, for their groups; loaded when first needed."""
-        if self._registry is None:
-            try:
-                self._registry = HandlerRegistry.load(self.config.handlers)
-            except HandlerError as e:
-                self.log.warn("routing without the configured handlers: {why}",
-                              why=e)
-                self._registry = HandlerRegistry.load({})
-        return self._registry
+        return self.routing.route(item.transport, item.site)
 
     def _token(self) -> str:
         return f"{self.claimant}/{next(self._seq)}"
@@ -874,7 +854,7 @@ class RedisQueue(Queue):
         Every list this config sends items to: groups (active, configured
         per transport, of the handlers) and breakouts.
         """
-        registry = self.registry()
+        registry = self.routing.registry()
         groups = {"main", *self.config.queue.groups,
                   *(t.group for t in self.config.transports.values() if t.group),
                   *(registry.groupOf(name) for name in registry.classes)}

@@ -21,8 +21,7 @@ from urllib.parse import unquote
 
 from twisted.logger import Logger
 
-from snq.handlers import HandlerError, HandlerRegistry
-from snq.queues.base import consumedSpecs
+from snq.queues.base import Routing, consumedSpecs
 
 #: Prefixes after which RabbitMQ reads the rest as one name.
 _NAMED = ("/queue/", "/topic/", "/amq/queue/")
@@ -76,7 +75,7 @@ class Destinations:
         self.breakouts = frozenset(config.queue.breakout)
         self.dead = self.basename + "dead"
         self.control = config.stomp.control_channel
-        self._registry = None
+        self.routing = Routing(config)
 
     def consumed(self, groups, site=None) -> list[str]:
         """
@@ -88,23 +87,7 @@ class Destinations:
 
     def route(self, transport: str, site: str) -> str:
         """An item's queue: the most specific breakout, else its group's."""
-        group = self.groupOf(transport)
-        for spec in (f"{group}/{transport}/{site}", f"{group}/{transport}"):
-            if spec in self.breakouts:
-                return self.basename + spec
-        return self.basename + group
-
-    def groupOf(self, transport: str) -> str:
-        """C{[transports.NAME] group}, else the handler's, else C{main}."""
-        if self._registry is None:
-            try:
-                self._registry = HandlerRegistry.load(self.config.handlers)
-            except HandlerError as e:
-                self.log.warn("routing without the configured handlers: {why}",
-                              why=e)
-                self._registry = HandlerRegistry({})
-        return self._registry.groupOf(transport,
-                                      self.config.transport(transport).group)
+        return self.basename + self.routing.route(transport, site)
 
     def delayed(self, destination: str, delay: float,
                 rabbitmq: bool) -> tuple[str, dict]:
