@@ -4,9 +4,11 @@ signal it, and make sure it never outlives the test.
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from twisted.internet import defer, reactor
@@ -67,6 +69,16 @@ def waitFor(condition, timeout=60.0, interval=0.05, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         yield deferLater(reactor, interval, lambda: None)
+
+
+def socketPath(testCase):
+    """
+    A control socket path for a test.  Not under trial's temp directory: a
+    UNIX socket path must stay under about 100 bytes.
+    """
+    directory = tempfile.mkdtemp(prefix="snq-test-")
+    testCase.addCleanup(shutil.rmtree, directory, True)
+    return os.path.join(directory, "snq.sock")
 
 
 def handledIds(path):

@@ -9,11 +9,9 @@ import datetime
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
-import tempfile
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
@@ -32,6 +30,7 @@ from snq.control import (
     connect,
 )
 from snq.scripts import snqctl
+from tests.daemon import socketPath
 
 
 class JSONArgumentTests(SynchronousTestCase):
@@ -79,10 +78,7 @@ class FakePool:
 
 class ControlTestCase(TestCase):
     def setUp(self):
-        # Not under _trial_temp: a socket path must stay under ~100 bytes.
-        self.dir = tempfile.mkdtemp(prefix="snq-control-")
-        self.addCleanup(shutil.rmtree, self.dir)
-        self.path = os.path.join(self.dir, "snq.sock")
+        self.path = socketPath(self)
         self.pool = FakePool()
         self.stops = []
         self.service = ControlService(self.pool, self.path, reactor,

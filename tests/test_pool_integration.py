@@ -7,10 +7,8 @@ children, a real SQLite file, and the control socket.
 import json
 import os
 import re
-import shutil
 import signal
 import sqlite3
-import tempfile
 import time
 
 from twisted.internet import defer, error, reactor, threads
@@ -19,7 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from snq.control import Status, connect
 from snq.item import Item
-from tests.daemon import Daemon, handledIds, snqctl, waitFor
+from tests.daemon import Daemon, handledIds, snqctl, socketPath, waitFor
 from tests.recorder import recorded
 
 CONFIG = """
@@ -63,10 +61,7 @@ class PoolTestCase(TestCase):
     def setUp(self):
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
-        # Socket paths must stay under ~100 bytes; trial's do not.
-        sockets = tempfile.mkdtemp(prefix="snq-pool-")
-        self.addCleanup(shutil.rmtree, sockets)
-        self.sock = os.path.join(sockets, "snq.sock")
+        self.sock = socketPath(self)
         self.db = os.path.join(self.dir, "snq.sqlite")
         self.record = os.path.join(self.dir, "handled.txt")
         self.stamped = os.path.join(self.dir, "stamped.txt")

@@ -11,10 +11,8 @@ moving, the monitors, C{--site}.
 import io
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock, deferLater
@@ -32,6 +30,7 @@ from snq.queues.memory import MemoryQueue
 from snq.reload import InlineReloader, Reloader, ReloadError
 from snq.scripts import snqctl
 from snq.tap import Options, makeService
+from tests.daemon import socketPath
 from tests.test_pool import FakeProcessReactor
 
 BASE = """
@@ -481,9 +480,8 @@ class ControlTestCase(TestCase):
     """C{snqctl reload} and SIGHUP, through a real control socket."""
 
     def setUp(self):
-        self.dir = tempfile.mkdtemp(prefix="snq-reload-")
-        self.addCleanup(shutil.rmtree, self.dir)
-        self.path = os.path.join(self.dir, "snq.sock")
+        self.path = socketPath(self)
+        self.dir = os.path.dirname(self.path)
         self.reloader = FakeReloader()
         self.service = ControlService(FakeControlPool(), self.path, reactor,
                                       reloader=self.reloader)

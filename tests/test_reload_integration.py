@@ -11,10 +11,8 @@ RabbitMQ for lists and subscriptions that follow the config.
 import collections
 import json
 import os
-import shutil
 import signal
 import sqlite3
-import tempfile
 import threading
 import time
 
@@ -25,7 +23,7 @@ from twisted.trial.unittest import TestCase
 from snq.control import Status, connect
 from snq.item import Item
 from tests import rabbitmq
-from tests.daemon import Daemon, snqctl, waitFor
+from tests.daemon import Daemon, snqctl, socketPath, waitFor
 from tests.test_redis import REDIS_URL, RedisFixture, waitUntil
 
 #: The handler the daemons run, in a module of the test's own directory (the
@@ -97,10 +95,7 @@ class ReloadTestCase(TestCase):
     def setUp(self):
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
-        # Socket paths must stay under ~100 bytes; trial's do not.
-        sockets = tempfile.mkdtemp(prefix="snq-reload-")
-        self.addCleanup(shutil.rmtree, sockets)
-        self.sock = os.path.join(sockets, "snq.sock")
+        self.sock = socketPath(self)
         self.path = os.path.join(self.dir, "snq.toml")
         self.record = os.path.join(self.dir, "handled.txt")
         #: site → ids enqueued
