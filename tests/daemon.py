@@ -6,6 +6,7 @@ signal it, and make sure it never outlives the test.
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -69,6 +70,15 @@ def waitFor(condition, timeout=60.0, interval=0.05, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         yield deferLater(reactor, interval, lambda: None)
+
+
+def freePort() -> int:
+    """A port on 127.0.0.1 that nothing listens on (for the moment)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
 
 
 def socketPath(testCase):

@@ -27,7 +27,7 @@ from snq.handlers import HandlerRegistry, QueueHandler
 from snq.iomaster import IoMaster
 from snq.item import Item
 from snq.queues.redis import RedisQueue
-from tests.daemon import Daemon, snqctl, waitFor
+from tests.daemon import Daemon, freePort, snqctl, waitFor
 from tests.recorder import recorded
 from tests.test_redis import REDIS_URL, RedisFixture, waitUntil
 
@@ -307,14 +307,6 @@ class RedisDaemonTests(RedisFixture, TestCase):
             lengths[spec] = yield self.redis.execute("LLEN", self.key(f"q:{spec}"))
         self.assertEqual(lengths, {"main": 2, "bulk": 1, "main/fast": 1})
         self.assertEqual((yield self.zcard("delayed:main")), 1)
-
-
-def freePort():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class ServerRestartTests(TestCase):

@@ -7,7 +7,6 @@ messages.  Each test has queues of its own (C{snqtest-…}), removed after.
 """
 
 import json
-import socket
 import time
 
 from twisted.internet import defer, reactor, threads
@@ -20,15 +19,7 @@ from snq.queues.stomp import NoBrokerError, StompQueue
 from snq.stomp.control import ControlVerifier
 from snq.stomp.destinations import retryBucket
 from tests import rabbitmq
-
-
-def freePort() -> int:
-    """A local port nothing listens on."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from tests.daemon import freePort
 
 
 class RabbitTestCase(TestCase):
