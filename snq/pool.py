@@ -341,14 +341,16 @@ class WorkerPool(Service):
 
     def _spawn(self, worker) -> WorkerProcess | None:
         process = WorkerProcess(worker, self.reactor, self.generation, self.text)
-        args = ["--id", worker.wid]
+        # Generation and load time even without a file (the embedded
+        # default), so snqctl status shows what every worker runs.
+        args = ["--generation", str(self.generation), "--loaded", repr(self.loaded),
+                "--id", worker.wid]
         if worker.groups:
             args += ["--groups", ",".join(worker.groups)]
         if self.site is not None:
             args += ["--site", self.site]
         if self.text is not None:
-            args += ["--stdin-config", "--generation", str(self.generation),
-                     "--loaded", repr(self.loaded)]
+            args.append("--stdin-config")
         try:
             self.reactor.spawnProcess(
                 process, self.command[0], [*self.command, *args],

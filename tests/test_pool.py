@@ -137,7 +137,8 @@ class SpawnTests(PoolTestCase):
         process = self.reactor.processes[0]
         self.assertEqual(process.executable, sys.executable)
         self.assertEqual(process.args,
-                         [sys.executable, "-m", "snq.child", "--id", "web.0"])
+                         [sys.executable, "-m", "snq.child", "--generation", "1",
+                          "--loaded", "0.0", "--id", "web.0"])
         self.assertEqual(process.childFDs, CHILD_FDS)
         self.assertEqual(CHILD_FDS, {0: "w", 1: "r", 2: "r", 3: "w", 4: "r"})
         self.assertIsNone(process.env, "inherits the master's environment")
@@ -151,6 +152,7 @@ class SpawnTests(PoolTestCase):
         reactor.advance(0)
         self.assertEqual(reactor.processes[0].args[3:],
                          ["--config", os.path.abspath("conf/snq.toml"),
+                          "--generation", "1", "--loaded", "0.0",
                           "--id", "generic.0"])
 
 
