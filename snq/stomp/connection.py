@@ -176,6 +176,8 @@ class BrokerConnection:
         self.endpoint = endpoint or serverEndpoint(url, config.connect_timeout,
                                                    reactor)
         self.factory = StompFactory(clock)
+        #: Connections made so far: the first subscribes, later ones again.
+        self._connects = 0
         self.subscriptions: list[Subscription] = []
         self.stomp: StompClientProtocol | None = None
         #: Whether the current connection's destinations are written with
@@ -305,7 +307,9 @@ class BrokerConnection:
                 timer.cancel()
         self.stomp = stomp
         stomp.whenDisconnected().addCallback(self._lost, stomp)
-        again = (f"; subscribed again to {len(self.subscriptions)} destinations"
+        self._connects += 1
+        verb = "subscribed again" if self._connects > 1 else "subscribed"
+        again = (f"; {verb} to {len(self.subscriptions)} destinations"
                  if self.subscriptions else "")
         self.log.info("connected to STOMP server {url} ({server}){again}",
                       url=self.url, server=stomp.server, again=again)
