@@ -81,6 +81,19 @@ def freePort() -> int:
     return port
 
 
+@defer.inlineCallbacks
+def daemonStatus(sock):
+    """What C{snqctl status --json} shows, asked over the control socket."""
+    from snq.control import Status, connect
+
+    client = yield connect(sock, reactor)
+    try:
+        return (yield client.callRemote(Status))["status"]
+    finally:
+        client.transport.loseConnection()
+        yield client.lost
+
+
 def socketPath(testCase):
     """
     A control socket path for a test.  Not under trial's temp directory: a

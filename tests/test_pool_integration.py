@@ -15,9 +15,8 @@ from twisted.internet import defer, error, reactor, threads
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.trial.unittest import TestCase
 
-from snq.control import Status, connect
 from snq.item import Item
-from tests.daemon import Daemon, handledIds, snqctl, socketPath, waitFor
+from tests.daemon import Daemon, daemonStatus, handledIds, snqctl, socketPath, waitFor
 from tests.recorder import recorded
 
 CONFIG = """
@@ -88,14 +87,8 @@ class PoolTestCase(TestCase):
                  for i in items])
         return {i.id for i in items}
 
-    @defer.inlineCallbacks
     def status(self):
-        client = yield connect(self.sock, reactor)
-        try:
-            return (yield client.callRemote(Status))["status"]
-        finally:
-            client.transport.loseConnection()
-            yield client.lost
+        return daemonStatus(self.sock)
 
     @defer.inlineCallbacks
     def waitForWorkers(self, condition, timeout=30.0, what="workers"):

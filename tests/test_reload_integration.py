@@ -20,10 +20,9 @@ from twisted.internet import defer, error, reactor, threads
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.trial.unittest import TestCase
 
-from snq.control import Status, connect
 from snq.item import Item
 from tests import rabbitmq
-from tests.daemon import Daemon, snqctl, socketPath, waitFor
+from tests.daemon import Daemon, daemonStatus, snqctl, socketPath, waitFor
 from tests.test_redis import REDIS_URL, RedisFixture, waitUntil
 
 #: The handler the daemons run, in a module of the test's own directory (the
@@ -123,14 +122,8 @@ class ReloadTestCase(TestCase):
         workers = yield self.running(self.workers)
         return workers
 
-    @defer.inlineCallbacks
     def status(self):
-        client = yield connect(self.sock, reactor)
-        try:
-            return (yield client.callRemote(Status))["status"]
-        finally:
-            client.transport.loseConnection()
-            yield client.lost
+        return daemonStatus(self.sock)
 
     @defer.inlineCallbacks
     def running(self, n, timeout=30.0):
