@@ -31,7 +31,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel, eventAsText, globalLogBeginner
 
 from snq import config as snqconfig
-from snq.control import (
+from snq.amp import (
     EXIT_RECYCLE,
     EXIT_SHUTDOWN,
     Channel,
@@ -59,7 +59,7 @@ class _WorkerChannel(Channel):
 
     def connectionLost(self, reason):
         super().connectionLost(reason)
-        if not self.closed.called:  # L{WorkerProcess} may have stopped waiting.
+        if not self.closed.called:  # L{Worker} may have stopped waiting.
             self.closed.callback(None)
         self.worker.masterGone()
 
@@ -69,7 +69,7 @@ class _WorkerChannel(Channel):
         return d.addCallback(lambda applied: {"applied": applied})
 
 
-class WorkerProcess:
+class Worker:
     """This process's life: start, report, stop, and the exit status."""
 
     log = Logger()
@@ -319,7 +319,7 @@ def main(argv=None) -> int:
     from twisted.internet import reactor
 
     groups = args.groups.split(",") if args.groups else None
-    worker = WorkerProcess(config, args.id, reactor, groups=groups, site=args.site,
+    worker = Worker(config, args.id, reactor, groups=groups, site=args.site,
                            generation=args.generation, loaded=args.loaded)
     stdio.StandardIO(worker.channel, stdin=FROM_MASTER, stdout=TO_MASTER,
                      reactor=reactor)

@@ -8,6 +8,8 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from snq.service import defaultReactor
+
 
 class IoManager(Service):
     """A service with an injectable clock, so tests drive its time."""
@@ -15,8 +17,7 @@ class IoManager(Service):
     log = Logger()
 
     def __init__(self, clock=None):
-        if clock is None:
-            from twisted.internet import reactor as clock
+        clock = defaultReactor(clock)
         self.clock = clock
 
 

@@ -16,10 +16,12 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from snq.dispatch import Dispatcher
 from snq.handlers import HandlerRegistry
 from snq.queues import makeQueue
-from snq.queues.base import Dispatcher, QueueManager, TransportFilter
-from snq.service import AsyncMultiService
+from snq.queues.manager import QueueManager
+from snq.routing import TransportFilter
+from snq.service import AsyncMultiService, defaultReactor
 from snq.stats import Stats
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -152,8 +154,7 @@ class IoMaster(AsyncMultiService):
                  registry=None, recycle=None, groups=None, shutdown=None,
                  site=None, reload=None):
         super().__init__()
-        if clock is None:
-            from twisted.internet import reactor as clock
+        clock = defaultReactor(clock)
         self.config = config
         self.workerId = workerId
         self.clock = clock

@@ -27,7 +27,7 @@ from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger, LogLevel
 
-from snq.control import (
+from snq.amp import (
     EXIT_RECYCLE,
     EXIT_SHUTDOWN,
     Channel,
@@ -36,6 +36,7 @@ from snq.control import (
     Report,
     RequestReload,
 )
+from snq.service import defaultReactor
 
 TO_CHILD, FROM_CHILD = 3, 4
 CHILD_FDS = {0: "w", 1: "r", 2: "r", TO_CHILD: "w", FROM_CHILD: "r"}
@@ -99,7 +100,7 @@ class _MasterChannel(Channel):
         return {}
 
 
-class WorkerProcess(protocol.ProcessProtocol):
+class WorkerProtocol(protocol.ProcessProtocol):
     """One child process of a slot, from spawn to exit."""
 
     log = Logger()
@@ -115,7 +116,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.started = clock.seconds()
         #: starting → running (it said so) → stopping → exited
         self.state = "starting"
-        #: The child's last report (L{snq.child.WorkerProcess.snapshot}).
+        #: The child's last report (L{snq.child.Worker.snapshot}).
         self.report: dict = {}
         self.ready = False
         self.ended = False
@@ -225,7 +226,7 @@ class WorkerProcess(protocol.ProcessProtocol):
                 d.callback(result)
 
 
-class Worker:
+class WorkerSlot:
     """
     A slot of the pool: an id (C{<daemon id>.<n>}) and the process holding it
     now, with the history that outlives processes: the backoff delay,
@@ -241,10 +242,10 @@ class Worker:
         self.wid = wid
         #: What it consumes, if not C{[queue] groups} (C{--groups}).
         self.groups = groups
-        self.process: WorkerProcess | None = None
+        self.process: WorkerProtocol | None = None
         #: Started by a rolling restart, not ready yet; takes over from
         #: C{process} once it is.
-        self.replacement: WorkerProcess | None = None
+        self.replacement: WorkerProtocol | None = None
         #: What the next death within C{threshold} of a start waits.
         self.delay = delay
         self.respawnCall = None
@@ -289,8 +290,7 @@ class WorkerPool(Service):
 
     def __init__(self, config, count: int, reactor=None, command=None,
                  text: bytes | None = None, site: str | None = None):
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = defaultReactor(reactor)
         self.config = config
         #: The config file's text as validated, which each new worker reads
         #: on its stdin; None: workers load C{config.source} themselves.
@@ -304,10 +304,10 @@ class WorkerPool(Service):
         self.reactor = reactor
         self.command = command or childCommand(config)
         self.workers = [
-            Worker(self, n, wid, config.daemon.min_restart_delay, groups, key)
+            WorkerSlot(self, n, wid, config.daemon.min_restart_delay, groups, key)
             for n, (key, wid, groups) in enumerate(_slots(config, count))]
         #: Replaced by a rolling restart or removed by a reload, stopping.
-        self.retiring: set[WorkerProcess] = set()
+        self.retiring: set[WorkerProtocol] = set()
         self.restarting = False
         self._restarted: list[defer.Deferred] = []
         #: Told of every report (C{workerReported(process, report)}) and
@@ -339,8 +339,8 @@ class WorkerPool(Service):
         d.addCallback(lambda _: self.log.info("all workers stopped"))
         return d
 
-    def _spawn(self, worker) -> WorkerProcess | None:
-        process = WorkerProcess(worker, self.reactor, self.generation, self.text)
+    def _spawn(self, worker) -> WorkerProtocol | None:
+        process = WorkerProtocol(worker, self.reactor, self.generation, self.text)
         # Generation and load time even without a file (the embedded
         # default), so snqctl status shows what every worker runs.
         args = ["--generation", str(self.generation), "--loaded", repr(self.loaded),
@@ -538,7 +538,7 @@ class WorkerPool(Service):
         for index, (key, wid, groups) in enumerate(_slots(self.config, count)):
             worker = kept.pop(key, None)
             if worker is None:
-                worker = Worker(self, index, wid,
+                worker = WorkerSlot(self, index, wid,
                                 self.config.daemon.min_restart_delay, groups, key)
                 added.append(worker)
             worker.index, worker.wid, worker.groups = index, wid, groups

@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_reload -*-
 """
 Reloading the config file of a running daemon: on SIGHUP, C{snqctl
-reload} (L{snq.control.Reload}) and the STOMP control channel's
-C{update:<site>} (a worker asks the master, L{snq.control.RequestReload}).
+reload} (L{snq.amp.Reload}) and the STOMP control channel's
+C{update:<site>} (a worker asks the master, L{snq.amp.RequestReload}).
 
 The master reads the file once, validates the text, and has a fresh
 interpreter load what a worker would (C{python -m snq.child --check}: the
@@ -31,9 +31,10 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 from snq import config as snqconfig
-from snq.control import ControlError
+from snq.amp import ControlError
 from snq.handlers import handlerPaths
 from snq.reconfig import ROLLING, codeFingerprints, diff, needsRollingRestart
+from snq.service import defaultReactor
 
 #: Seconds the check of a new config may take (a fresh interpreter that
 #: imports the handlers).
@@ -170,8 +171,7 @@ class Reloader:
 
     def __init__(self, pool, parts=(), site=None, workers=None, reactor=None,
                  check=checkInWorker):
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = defaultReactor(reactor)
         self.pool = pool
         self.parts = list(parts)
         self.site = site
@@ -298,8 +298,7 @@ class InlineReloader(Service):
     log = Logger()
 
     def __init__(self, master, reactor=None):
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = defaultReactor(reactor)
         self.master = master
         self.reactor = reactor
         self.path = _absolute(master.config.source)

@@ -9,6 +9,17 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 
+def defaultReactor(reactor=None):
+    """
+    C{reactor}, else the global one: services take their reactor (or clock)
+    as a parameter so tests can drive time, and import the global reactor
+    only when none is given.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    return reactor
+
+
 class AsyncMultiService(MultiService):
     """
     Starts children in order, each after the previous one's start finished,

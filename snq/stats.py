@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dispatcher -*-
+# -*- test-case-name: tests.test_dispatch -*-
 """
 Counters a worker keeps, by name, transport and site, in StatusNet's
 vocabulary so its monitors read them unchanged.

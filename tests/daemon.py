@@ -84,7 +84,8 @@ def freePort() -> int:
 @defer.inlineCallbacks
 def daemonStatus(sock):
     """What C{snqctl status --json} shows, asked over the control socket."""
-    from snq.control import Status, connect
+    from snq.amp import Status
+    from snq.control import connect
 
     client = yield connect(sock, reactor)
     try:

@@ -16,8 +16,8 @@ from twisted.logger import Logger, LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 from snq import config as snqconfig
-from snq.child import WorkerProcess, lineObserver
-from snq.control import EXIT_RECYCLE, Channel, Report
+from snq.amp import EXIT_RECYCLE, Channel, Report
+from snq.child import Worker, lineObserver
 from snq.handlers import HandlerRegistry, QueueHandler
 from snq.handlers.builtin import NoopHandler
 from snq.iomaster import IoMaster, MemoryLimitError, MemoryWatch, residentMemory
@@ -188,7 +188,7 @@ class Child(SynchronousTestCase):
         def iomaster(config, **kw):
             return IoMaster(config, queue=self.queue, registry=self.registry, **kw)
 
-        worker = WorkerProcess(config, "generic.3", self.reactor, iomaster)
+        worker = Worker(config, "generic.3", self.reactor, iomaster)
         self.transport = PipeTransport(worker.channel)
         worker.channel.makeConnection(self.transport)
         return worker
@@ -210,7 +210,7 @@ class Child(SynchronousTestCase):
         self.successResultOf(d)
 
 
-class WorkerProcessTests(Child):
+class WorkerTests(Child):
     def test_reportsStartingRunningAndEverySecond(self):
         worker = self.worker()
         worker.start()

@@ -19,16 +19,8 @@ from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from snq import config as snqconfig
-from snq.control import (
-    JSON,
-    ControlError,
-    ControlService,
-    Report,
-    Restart,
-    Status,
-    Stop,
-    connect,
-)
+from snq.amp import JSON, ControlError, Report, Restart, Status, Stop
+from snq.control import ControlService, connect
 from snq.scripts import snqctl
 from tests.daemon import socketPath
 

@@ -13,8 +13,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from snq.item import Item
-from snq.queues.base import TransportFilter
 from snq.queues.db import DbQueue
+from snq.routing import TransportFilter
 
 ALL = TransportFilter()
 

@@ -27,7 +27,7 @@ from snq.monitor.statsd import StatsdSender
 from snq.monitor.tracker import HISTORY, QueueWatch, Sink, Tracker
 from snq.monitor.udp import StatusNetMonitor, UdpSender
 from snq.monitor.web import HttpService, makeSite
-from snq.queues.base import Depth
+from snq.queues.interface import Depth
 from snq.queues.memory import MemoryQueue
 from snq.stats import DURATION_BUCKETS, Stats
 

@@ -20,8 +20,8 @@ from snq import config as snqconfig
 from snq.control import ControlService
 from snq.item import Item
 from snq.monitor.check import Range
-from snq.queues.base import TransportFilter
 from snq.queues.db import DbQueue
+from snq.routing import TransportFilter
 from snq.scripts import snqctl
 from tests.daemon import environ
 

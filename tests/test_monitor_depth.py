@@ -12,9 +12,10 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from snq.item import Item
-from snq.queues.base import Depth, Queue, TransportFilter
 from snq.queues.db import DbQueue
+from snq.queues.interface import Depth, Queue
 from snq.queues.memory import MemoryQueue
+from snq.routing import TransportFilter
 
 
 class DepthScenario:

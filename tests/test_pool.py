@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from snq import config as snqconfig
-from snq.control import Channel, ControlError, Report
+from snq.amp import Channel, ControlError, Report
 from snq.pool import CHILD_FDS, WorkerPool
 
 

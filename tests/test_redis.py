@@ -24,19 +24,15 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from snq import config as snqconfig
+from snq.dispatch import Dispatcher
 from snq.handlers import HandlerRegistry, QueueHandler
 from snq.item import Item
 from snq.queues import makeQueue
-from snq.queues.base import Delivery, Depth, Dispatcher
-from snq.queues.redis import (
-    BLOCK,
-    Doorbell,
-    Lease,
-    RedisAddress,
-    RedisConnection,
-    RedisManager,
-    RedisQueue,
-)
+from snq.queues.interface import Delivery, Depth
+from snq.queues.redis import Lease, RedisManager, RedisQueue
+from snq.redis.address import RedisAddress
+from snq.redis.connection import RedisConnection
+from snq.redis.doorbell import BLOCK, Doorbell
 
 REDIS_URL = "redis://127.0.0.1:6379/1"
 NO_REDIS = ("Redis must run on 127.0.0.1:6379 for this test (start it with "

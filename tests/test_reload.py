@@ -22,7 +22,8 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from snq import config as snqconfig
-from snq.control import ControlError, ControlService, Reconfigure, Status, connect
+from snq.amp import ControlError, Reconfigure, Status
+from snq.control import ControlService, connect
 from snq.iomaster import IoMaster
 from snq.monitor.service import MonitorService
 from snq.pool import WorkerPool

@@ -13,9 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from snq import config as snqconfig
 from snq.iomaster import IoMaster
 from snq.item import Item
-from snq.queues.base import consumedSpecs
-from snq.queues.redis import Listener
 from snq.queues.stomp import StompQueue
+from snq.redis.doorbell import Listener
 from tests.test_stomp_backend import ConnectionTestCase, Recorder
 
 
@@ -172,12 +171,3 @@ class RedisListenerTests(SynchronousTestCase):
         self.assertTrue(a.stopped)
         self.assertEqual((b.starts, b.stopped), (1, False))
 
-
-class ConsumedTests(SynchronousTestCase):
-    def test_groupsBreakoutsSites(self):
-        breakouts = {"main/a", "main/a/big", "main/b/small", "xmpp/x/big"}
-        self.assertEqual(consumedSpecs(["main"], breakouts),
-                         ["main", "main/a", "main/a/big", "main/b/small"])
-        self.assertEqual(consumedSpecs(["main", "xmpp"], breakouts, "big"),
-                         ["main/a/big", "xmpp/x/big"])
-        self.assertEqual(consumedSpecs(["main"], breakouts, "none"), [])

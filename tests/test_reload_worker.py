@@ -15,14 +15,14 @@ from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from snq import config as snqconfig
-from snq.child import WorkerProcess, check
-from snq.control import EXIT_RECYCLE, Channel, ControlError, Reconfigure, RequestReload
+from snq.amp import EXIT_RECYCLE, Channel, ControlError, Reconfigure, RequestReload
+from snq.child import Worker, check
 from snq.handlers import HandlerError, QueueHandler
 from snq.iomaster import IoMaster
 from snq.item import Item
-from snq.queues.base import TransportFilter
 from snq.queues.db import DbQueue
 from snq.queues.memory import MemoryQueue
+from snq.routing import TransportFilter
 from tests.test_child import FakeReactor, Master, PipeTransport
 
 
@@ -278,7 +278,7 @@ class SiteClaimTests(TestCase):
         self.assertEqual([(d.transport, d.site) for d in claimed], [("a", "x")])
 
 
-class WorkerProcessTests(SynchronousTestCase):
+class WorkerTests(SynchronousTestCase):
     """The worker's end of L{Reconfigure}, over AMP on a StringTransport."""
 
     def setUp(self):
@@ -290,7 +290,7 @@ class WorkerProcessTests(SynchronousTestCase):
         def iomaster(config, **kw):
             return IoMaster(config, queue=self.queue, **kw)
 
-        self.worker = WorkerProcess(self.config, "generic.0", self.reactor,
+        self.worker = Worker(self.config, "generic.0", self.reactor,
                                     iomaster, generation=1, loaded=5.0)
         self.transport = PipeTransport(self.worker.channel)
         self.worker.channel.makeConnection(self.transport)

@@ -16,8 +16,8 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from snq.item import Item
-from snq.queues.base import TransportFilter
 from snq.queues.db import DbQueue
+from snq.routing import TransportFilter
 from tests import sqlservers
 from tests.daemon import Daemon, handledIds, snqctl, waitFor
 

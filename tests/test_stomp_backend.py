@@ -16,10 +16,10 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from snq import config as snqconfig
+from snq.dispatch import Dispatcher
 from snq.handlers import HandlerRegistry, QueueHandler, Reject
 from snq.item import Item
 from snq.queues import makeQueue
-from snq.queues.base import Dispatcher
 from snq.queues.stomp import NoBrokerError, StompManager, StompQueue
 from snq.stomp.connection import BrokerConnection, Subscription
 from snq.stomp.control import (

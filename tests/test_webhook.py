@@ -9,11 +9,12 @@ from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 
 from snq import config as snqconfig
+from snq.dispatch import Dispatcher
 from snq.handlers import HandlerRegistry
 from snq.handlers.webhook import WebhookHandler, signature
 from snq.item import Item
-from snq.queues.base import Dispatcher, TransportFilter
 from snq.queues.memory import MemoryQueue
+from snq.routing import TransportFilter
 
 
 class Hook(resource.Resource):

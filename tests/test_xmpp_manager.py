@@ -17,7 +17,7 @@ from twisted.words.protocols.jabber import xmlstream
 from twisted.words.xish import domish
 
 from snq import config as snqconfig
-from snq.child import WorkerProcess
+from snq.child import Worker
 from snq.handlers import Reject
 from snq.iomaster import IoMaster
 from snq.pool import WorkerPool
@@ -567,7 +567,7 @@ class PoolTests(SynchronousTestCase):
 
     def test_childPassesItsGroups(self):
         made = []
-        worker = WorkerProcess(
+        worker = Worker(
             makeConfig(), "generic.xmpp", Clock(),
             lambda config, **kw: made.append(kw["groups"]), groups=["xmpp"])
         worker._build()

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_handlers -*-
+# -*- test-case-name: tests.test_dispatch -*-
 """
 The handler API, public: C{from snq.handlers import QueueHandler, Reject}.
 
@@ -61,7 +61,7 @@ class QueueHandler:
     timeout: float = 0
 
     def __init__(self, context):
-        #: L{snq.queues.base.HandlerContext}: config, enqueue, clock.
+        #: L{snq.handlers.context.HandlerContext}: config, enqueue, clock.
         self.context = context
 
     def handle(self, item):

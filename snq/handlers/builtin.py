@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_handlers -*-
+# -*- test-case-name: tests.test_dispatch -*-
 """The small built-in handlers: log, noop, fanout."""
 
 import json

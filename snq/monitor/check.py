@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 from twisted.internet import defer, error
 
+from snq import amp, control
 from snq import config as snqconfig
-from snq import control
 from snq.queues import makeQueue
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -178,7 +178,7 @@ class Check:
                 return 0, "", f"no snq daemon answers on {where}"
             raise _Unknown(f"cannot use the control socket {where}: {e}")
         try:
-            status = (yield client.callRemote(control.Status))["status"]
+            status = (yield client.callRemote(amp.Status))["status"]
         finally:
             client.transport.loseConnection()
         current = [w for w in status["workers"] if w["role"] == "current"]

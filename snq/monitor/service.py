@@ -11,7 +11,7 @@ from snq.monitor.tracker import QueueWatch, Tracker
 from snq.monitor.udp import StatusNetMonitor
 from snq.monitor.web import HttpService, makeSite
 from snq.queues import makeQueue
-from snq.service import AsyncMultiService
+from snq.service import AsyncMultiService, defaultReactor
 
 
 def _where(config):
@@ -30,8 +30,7 @@ class MonitorService(AsyncMultiService):
 
     def __init__(self, config, pool, queue=None, reactor=None):
         super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = defaultReactor(reactor)
         self.config = config
         self.reactor = reactor
         self.senders = self._senders(config.monitor)

@@ -69,7 +69,7 @@ class Tracker(Service):
         #: transport → [items, seconds, items per L{DURATION_BUCKETS} bucket].
         self.durations: dict[str, list] = collections.defaultdict(_newDurations)
         self.history: collections.deque = collections.deque(maxlen=HISTORY)
-        #: The queue's last L{snq.queues.base.Depth} (None: not known).
+        #: The queue's last L{snq.queues.interface.Depth} (None: not known).
         self.depth = None
         #: The newest dead letters.
         self.dead: list = []

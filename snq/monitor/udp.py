@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from snq.config import parseHostPort
 from snq.monitor.tracker import Sink
+from snq.service import defaultReactor
 
 
 class UdpSender(Sink, Service):
@@ -38,8 +39,7 @@ class UdpSender(Sink, Service):
     retryDelay = 30.0
 
     def __init__(self, host: str, port: int, reactor=None):
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = defaultReactor(reactor)
         self.host = host
         self.port = port
         self.reactor = reactor

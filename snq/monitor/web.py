@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from snq.config import parseHostPort
+from snq.service import defaultReactor
 
 #: The page loads nothing but its own two files, and runs no inline script.
 _POLICY = (b"default-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -105,8 +106,7 @@ class HttpService(Service):
     log = Logger()
 
     def __init__(self, address: str, site, reactor=None):
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = defaultReactor(reactor)
         self.address = address
         self.site = site
         self.reactor = reactor

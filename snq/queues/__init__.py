@@ -1,5 +1,5 @@
 """
-Queue backends behind one interface (L{snq.queues.base.Queue}); the config's
+Queue backends behind one interface (L{snq.queues.interface.Queue}); the config's
 C{[queue] backend} picks one.
 """
 

@@ -29,8 +29,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from snq.item import Item
-from snq.queues.base import DeadLetter, Delivery, Depth, Queue, TransportFilter
 from snq.queues.dialects import DIALECTS
+from snq.queues.interface import DeadLetter, Delivery, Depth, Queue
+from snq.routing import TransportFilter
+from snq.service import defaultReactor
 
 #: The columns of the contract (DESIGN.md, "SQL").
 ITEM_COLUMNS = frozenset({"id", "frame", "transport", "site", "priority", "created",
@@ -55,8 +57,7 @@ class DbQueue(Queue):
 
     def __init__(self, url: str, lease: float, clock=None, claimant=None,
                  reactor=None):
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = defaultReactor(reactor)
         self._url = url
         self.url = urlsplit(url)
         self.dialect = DIALECTS[self.url.scheme]()

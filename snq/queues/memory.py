@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_dispatcher -*-
+# -*- test-case-name: tests.test_dispatch -*-
 """
 An in-process queue with the same contract as the real ones, for tests and
 for embedding snq in a program's own test suite.  Nothing survives the
@@ -9,7 +9,7 @@ import itertools
 
 from twisted.internet import defer
 
-from snq.queues.base import DeadLetter, Delivery, Depth, Queue
+from snq.queues.interface import DeadLetter, Delivery, Depth, Queue
 
 
 class MemoryQueue(Queue):

@@ -10,12 +10,8 @@ removes the member; every worker's housekeeping returns members whose
 deadline passed, so a worker killed mid-item loses nothing.  Retries wait in
 C{<prefix>delayed:<list>} sorted sets, dead letters in C{<prefix>dead}.
 
-Connections are snq's own L{ClientService}s running txredisapi's protocol:
-the handshake (AUTH, SELECT) is snq's, so a failing one is retried with
-backoff instead of stopping reconnection for good, as txredisapi's own
-factory does (txredisapi#112, #146).  Waiting for work is a blocking command
-on a connection of its own per list, so an idle worker is woken by a push
-rather than polling.
+The wire (connections, doorbells, the Lua scripts) is L{snq.redis}'s; an
+idle worker is woken by a push rather than polling.
 """
 
 from __future__ import annotations
@@ -25,330 +21,27 @@ import dataclasses
 import itertools
 import json
 import os
-import random
 import re
 import socket
 import uuid
-from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
 
 import txredisapi
-from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.protocol import Factory
-from twisted.internet.task import deferLater
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from snq.item import Item
-from snq.queues import redis_scripts as scripts
-from snq.queues.base import (
-    DeadLetter,
-    Delivery,
-    Depth,
-    Queue,
-    QueueManager,
-    Routing,
-    consumedSpecs,
-)
+from snq.queues.interface import DeadLetter, Delivery, Depth, Queue
+from snq.queues.manager import QueueManager
+from snq.redis import scripts
+from snq.redis.address import RedisAddress, tlsOptions
+from snq.redis.connection import CONNECTION_ERRORS, RedisConnection
+from snq.redis.doorbell import Doorbell, Listener
+from snq.routing import Routing, consumedSpecs
+from snq.service import defaultReactor
 
-#: Seconds a blocking wait lasts before it is renewed (and the connection
-#: proven alive).
-BLOCK = 5.0
-#: What says "the connection is gone, try again on the next one".
-CONNECTION_ERRORS = (txredisapi.ConnectionError, error.ConnectError,
-                     error.ConnectionClosed)
 #: Commands needed: RPOP with a count, BLMOVE.
 MIN_VERSION = (6, 2)
-_PEM_CERTIFICATE = r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----"
-
-
-@dataclass(frozen=True)
-class RedisAddress:
-    """C{redis://[USER:PASSWORD@]HOST:PORT/DB}, or C{rediss://} for TLS."""
-
-    host: str
-    port: int = 6379
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-
-    @classmethod
-    def fromURL(cls, url: str) -> RedisAddress:
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss"):
-            raise ValueError(f"{url}: not a redis:// or rediss:// URL")
-        path = parts.path.strip("/")
-        if path and not path.isdigit():
-            raise ValueError(f"{url}: the path must be a database number")
-        try:
-            port = parts.port or 6379
-        except ValueError:
-            raise ValueError(f"{url}: the port must be a number")
-        return cls(host=parts.hostname or "127.0.0.1", port=port,
-                   db=int(path or 0),
-                   username=unquote(parts.username) if parts.username else None,
-                   password=(unquote(parts.password)
-                             if parts.password is not None else None),
-                   tls=parts.scheme == "rediss")
-
-    def describe(self) -> str:
-        user = self.username or ""
-        auth = f"{user}:***@" if self.password is not None else (
-            f"{user}@" if user else "")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        scheme = "rediss" if self.tls else "redis"
-        return f"{scheme}://{auth}{host}:{self.port}/{self.db}"
-
-
-def tlsOptions(address: RedisAddress, config):
-    """Client TLS for C{rediss://}: the system's CAs unless C{ca_file}."""
-    from twisted.internet import ssl
-
-    trustRoot = None
-    if config.ca_file:
-        with open(config.ca_file) as f:
-            pems = re.findall(_PEM_CERTIFICATE, f.read(), re.DOTALL)
-        if not pems:
-            raise ValueError(f"{config.ca_file}: no PEM certificate in it")
-        trustRoot = ssl.trustRootFromCertificates(
-            [ssl.Certificate.loadPEM(pem) for pem in pems])
-    clientCertificate = None
-    if config.cert_file:
-        with open(config.cert_file) as f:
-            pem = f.read()
-        if config.key_file:
-            with open(config.key_file) as f:
-                pem += "\n" + f.read()
-        clientCertificate = ssl.PrivateCertificate.loadPEM(pem)
-    return ssl.optionsForClientTLS(address.host, trustRoot=trustRoot,
-                                   clientCertificate=clientCertificate)
-
-
-class _Protocol(txredisapi.RedisProtocol):
-    """
-    txredisapi's protocol, returning bytes as they are (a frame of digits
-    stays a frame), with snq's handshake once connected.
-    """
-
-    #: Why the handshake failed; such a connection is closed, never used.
-    refused: str | None = None
-    lostBecause = None
-
-    def __init__(self, connection: RedisConnection):
-        super().__init__(charset=None, convertNumbers=False,
-                         replyTimeout=connection.timeout)
-        self.connection = connection
-        self.shaken = False
-        self._waiters: list[defer.Deferred] = []
-
-    def connectionMade(self):
-        super().connectionMade()
-        self._handshake()
-
-    def whenShaken(self):
-        """Fires with this protocol once the handshake worked or was refused."""
-        if self.shaken:
-            return defer.succeed(self)
-        d = defer.Deferred()
-        self._waiters.append(d)
-        return d
-
-    def _handshake(self):
-        """AUTH, SELECT, a name for CLIENT LIST, the scripts: in one go."""
-        c = self.connection
-        address = c.address
-        commands = []
-        if address.password is not None:
-            commands.append(("AUTH", *filter(None, [address.username]),
-                             address.password))
-        if address.db:
-            commands.append(("SELECT", address.db))
-        commands.append(("CLIENT", "SETNAME", c.name))
-        commands += [("SCRIPT", "LOAD", s.source) for s in c.scripts]
-        # TLS wraps the TCP transport and has no keepalive switch.
-        with contextlib.suppress(AttributeError):
-            self.transport.setTcpKeepAlive(True)
-        d = defer.gatherResults([self.execute_command(*cmd) for cmd in commands],
-                                consumeErrors=True)
-        d.addCallbacks(lambda _: c._ready(self), self._refuse)
-        d.addCallback(self._shaken)
-
-    def _refuse(self, failure):
-        if failure.check(defer.FirstError):
-            failure = failure.value.subFailure
-        if self.lostBecause is not None:
-            failure = self.lostBecause
-        self.refused = failure.getErrorMessage()
-        self.connection._refused(self)
-        self.transport.loseConnection()
-
-    def _shaken(self, _):
-        self.shaken = True
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(self)
-
-    def connectionLost(self, why):
-        # Before the base class fails the commands waiting with a plain
-        # "Lost connection": a failed TLS handshake says why here only.
-        self.lostBecause = why
-        if self.connection.current is self:
-            self.connection._lost(self, why)
-        super().connectionLost(why)
-
-
-class _Factory(Factory):
-    noisy = False
-
-    def __init__(self, connection):
-        self.connection = connection
-
-    def buildProtocol(self, addr):
-        p = _Protocol(self.connection)
-        p.factory = self
-        return p
-
-
-class RedisConnection:
-    """
-    One connection to Redis, kept up by a L{ClientService} with backoff.
-
-    The handshake runs once L{ClientService} has the connection, not in its
-    C{prepareConnection}: closing a connection rejected there, or stopping
-    while one is being prepared, upsets its state machine.  A failed
-    handshake (wrong password, a SELECT refused while the server loads its
-    data) closes the connection and counts as one more failed attempt, so
-    the backoff grows, and reconnecting never stops.
-    """
-
-    log = Logger()
-
-    def __init__(self, address: RedisAddress, name: str, timeout: float,
-                 tls=None, reactor=None, scripts=()):
-        if reactor is None:
-            from twisted.internet import reactor
-        self.address = address
-        self.name = name
-        self.timeout = timeout
-        self.reactor = reactor
-        self.scripts = scripts
-        self.current: _Protocol | None = None
-        self._refusals = 0
-        self._connectedBefore = False
-        self._policy = backoffPolicy(0.2, 10.0, 2.0,
-                                     jitter=lambda: random.uniform(0, 0.1))
-        endpoint = HostnameEndpoint(reactor, address.host, address.port,
-                                    timeout=timeout)
-        if tls is not None:
-            endpoint = wrapClientTLS(tls, endpoint)
-        self.service = ClientService(
-            endpoint, _Factory(self), clock=reactor,
-            retryPolicy=lambda attempt: self._policy(max(attempt,
-                                                         self._refusals)))
-
-    def start(self):
-        self.service.startService()
-
-    def stop(self):
-        self.current = None
-        return self.service.stopService()
-
-    def _ready(self, protocol: _Protocol):
-        if self._connectedBefore:
-            self.log.info("redis connection {name} to {where} is back",
-                          name=self.name, where=self.address.describe())
-        self._connectedBefore = True
-        self._refusals = 0
-        self.current = protocol
-
-    def _lost(self, protocol: _Protocol, why):
-        self.current = None
-        if self.service.running:
-            self.log.warn("redis connection {name} to {where} lost ({why}); "
-                          "reconnecting", name=self.name,
-                          where=self.address.describe(),
-                          why=why.getErrorMessage())
-
-    def _refused(self, protocol: _Protocol):
-        self._refusals += 1
-        if self.service.running:
-            self.log.error("redis connection {name} to {where} refused: {why}",
-                           name=self.name, where=self.address.describe(),
-                           why=protocol.refused)
-
-    def whenConnected(self, failAfterFailures: int | None = 1):
-        """
-        A usable protocol.  A refused handshake counts as a failure; with
-        C{failAfterFailures=None}, wait for a connection that works.
-        """
-        d = self.service.whenConnected(failAfterFailures=failAfterFailures)
-        if not d.called:
-            # It will fire inside ClientService's state machine, which whoever
-            # waits must not re-enter (to stop it, say): hand over a turn later.
-            d.addBoth(lambda result: deferLater(self.reactor, 0, lambda: result))
-        d.addCallback(lambda protocol: protocol.whenShaken())
-        return d.addCallback(self._usable, failAfterFailures)
-
-    def _usable(self, protocol: _Protocol, failAfterFailures):
-        if protocol.refused is None and protocol.connected:
-            return protocol
-        if protocol.refused is None:
-            # Just lost: ClientService learns it only once the protocol has
-            # been told, so it still hands this one out.  Ask again a turn on.
-            return deferLater(self.reactor, 0, self.whenConnected,
-                              failAfterFailures)
-        if failAfterFailures is None:
-            gone = (protocol.whenDisconnected() if protocol.connected
-                    else defer.succeed(None))
-            return gone.addCallback(lambda _: deferLater(
-                self.reactor, 0, self.whenConnected, None))
-        raise txredisapi.ConnectionError(
-            f"{self.address.describe()} refused the connection: "
-            f"{protocol.refused}")
-
-    def execute(self, *args, again: bool = False):
-        """
-        Run one command.  C{again} only for commands that may run twice
-        (idempotent ones): after a lost connection they go again on the
-        next, however long that takes, until the connection is stopped.
-        """
-        protocol = self.current
-        if protocol is not None and protocol.connected:
-            d = protocol.execute_command(*args)
-        else:
-            d = self.whenConnected().addCallback(
-                lambda p: p.execute_command(*args))
-        if again:
-            d.addErrback(self._again, args)
-        return d
-
-    def _again(self, failure, args):
-        failure.trap(*CONNECTION_ERRORS)
-        # A turn later: failed from inside connectionLost, ClientService
-        # would still hand out the connection that just died.
-        return deferLater(self.reactor, 0, self.execute, *args, again=True)
-
-    def blocking(self, seconds: float, *args):
-        """
-        A command that blocks up to C{seconds} on the server; if no answer
-        comes well after that, the connection is dead and is dropped.
-        """
-        def send(protocol):
-            d = protocol.execute_command(*args, apply_timeout=False)
-            guard = self.reactor.callLater(seconds + self.timeout,
-                                           protocol.transport.abortConnection)
-
-            def answered(result):
-                if guard.active():
-                    guard.cancel()
-                return result
-
-            return d.addBoth(answered)
-
-        return self.whenConnected().addCallback(send)
 
 
 class Lease:
@@ -364,109 +57,6 @@ class Lease:
 
     def __str__(self):
         return self.token
-
-
-class Doorbell:
-    """
-    Blocks on one ready list, on a connection of its own, and rings when
-    the list has something.  The blocking command moves the list's last
-    element onto its own end, so the list is unchanged: the claim (a Lua
-    script, with a lease) is what takes items.
-
-    Armed by the manager when a claim found nothing; rings once, then waits
-    to be armed again.  While its connection is down it rings after each
-    reconnection attempt, so the manager polls at the reconnect's pace.
-    """
-
-    log = Logger()
-
-    def __init__(self, connection: RedisConnection, key: str, ring):
-        self.connection = connection
-        self.key = key
-        self.ring = ring
-        self.armed = False
-        self.stopped = True
-        self._later = None
-
-    def start(self):
-        self.stopped = False
-        self.connection.start()
-
-    def stop(self):
-        self.stopped = True
-        if self._later is not None and self._later.active():
-            self._later.cancel()
-        return self.connection.stop()
-
-    def arm(self):
-        if self.armed or self.stopped:
-            return
-        self.armed = True
-        self._wait()
-
-    def _wait(self):
-        d = self.connection.blocking(BLOCK, "BLMOVE", self.key, self.key,
-                                     "RIGHT", "RIGHT", BLOCK)
-        d.addCallbacks(self._answered, self._failed)
-
-    def _answered(self, frame):
-        if self.stopped:
-            return
-        if frame is None:
-            self._wait()
-            return
-        self.armed = False
-        self.ring()
-
-    def _failed(self, failure):
-        self.armed = False
-        if self.stopped:
-            return
-        if failure.check(*CONNECTION_ERRORS):
-            self.log.info("waiting on {key} interrupted: {why}", key=self.key,
-                          why=failure.getErrorMessage())
-            self.ring()
-        else:
-            # Not the connection (a key of the wrong type, say): ringing at
-            # once would spin; the claim will say what is wrong meanwhile.
-            self.log.failure("waiting on {key} failed", failure, key=self.key)
-            self._later = self.connection.reactor.callLater(BLOCK, self.ring)
-
-
-class Listener:
-    """The doorbells of the lists a worker consumes, as L{Queue.listen} gives."""
-
-    log = Logger()
-
-    def __init__(self, keys: list[str], makeDoorbell):
-        self.makeDoorbell = makeDoorbell
-        self.doorbells: list[Doorbell] = []
-        self.follow(keys)
-
-    def follow(self, keys: list[str]) -> defer.Deferred:
-        """
-        A doorbell on each of C{keys}: kept where there was one, new ones
-        started, those on lists no longer consumed stopped.
-        """
-        have = {bell.key: bell for bell in self.doorbells}
-        self.doorbells = [have.pop(key) if key in have else self.makeDoorbell(key)
-                          for key in keys]
-        for bell in self.doorbells:
-            if bell.stopped:
-                bell.start()
-        d = defer.gatherResults([bell.stop() for bell in have.values()],
-                                consumeErrors=True)
-        return d.addErrback(lambda f: self.log.failure("stopping doorbells", f))
-
-    def arm(self):
-        for bell in self.doorbells:
-            bell.arm()
-
-    def stopListening(self):
-        d = defer.gatherResults([bell.stop() for bell in self.doorbells],
-                                consumeErrors=True)
-        # Never fails: the manager still has to let its items finish.
-        return d.addErrback(lambda f: self.log.failure("stopping doorbells", f))
 
 
 class RedisManager(QueueManager):
@@ -571,8 +161,7 @@ class RedisQueue(Queue):
         C{clock} gives the time (leases, due times); C{reactor} makes the
         connections.  Both default to the global reactor.
         """
-        if clock is None:
-            from twisted.internet import reactor as clock
+        clock = defaultReactor(clock)
         self.config = config
         self.clock = clock
         self.reactor = reactor

@@ -54,7 +54,9 @@ from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 
 from snq.item import Item
-from snq.queues.base import DeadLetter, Delivery, Queue, QueueManager
+from snq.queues.interface import DeadLetter, Delivery, Queue
+from snq.queues.manager import QueueManager
+from snq.service import defaultReactor
 from snq.stomp.connection import DISCONNECT_TIMEOUT, BrokerConnection, Subscription
 from snq.stomp.control import ControlVerifier, Duplicate, controlHeaders
 from snq.stomp.destinations import Destinations
@@ -205,8 +207,7 @@ class StompQueue(Queue):
         server of C{[stomp] servers}; tests give fake ones, or the
         C{connections} themselves.
         """
-        if clock is None:
-            from twisted.internet import reactor as clock
+        clock = defaultReactor(clock)
         self.config = config
         self.clock = clock
         self.destinations = Destinations(config)

@@ -16,8 +16,8 @@ import tomllib
 
 from twisted.internet import defer, error, task
 
+from snq import amp, control
 from snq import config as snqconfig
-from snq import control
 from snq.item import DEFAULT_SITE, Item
 from snq.monitor import check as plugin
 from snq.queues import makeQueue
@@ -251,7 +251,7 @@ def _control(config, args, out, reactor):
 
 @defer.inlineCallbacks
 def _status(client, args, out):
-    status = (yield client.callRemote(control.Status))["status"]
+    status = (yield client.callRemote(amp.Status))["status"]
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True), file=out)
         return
@@ -303,7 +303,7 @@ def _duration(seconds: float) -> str:
 
 @defer.inlineCallbacks
 def _stop(client, args, out):
-    yield client.callRemote(control.Stop)
+    yield client.callRemote(amp.Stop)
     print("snq is stopping: workers finish what they hold", file=out)
     yield client.lost
     print("snq stopped", file=out)
@@ -312,8 +312,8 @@ def _stop(client, args, out):
 @defer.inlineCallbacks
 def _restart(client, args, out):
     try:
-        answer = yield client.callRemote(control.Restart)
-    except control.ControlError as e:
+        answer = yield client.callRemote(amp.Restart)
+    except amp.ControlError as e:
         raise CommandError(f"restart: {e}")
     for r in answer["restarted"]:
         print(f"{r['id']}: pid {r['old']} -> {r['new']}", file=out)
@@ -324,8 +324,8 @@ def _restart(client, args, out):
 @defer.inlineCallbacks
 def _reload(client, args, out):
     try:
-        answer = (yield client.callRemote(control.Reload))["reloaded"]
-    except control.ControlError as e:
+        answer = (yield client.callRemote(amp.Reload))["reloaded"]
+    except amp.ControlError as e:
         raise CommandError(f"reload: {e}")
     changes = answer["changes"]
     if not changes:

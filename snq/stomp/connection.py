@@ -26,6 +26,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from snq.service import defaultReactor
 from snq.stomp.destinations import onTheWire
 from snq.stomp.protocol import StompClientProtocol, StompFactory
 
@@ -35,8 +36,7 @@ DISCONNECT_TIMEOUT = 5.0
 
 def serverEndpoint(url: str, timeout: float, reactor=None):
     """C{tcp://HOST:PORT} or C{ssl://HOST:PORT} (the system's CAs) → an endpoint."""
-    if reactor is None:
-        from twisted.internet import reactor
+    reactor = defaultReactor(reactor)
     scheme, _, hostPort = url.partition("://")
     host, _, port = hostPort.rpartition(":")
     endpoint = HostnameEndpoint(reactor, host, int(port), timeout=timeout)
@@ -168,8 +168,7 @@ class BrokerConnection:
 
     def __init__(self, url: str, config, clock=None, reactor=None,
                  endpoint=None):
-        if clock is None:
-            from twisted.internet import reactor as clock
+        clock = defaultReactor(clock)
         self.url = url
         self.config = config
         self.clock = clock

@@ -21,7 +21,7 @@ from urllib.parse import unquote
 
 from twisted.logger import Logger
 
-from snq.queues.base import Routing, consumedSpecs
+from snq.routing import Routing, consumedSpecs
 
 #: Prefixes after which RabbitMQ reads the rest as one name.
 _NAMED = ("/queue/", "/topic/", "/amq/queue/")

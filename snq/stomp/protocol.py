@@ -21,6 +21,8 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from snq.service import defaultReactor
+
 ALL_VERSIONS = (StompSpec.VERSION_1_0, StompSpec.VERSION_1_1, StompSpec.VERSION_1_2)
 
 # What STOMP 1.1+ escapes in a header value.
@@ -84,8 +86,7 @@ class StompClientProtocol(Protocol):
     log = Logger()
 
     def __init__(self, clock=None, heartBeatTolerance=HEART_BEAT_TOLERANCE):
-        if clock is None:
-            from twisted.internet import reactor as clock
+        clock = defaultReactor(clock)
         self.clock = clock
         self.heartBeatTolerance = heartBeatTolerance
         self._session = StompSession(StompSpec.VERSION_1_2)

@@ -20,6 +20,7 @@ from wokkel import client
 from wokkel.subprotocols import StreamManager, XMPPHandler
 from wokkel.xmppim import AvailabilityPresence
 
+from snq.service import defaultReactor
 from snq.xmpp.ping import PingHandler
 
 # Re-exported: the settings lived here first.
@@ -152,8 +153,7 @@ class XmppClient(client.XMPPClient):
     log = Logger()
 
     def __init__(self, settings, reactor=None):
-        if reactor is None:
-            from twisted.internet import reactor
+        reactor = defaultReactor(reactor)
         jid = JID(settings.jid)
         if settings.resource:
             jid = JID(tuple=(jid.user, jid.host, settings.resource))

@@ -12,8 +12,8 @@ from twisted.words.protocols.jabber.jid import InvalidFormat, internJID
 from wokkel.subprotocols import XMPPHandler
 from wokkel.xmppim import PresenceProtocol
 
+from snq.backoff import backoff
 from snq.iomanager import IoManager
-from snq.queues.base import backoff
 from snq.xmpp.connection import XmppClient
 from snq.xmpp.ping import PingRequest
 from snq.xmpp.xmppout import NotConnected

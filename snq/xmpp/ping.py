@@ -11,6 +11,8 @@ from twisted.words.protocols.jabber.xmlstream import toResponse
 from wokkel.generic import Request
 from wokkel.subprotocols import XMPPHandler
 
+from snq.service import defaultReactor
+
 NS_PING = "urn:xmpp:ping"
 PING_REQUEST = f"/iq[@type='get']/ping[@xmlns='{NS_PING}']"
 
@@ -45,8 +47,7 @@ class PingHandler(XMPPHandler):
 
     def __init__(self, server, interval=120.0, timeout=30.0, clock=None):
         super().__init__()
-        if clock is None:
-            from twisted.internet import reactor as clock
+        clock = defaultReactor(clock)
         self.server = server
         self.interval = interval
         self.timeout = timeout

@@ -9,11 +9,14 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from snq import config as snqconfig
+from snq.backoff import backoff
+from snq.dispatch import Dispatcher
 from snq.handlers import HandlerRegistry, QueueHandler, Reject, Retry
 from snq.handlers.builtin import FanoutHandler, NoopHandler
 from snq.item import Item
-from snq.queues.base import Dispatcher, QueueManager, TransportFilter, backoff
+from snq.queues.manager import QueueManager
 from snq.queues.memory import MemoryQueue
+from snq.routing import TransportFilter
 
 
 class Recording(QueueHandler):

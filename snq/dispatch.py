@@ -1,0 +1,355 @@
+# -*- test-case-name: tests.test_dispatch -*-
+"""
+An item's life: the L{Dispatcher} decodes a claimed delivery, routes it to
+its handler, runs it within the limits, and settles it exactly once.
+The rules live here, once for every backend.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import inspect
+import json
+import os
+import random
+import time
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from snq.backoff import backoff
+from snq.handlers import HandlerRegistry, Reject, Retry
+from snq.handlers.context import HandlerContext
+from snq.item import BadItem, Item
+from snq.queues.interface import Delivery, Queue
+from snq.service import defaultReactor
+from snq.stats import Stats
+
+
+class Dispatcher:
+    """
+    Runs claimed deliveries through their handlers and settles each one
+    exactly once: acknowledged, retried later, or dead-lettered.
+
+    At most C{concurrency} items run at once, and at most a transport's own
+    C{concurrency} of that transport, so one slow remote cannot take every
+    slot; the rest wait in arrival order.
+    """
+
+    log = Logger()
+
+    def __init__(self, queue: Queue, registry: HandlerRegistry, config,
+                 stats: Stats | None = None, clock=None, rng=random,
+                 onSettled=None):
+        clock = defaultReactor(clock)
+        self.queue = queue
+        self.config = config
+        self.stats = stats or Stats()
+        self.clock = clock
+        self.rng = rng
+        self.context = HandlerContext(config, queue, self.stats, clock)
+        self.handlers = {name: cls(self.context)
+                         for name, cls in registry.classes.items()}
+        #: Handler → its items waiting or running.
+        self._uses: collections.Counter = collections.Counter()
+        #: Handlers a reconfiguration replaced or removed while they still
+        #: had items: each is stopped once its last one is settled.
+        self._retired: set = set()
+        #: Called after each settled item: the manager claims more.
+        self.onSettled = onSettled
+        #: Also called after each settled item, for whoever else counts
+        #: them (the worker's memory watch).
+        self.settledHooks: list = []
+        self.held: set[Delivery] = set()
+        self._waiting: collections.deque = collections.deque()
+        self._running: collections.Counter = collections.Counter()
+        self._drained: list[defer.Deferred] = []
+
+    @property
+    def running(self) -> int:
+        return sum(self._running.values())
+
+    def runningTransports(self) -> list[str]:
+        """The transports of the items running now, for monitors."""
+        return sorted(t for t, n in self._running.items() if n)
+
+    def dispatch(self, delivery: Delivery) -> defer.Deferred:
+        """Fires (never fails) once the delivery has been settled."""
+        self.held.add(delivery)
+        done = defer.Deferred()
+        try:
+            item = self._decode(delivery)
+        except BadItem as e:
+            self._settle(self._deadLetter(delivery, None, "baditem", str(e)),
+                         delivery, done)
+            return done
+        sites = self.config.knownSites()
+        if sites is not None and item.site not in sites:
+            reason = f"unknown site {item.site!r} (not under [sites])"
+            self._settle(self._deadLetter(delivery, item, "badsite", reason),
+                         delivery, done)
+            return done
+        handler = self.handlers.get(item.transport)
+        if handler is None:
+            reason = f"no handler for transport {item.transport!r}"
+            self._settle(self._deadLetter(delivery, item, "badhandler", reason),
+                         delivery, done)
+            return done
+        limit = self.config.maxRetries(item.transport)
+        if item.attempts > limit:
+            # A lease that expired too often: the item keeps killing its
+            # workers, so it must not come round again.
+            error = f"{item.attempts} attempts, limit {limit} (leases expired)"
+            self._settle(self._deadLetter(delivery, item, "retries", error),
+                         delivery, done)
+            return done
+        # The handler it was accepted for runs it, even if a reconfiguration
+        # replaces that handler meanwhile.
+        self._uses[handler] += 1
+        done.addBoth(self._used, handler)
+        self._waiting.append((delivery, item, done, handler))
+        self._pump()
+        return done
+
+    def reconfigure(self, config, registry: HandlerRegistry) -> list[str]:
+        """
+        Take C{config} in place: limits, retries and sites are read from it
+        at use.  Transports that gained a handler get one; a handler whose
+        class changed is replaced, and one that is gone is stopped once its
+        items are done.  → what changed, in words.
+        """
+        self.config = config
+        self.context.config = config
+        applied = []
+        for name in sorted(self.handlers.keys() | registry.classes.keys()):
+            old, cls = self.handlers.get(name), registry.classes.get(name)
+            if old is not None and type(old) is cls:
+                continue
+            if old is not None:
+                del self.handlers[name]
+                self._retire(old)
+            if cls is not None:
+                self.handlers[name] = cls(self.context)
+            applied.append(f"handler {name} " + (
+                "added" if old is None else "removed" if cls is None
+                else "replaced"))
+        # A higher limit lets waiting items start now.
+        self._pump()
+        return applied
+
+    def _retire(self, handler):
+        if self._uses[handler]:
+            self._retired.add(handler)
+        else:
+            self._stopHandler(handler)
+
+    def _used(self, result, handler):
+        self._uses[handler] -= 1
+        if not self._uses[handler]:
+            del self._uses[handler]
+            if handler in self._retired:
+                self._retired.discard(handler)
+                self._stopHandler(handler)
+        return result
+
+    def _stopHandler(self, handler):
+        d = defer.maybeDeferred(handler.stop)
+        d.addErrback(lambda f: self.log.failure("stopping {handler} failed", f,
+                                                handler=handler))
+        return d
+
+    def releaseWaiting(self, which=None) -> defer.Deferred:
+        """
+        Hand back what has not started (or of it, the deliveries for which
+        C{which(delivery)} is true), so other workers can take it.
+        """
+        waiting, kept = [], collections.deque()
+        for entry in self._waiting:
+            (waiting if which is None or which(entry[0]) else kept).append(entry)
+        self._waiting = kept
+        for delivery, _, done, _ in waiting:
+            self.held.discard(delivery)
+            done.callback(None)
+        d = self.queue.release([delivery for delivery, _, _, _ in waiting])
+        d.addErrback(lambda f: self.log.failure("releasing items failed", f))
+        return d
+
+    def drain(self, which=None) -> defer.Deferred:
+        """
+        Fires when nothing is held any more (or nothing for which
+        C{which(delivery)} is true).
+        """
+        d = defer.Deferred()
+        self._drained.append((which, d))
+        self._fireDrained()
+        return d
+
+    def _fireDrained(self):
+        for entry in list(self._drained):
+            which, d = entry
+            if d.called:  # Given up on (a timeout).
+                self._drained.remove(entry)
+            elif not any(which is None or which(h) for h in self.held):
+                self._drained.remove(entry)
+                d.callback(None)
+
+    def stopHandlers(self) -> defer.Deferred:
+        handlers = [*self.handlers.values(), *self._retired]
+        self._retired.clear()
+        return defer.gatherResults(
+            [defer.maybeDeferred(h.stop) for h in handlers])
+
+    def _decode(self, delivery: Delivery) -> Item:
+        item = Item.fromJSON(delivery.frame)
+        if delivery.attempts is not None and delivery.attempts != item.attempts:
+            item = dataclasses.replace(item, attempts=delivery.attempts)
+        return item
+
+    def _pump(self):
+        limit = self.config.queue.concurrency
+        blocked = set()
+        index = 0
+        while self.running < limit and index < len(self._waiting):
+            delivery, item, done, handler = self._waiting[index]
+            own = self.config.transport(item.transport).concurrency
+            if item.transport in blocked or (
+                    own and self._running[item.transport] >= own):
+                blocked.add(item.transport)
+                index += 1
+                continue
+            del self._waiting[index]
+            self._start(delivery, item, done, handler)
+
+    def _start(self, delivery: Delivery, item: Item, done: defer.Deferred,
+               handler):
+        self._running[item.transport] += 1
+        started = self.clock.seconds()
+        d = self._call(item, handler)
+        timeout = self._timeout(item.transport, handler)
+        timer = None
+        if timeout:
+            # Cancelling surfaces as whatever the handler's library raises
+            # (treq: ResponseNeverReceived), so remember that we did it.
+            timer = self.clock.callLater(timeout, d.cancel)
+
+        def finished(result):
+            # The slot is free once the handler is; settling needs none.
+            timedOut = timer is not None and not timer.active()
+            if timer is not None and not timedOut:
+                timer.cancel()
+            self._running[item.transport] -= 1
+            self.stats.timing(item.transport, self.clock.seconds() - started)
+            self._pump()
+            return self._outcome(result, delivery, item,
+                                 timeout if timedOut else None)
+
+        d.addBoth(finished)
+        self._settle(d, delivery, done)
+
+    def _timeout(self, transport: str, handler) -> float:
+        return self.config.transport(transport).timeout or handler.timeout
+
+    def _call(self, item: Item, handler) -> defer.Deferred:
+        if handler.blocking:
+            return threads.deferToThread(handler.handle, item)
+        try:
+            result = handler.handle(item)
+        except BaseException:
+            return defer.fail()
+        if inspect.iscoroutine(result):
+            return defer.Deferred.fromCoroutine(result)
+        return defer.maybeDeferred(lambda: result)
+
+    def _outcome(self, result, delivery: Delivery, item: Item,
+                 timedOut: float | None):
+        if timedOut is not None:
+            return self._failed(delivery, item, f"timed out after {timedOut:g} s")
+        if not isinstance(result, Failure):
+            if result is True or result is None:
+                self.stats.count("handled", item.transport, item.site)
+                return self.queue.ack(delivery)
+            return self._failed(delivery, item, f"handler returned {result!r}")
+        if result.check(Reject):
+            reason = str(result.value) or "rejected by the handler"
+            return self._deadLetter(delivery, item, "rejected", reason)
+        error = f"{result.type.__name__}: {result.getErrorMessage()}"
+        if result.check(Retry):
+            self.log.warn("{transport} item {id} failed (attempt {n}): {error}",
+                          transport=item.transport, id=item.id,
+                          n=item.attempts + 1, error=error)
+        else:
+            self.log.failure("{transport} item {id} failed (attempt {n})",
+                             result, transport=item.transport, id=item.id,
+                             n=item.attempts + 1)
+        return self._failed(delivery, item, error)
+
+    def _failed(self, delivery: Delivery, item: Item, error: str):
+        self.stats.count("error", item.transport, item.site)
+        retried = item.retried()
+        limit = self.config.maxRetries(item.transport)
+        if retried.attempts > limit:
+            return self._deadLetter(
+                delivery, retried, "retries",
+                f"gave up after {retried.attempts} attempts; last error: {error}")
+        delay = backoff(retried.attempts, self.config.queue.retry_delay,
+                        self.config.queue.retry_max_delay, self.rng)
+        self.stats.count("requeued", item.transport, item.site)
+        return self.queue.retry(delivery, retried, delay, error)
+
+    def _deadLetter(self, delivery: Delivery, item: Item | None, kind: str,
+                    error: str):
+        """
+        C{kind} is the reason's short name and, for C{baditem},
+        C{badhandler} and C{badsite}, the counter bumped; every dead letter
+        counts as C{deadletter} too.
+        """
+        transport = item.transport if item else delivery.transport
+        site = item.site if item else delivery.site
+        attempts = item.attempts if item else (delivery.attempts or 0)
+        if kind in ("baditem", "badhandler", "badsite"):
+            self.stats.count(kind, transport or "", site or "")
+        self.stats.count("deadletter", transport or "", site or "")
+        self.log.warn("dead letter ({kind}) {transport} {id}: {error}",
+                      kind=kind, transport=transport,
+                      id=item.id if item else delivery.token, error=error)
+        self._writeDeadFile(delivery, item, kind, error, attempts)
+        return self.queue.deadLetter(delivery, kind, error, attempts)
+
+    def _writeDeadFile(self, delivery, item, kind, error, attempts):
+        """StatusNet's dead-letter files, for operators who grep."""
+        directory = self.config.queue.dead_letter_dir
+        if not directory:
+            return
+        name = f"{time.time():.6f}-{item.id if item else os.urandom(6).hex()}.json"
+        record = {"reason": kind, "error": error, "attempts": attempts,
+                  "frame": delivery.frame.decode("utf-8", "replace")}
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with open(os.path.join(directory, name), "w") as f:
+                json.dump(record, f)
+        except OSError:
+            self.log.failure("cannot write dead letter file in {dir}",
+                             dir=directory)
+
+    def _settle(self, d: defer.Deferred, delivery: Delivery,
+                done: defer.Deferred):
+        def failed(failure):
+            # The store refused the outcome (connection lost, …).  The lease
+            # will expire and the item come back: at least once, not lost.
+            self.log.failure("settling an item failed; its lease will expire",
+                             failure)
+
+        def settled(_):
+            self.held.discard(delivery)
+            done.callback(None)
+            if self._drained:
+                self._fireDrained()
+            if self.onSettled is not None:
+                self.onSettled()
+            for hook in self.settledHooks:
+                hook()
+
+        d.addErrback(failed)
+        d.addCallback(settled)

@@ -1,0 +1,56 @@
+# -*- test-case-name: tests.test_dispatch -*-
+"""
+What a handler may use of the daemon (its C{self.context}): the config,
+enqueueing, the clock, and in the XMPP worker the connections.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from snq.item import DEFAULT_SITE, Item
+
+if TYPE_CHECKING:
+    from snq.queues.interface import Queue
+    from snq.stats import Stats
+
+
+class HandlerContext:
+    """What a handler may use of the daemon: config, enqueueing, the clock."""
+
+    def __init__(self, config, queue: Queue, stats: Stats, clock):
+        self.config = config
+        self.queue = queue
+        self.stats = stats
+        self.clock = clock
+        #: Site → its XmppManager, in a worker that runs the "xmpp" group.
+        self.xmppManagers: dict = {}
+
+    def siteConfig(self, site: str) -> dict:
+        return self.config.siteConfig(site)
+
+    def xmpp(self, site: str):
+        """The XmppManager that serves C{site} in this worker, or None."""
+        return self.xmppManagers.get(self.config.xmppSite(site))
+
+    def item(self, transport: str, payload, site: str = DEFAULT_SITE,
+             priority: int | None = None) -> Item:
+        if priority is None:
+            priority = self.config.transport(transport).priority
+        return Item(transport=transport, payload=payload, site=site,
+                    priority=priority, created=self.clock.seconds())
+
+    def enqueue(self, transport: str, payload, site: str = DEFAULT_SITE,
+                priority: int | None = None, delay: float = 0.0):
+        """Put a new item on the queue; fires when it is stored."""
+        return self.enqueueItems([self.item(transport, payload, site, priority)],
+                                 delay)
+
+    def enqueueItems(self, items: list[Item], delay: float = 0.0):
+        """Store several items at once (in one transaction where there is one)."""
+
+        def counted(_):
+            for item in items:
+                self.stats.count("enqueued", item.transport, item.site)
+
+        return self.queue.enqueue(items, delay).addCallback(counted)

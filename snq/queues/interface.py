@@ -1,0 +1,150 @@
+# -*- test-case-name: tests.test_dispatch -*-
+"""
+L{Queue}, the storage interface every backend implements, and what it
+hands over and reports: a L{Delivery}, a L{Depth}, a L{DeadLetter}.
+
+A backend only stores: claiming, acknowledging, retrying later,
+dead-lettering.  The rules of an item's life are the dispatcher's
+(L{snq.dispatch}), once for every backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+
+from snq.item import Item
+
+if TYPE_CHECKING:
+    from snq.routing import TransportFilter
+
+
+@dataclass(eq=False)
+class Delivery:
+    """One claimed frame, as its backend handed it over."""
+
+    frame: bytes
+    #: The backend's own handle on it (a row id, a STOMP frame, …).
+    token: Any = None
+    #: The backend's attempt count, when it keeps one apart from the frame.
+    attempts: int | None = None
+    #: What the backend knows without decoding (for dead letters of bad frames).
+    transport: str | None = None
+    site: str | None = None
+
+
+@dataclass(frozen=True)
+class Depth:
+    """How much a backend holds, for monitors and C{snqctl check}."""
+
+    #: Due and not claimed.
+    ready: int
+    #: Waiting for their time (a retry's backoff, an enqueue's delay).
+    delayed: int
+    #: Claimed by a worker: waiting in its window or running.
+    held: int
+    dead: int
+    #: Seconds the oldest due item (ready or held) has been due; None when
+    #: nothing is.
+    oldest: float | None
+
+
+@dataclass
+class DeadLetter:
+    id: Any
+    item_id: str | None
+    transport: str | None
+    site: str | None
+    reason: str
+    error: str
+    attempts: int
+    died: float
+    frame: bytes
+
+
+class Queue:
+    """
+    A backend's storage.  Every method returns a Deferred.  Used by the
+    dispatcher (settling items), by handlers (enqueueing) and by snqctl.
+    """
+
+    #: The IoManager that feeds a dispatcher from this backend; None = the
+    #: polling L{QueueManager}.  Listening backends bring their own.
+    managerClass = None
+
+    def describe(self) -> str:
+        """Where the queue is, for logs (no passwords)."""
+        raise NotImplementedError
+
+    def reconfigure(self, config):
+        """
+        Follow a reloaded config in what can change in place (the lease,
+        routing); where the queue is can only change in new worker
+        processes.
+        """
+
+    def open(self):
+        """Connect and create what is missing (tables, …)."""
+        raise NotImplementedError
+
+    def close(self):
+        raise NotImplementedError
+
+    def listen(self, wake):
+        """
+        Call C{wake()} whenever new items may be ready, until the returned
+        object's C{stopListening()} (a Deferred); None when this backend
+        cannot tell, and the manager only polls.
+        """
+        return None
+
+    def enqueue(self, items: list[Item], delay: float = 0.0):
+        raise NotImplementedError
+
+    def claim(self, limit: int, transports: TransportFilter):
+        """Up to C{limit} ready L{Delivery}s, leased to this worker."""
+        raise NotImplementedError
+
+    def ack(self, delivery: Delivery):
+        raise NotImplementedError
+
+    def retry(self, delivery: Delivery, item: Item, delay: float, error: str):
+        """Put C{item} (attempts already raised) back, due in C{delay} s."""
+        raise NotImplementedError
+
+    def release(self, deliveries: list[Delivery]):
+        """Give back claimed, unstarted deliveries, unchanged, for others."""
+        raise NotImplementedError
+
+    def deadLetter(self, delivery: Delivery, reason: str, error: str,
+                   attempts: int):
+        raise NotImplementedError
+
+    def tend(self, deliveries: list[Delivery]):
+        """
+        Periodic housekeeping: renew the leases of what this worker holds,
+        and return others' expired leases to the queue.
+        """
+        raise NotImplementedError
+
+    def depth(self):
+        """
+        A L{Depth}, or None where the backend cannot tell (a broker that
+        does not say how much it holds).
+        """
+        return defer.succeed(None)
+
+    def deadList(self, limit: int = 50):
+        raise NotImplementedError
+
+    def deadShow(self, deadId):
+        raise NotImplementedError
+
+    def deadRetry(self, deadIds=None):
+        """Requeue these dead letters (None: all), attempts reset; → count."""
+        raise NotImplementedError
+
+    def deadPurge(self, deadIds=None):
+        raise NotImplementedError

@@ -1,0 +1,43 @@
+# -*- test-case-name: tests.test_redis -*-
+"""
+The Lua scripts of the Redis backend (C{snq/redis/lua/*.lua}, package
+data): every step that must not be seen half done (claiming with a lease,
+settling an item once, returning expired leases) runs inside Redis as one
+script.  Each file's comment says its KEYS, ARGV and result.
+
+Members of the processing sorted set are C{TOKEN \\n LIST \\n FRAME}: the
+token makes two identical frames distinct, the list is where the item goes
+back to.  Members of a delayed set are C{TOKEN \\n FRAME}; the set belongs
+to one ready list.  Scores are UNIX seconds (a deadline, a due time), from
+the worker's clock.
+"""
+
+import hashlib
+from dataclasses import dataclass, field
+from importlib.resources import files
+
+
+@dataclass(frozen=True)
+class Script:
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "sha",
+                           hashlib.sha1(self.source.encode()).hexdigest())
+
+    @classmethod
+    def named(cls, name: str) -> "Script":
+        return cls((files(__package__) / "lua" / f"{name}.lua").read_text())
+
+
+CLAIM = Script.named("claim")
+RETURN = Script.named("return")
+RETRY = Script.named("retry")
+BURY = Script.named("bury")
+ENQUEUE = Script.named("enqueue")
+RESURRECT = Script.named("resurrect")
+PURGE = Script.named("purge")
+DEPTH = Script.named("depth")
+
+ALL = (CLAIM, RETURN, RETRY, BURY, ENQUEUE, RESURRECT, PURGE, DEPTH)

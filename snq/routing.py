@@ -1,0 +1,107 @@
+# -*- test-case-name: tests.test_routing -*-
+"""
+Which items a worker takes and where an item goes: the filter a worker
+claims with (its groups and site), the broker queues or Redis lists it
+consumes, and the queue a new item is routed to (groups and breakouts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twisted.logger import Logger
+
+from snq.handlers import HandlerError, HandlerRegistry
+
+
+@dataclass(frozen=True)
+class TransportFilter:
+    """
+    Which transports a worker claims: those in C{include}, or, when C{include}
+    is None (the "main" group is active, which catches every transport no
+    other group claims), all but those in C{exclude}.
+    """
+
+    include: frozenset | None = None
+    exclude: frozenset = field(default_factory=frozenset)
+    #: Only this site's items (a daemon run with C{--site}); None = any.
+    site: str | None = None
+    #: The groups it stands for: brokers consume their queues by name.
+    groups: tuple = ()
+
+    @classmethod
+    def forGroups(cls, groups, groupOf: dict[str, str],
+                  site: str | None = None) -> TransportFilter:
+        if "main" in groups:
+            return cls(exclude=frozenset(
+                t for t, g in groupOf.items() if g not in groups),
+                site=site, groups=tuple(groups))
+        return cls(include=frozenset(t for t, g in groupOf.items() if g in groups),
+                   site=site, groups=tuple(groups))
+
+    def accepts(self, transport: str) -> bool:
+        if self.include is not None:
+            return transport in self.include
+        return transport not in self.exclude
+
+
+def consumedSpecs(groups, breakouts, site: str | None = None) -> list[str]:
+    """
+    The broker queues (or Redis lists), as group names and breakout specs,
+    that a worker of C{groups} consumes: the groups' own and their
+    breakouts.  With C{site}, only that site's breakouts: a group's queue
+    carries every site's items.
+    """
+    ours = sorted(b for b in breakouts if b.split("/", 1)[0] in groups)
+    if site is None:
+        return [*groups, *ours]
+    return [b for b in ours if b.count("/") == 2 and b.rsplit("/", 1)[1] == site]
+
+
+class Routing:
+    """
+    Where an item goes on a broker (a STOMP queue, a Redis list), as a group
+    name or breakout spec: the most specific breakout of its transport (and
+    site), else its transport's group: C{[transports.NAME] group}, else its
+    handler's, else C{main}.
+    """
+
+    log = Logger()
+
+    def __init__(self, config):
+        self.config = config
+        self.breakouts = frozenset(config.queue.breakout)
+        self._registry = None
+
+    def registry(self) -> HandlerRegistry:
+        """The handlers, for their groups; loaded when first needed."""
+        if self._registry is None:
+            try:
+                self._registry = HandlerRegistry.load(self.config.handlers)
+            except HandlerError as e:
+                self.log.warn("routing without the configured handlers: {why}",
+                              why=e)
+                self._registry = HandlerRegistry.load({})
+        return self._registry
+
+    def groupOf(self, transport: str) -> str:
+        return self.registry().groupOf(transport,
+                                       self.config.transport(transport).group)
+
+    def route(self, transport: str, site: str) -> str:
+        group = self.groupOf(transport)
+        for spec in (f"{group}/{transport}/{site}", f"{group}/{transport}"):
+            if spec in self.breakouts:
+                return spec
+        return group
+
+
+def describeFilter(transports: TransportFilter) -> str:
+    """A filter in words, for logs."""
+    if transports.include is not None:
+        what = ", ".join(sorted(transports.include)) or "nothing"
+    elif transports.exclude:
+        what = "all transports but " + ", ".join(sorted(transports.exclude))
+    else:
+        what = "all transports"
+    return what + (f" of site {transports.site}" if transports.site else "")
