@@ -90,8 +90,7 @@ class Reconfigure(amp.Command):
     Master → worker: run this config from now on, changing in place what
     changed.  C{config}: C{text} (the file as the master validated it),
     C{source} (its path, for messages), C{generation}, C{loaded} (when the
-    master loaded it) and C{groups} (this worker's, None for C{[queue]
-    groups}).  Answers with what the worker changed, in words.
+    master loaded it).  Answers with what the worker changed, in words.
     """
 
     arguments = [(b"config", JSON())]

@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_child -*-
 """
 A worker process, started by the master's L{snq.pool.WorkerPool} as
-C{python -m snq.child [--config PATH [--stdin-config]] --id ID [--groups
-G,…] [--site NICK] [--generation N --loaded T]}; not meant to be run by
+C{python -m snq.child [--config PATH [--stdin-config]] --id ID [--role
+ROLE] [--site NICK] [--generation N --loaded T]}; not meant to be run by
 hand.  With C{--stdin-config} the config's text comes on stdin (the master
 read and validated it; C{--config} only names it).
 
@@ -22,6 +22,7 @@ reloaded config, in a fresh interpreter that sees the handlers' new code.
 """
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -44,6 +45,7 @@ from snq.handlers import HandlerError, HandlerRegistry
 from snq.iomanager import PollingManager
 from snq.iomaster import IoMaster, residentMemory
 from snq.queues import makeQueue
+from snq.routing import ROLES
 
 FROM_MASTER, TO_MASTER = 3, 4
 REPORT_INTERVAL = 1.0
@@ -75,16 +77,15 @@ class Worker:
     log = Logger()
 
     def __init__(self, config, workerId: str, reactor, iomasterFactory=IoMaster,
-                 groups=None, site=None, generation=0, loaded=None):
+                 role="queues", site=None):
+        #: Its C{generation} and C{loaded} say which of the master's configs
+        #: it runs, and when that was loaded.
         self.config = config
         self.workerId = workerId
-        #: None: C{[queue] groups}.
-        self.groups = groups
+        #: Which groups it consumes (L{snq.routing.ROLES}).
+        self.role = role
         #: Only this site's items (C{twistd snq --site}); None: every site.
         self.site = site
-        #: Which of the master's configs it runs, and when that was loaded.
-        self.generation = generation
-        self.loaded = loaded
         self.reactor = reactor
         self.iomasterFactory = iomasterFactory
         self.exitCode = 0
@@ -109,7 +110,7 @@ class Worker:
             self.config, workerId=self.workerId, clock=self.reactor,
             recycle=lambda reason: self.exit(EXIT_RECYCLE, reason),
             shutdown=lambda reason: self.exit(EXIT_SHUTDOWN, reason),
-            reload=self.requestReload, groups=self.groups, site=self.site)
+            reload=self.requestReload, role=self.role, site=self.site)
 
     def _running(self, _):
         if self.state == "starting":
@@ -155,9 +156,10 @@ class Worker:
             raise ControlError(f"worker {self.workerId} is {self.state}")
         generation = spec["generation"]
         try:
-            config = snqconfig.parseText(spec["text"].encode("utf-8"),
-                                         spec["source"])
-            applied = yield self.iomaster.reconfigService(config, spec["groups"])
+            config = dataclasses.replace(
+                snqconfig.parseText(spec["text"].encode("utf-8"), spec["source"]),
+                generation=generation, loaded=spec["loaded"])
+            applied = yield self.iomaster.reconfigService(config)
         except Exception as e:
             self.log.failure("worker {wid} cannot apply config generation {g} in "
                              "place; it exits to be replaced", wid=self.workerId,
@@ -166,8 +168,7 @@ class Worker:
                                     "be applied in place")
             raise ControlError(f"{type(e).__name__}: {e} (the worker exits, and "
                                "its replacement starts on the new config)")
-        self.config, self.groups = config, spec["groups"]
-        self.generation, self.loaded = generation, spec["loaded"]
+        self.config = config
         self.log.info("worker {wid} runs config generation {g}: {applied}",
                       wid=self.workerId, g=generation,
                       applied="; ".join(applied) or "nothing to change here")
@@ -213,8 +214,8 @@ class Worker:
         snapshot = {"state": self.state, "pid": os.getpid(),
                     "started": self.started, "rss": residentMemory(),
                     "activity": self.activity(),
-                    "config": {"generation": self.generation,
-                               "loaded": self.loaded}}
+                    "config": {"generation": self.config.generation,
+                               "loaded": self.config.loaded}}
         master = self.iomaster
         if master is not None:
             stats, dispatcher = master.stats, master.dispatcher
@@ -290,8 +291,9 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="check the config on stdin and exit")
     parser.add_argument("--id", help="the worker id")
-    parser.add_argument("--groups", help="comma-separated groups to consume "
-                        "instead of [queue] groups")
+    parser.add_argument("--role", choices=ROLES, default="queues",
+                        help="which groups to consume: all, xmpp alone, or "
+                        "all but xmpp (queues, the default)")
     parser.add_argument("--site", help="handle only this site's items")
     parser.add_argument("--generation", type=int, default=0,
                         help="the master's number for this config")
@@ -318,9 +320,9 @@ def main(argv=None) -> int:
 
     from twisted.internet import reactor
 
-    groups = args.groups.split(",") if args.groups else None
-    worker = Worker(config, args.id, reactor, groups=groups, site=args.site,
-                           generation=args.generation, loaded=args.loaded)
+    config = dataclasses.replace(config, generation=args.generation,
+                                 loaded=args.loaded)
+    worker = Worker(config, args.id, reactor, role=args.role, site=args.site)
     stdio.StandardIO(worker.channel, stdin=FROM_MASTER, stdout=TO_MASTER,
                      reactor=reactor)
     reactor.addSystemEventTrigger("before", "shutdown", worker.stop)

@@ -286,6 +286,16 @@ class Config:
     sites: dict[str, dict] = field(default_factory=dict)
     #: The file this came from, or None for the embedded default.
     source: str | None = None
+    #: What follows says where this config stands in a running daemon, not
+    #: what it configures: not compared, so a diff sees only the keys.
+    #: The file's text as validated; workers get exactly this.
+    text: bytes | None = field(default=None, compare=False, repr=False)
+    #: Counts the configs a master has run (a reload adds one) …
+    generation: int = field(default=1, compare=False)
+    #: … and when it loaded this one (UNIX seconds).
+    loaded: float | None = field(default=None, compare=False)
+    #: Handler module → fingerprint of its code (L{snq.reconfig.stamped}).
+    code: dict = field(default_factory=dict, compare=False, repr=False)
 
     def transport(self, name: str) -> TransportConfig:
         return self.transports.get(name) or _DEFAULT_TRANSPORT
@@ -371,7 +381,7 @@ def parseText(text: bytes, source: str = "<config>") -> Config:
         raise ConfigError([f"{source}: not UTF-8: {e}"])
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{source}: not valid TOML: {e}"])
-    return parse(data, source)
+    return dataclasses.replace(parse(data, source), text=text)
 
 
 def parse(data: dict, source: str = "<config>") -> Config:

@@ -13,7 +13,7 @@ from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 
 from snq.amp import Channel, ControlError, Reload, Restart, Status, Stop
-from snq.service import defaultReactor
+from snq.service import SignalHandler, defaultReactor
 
 
 class ControlClient(Channel):
@@ -77,10 +77,10 @@ class _ControlProtocol(Channel):
 class ControlService(Service):
     """
     The master's control: C{snqctl status|stop|restart|reload} on a UNIX
-    socket that only the daemon's user can use (mode 0600), SIGUSR1 for a
-    rolling restart and SIGHUP for a reload (with a C{reloader},
-    L{snq.reload.Reloader}).  SIGTERM and SIGINT are twistd's: they stop
-    the daemon, which stops the pool gracefully.
+    socket that only the daemon's user can use (mode 0600), and SIGUSR1 for
+    a rolling restart.  C{reloader} (L{snq.reload.Reloader}) carries out
+    C{snqctl reload}; it owns SIGHUP.  SIGTERM and SIGINT are twistd's:
+    they stop the daemon, which stops the pool gracefully.
     """
 
     log = Logger()
@@ -97,15 +97,11 @@ class ControlService(Service):
         #: C{snqctl stop} that the daemon is done.
         self.connections: set = set()
         self._port = None
-        self._previousHandlers = {}
+        self._sigusr1 = SignalHandler(signal.SIGUSR1, self._restart, reactor)
 
     def startService(self):
         self._port = self._listen(self.path)
-        self._previousHandlers[signal.SIGUSR1] = signal.signal(
-            signal.SIGUSR1, self._sigusr1)
-        if self.reloader is not None:
-            self._previousHandlers[signal.SIGHUP] = signal.signal(
-                signal.SIGHUP, self._sighup)
+        self._sigusr1.install()
         self.started = self.reactor.seconds()
         super().startService()
         self.log.info("control socket {path}", path=os.path.abspath(self.path))
@@ -128,9 +124,7 @@ class ControlService(Service):
 
     def stopService(self):
         super().stopService()
-        for signum, handler in self._previousHandlers.items():
-            signal.signal(signum, handler)
-        self._previousHandlers.clear()
+        self._sigusr1.uninstall()
         for connection in list(self.connections):
             connection.transport.loseConnection()
         return defer.maybeDeferred(self._port.stopListening)
@@ -159,14 +153,9 @@ class ControlService(Service):
         return {"pid": os.getpid(), "started": self.started,
                 "uptime": self.reactor.seconds() - self.started,
                 "restarting": pool.restarting, "workers": pool.status(),
-                "config": {"generation": pool.generation, "loaded": pool.loaded,
+                "config": {"generation": pool.config.generation,
+                           "loaded": pool.config.loaded,
                            "source": pool.config.source}}
-
-    def _sigusr1(self, signum, frame):
-        self.reactor.callFromThread(self._restart)
-
-    def _sighup(self, signum, frame):
-        self.reactor.callFromThread(self.reloader.requested, "SIGHUP")
 
     def _restart(self):
         self.log.info("rolling restart on SIGUSR1")

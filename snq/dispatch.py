@@ -50,6 +50,7 @@ class Dispatcher:
         self.clock = clock
         self.rng = rng
         self.context = HandlerContext(config, queue, self.stats, clock)
+        self.registry = registry
         self.handlers = {name: cls(self.context)
                          for name, cls in registry.classes.items()}
         #: Handler → its items waiting or running.
@@ -113,15 +114,18 @@ class Dispatcher:
         self._pump()
         return done
 
-    def reconfigure(self, config, registry: HandlerRegistry) -> list[str]:
+    def reconfigService(self, config) -> list[str]:
         """
         Take C{config} in place: limits, retries and sites are read from it
-        at use.  Transports that gained a handler get one; a handler whose
-        class changed is replaced, and one that is gone is stopped once its
-        items are done.  → what changed, in words.
+        at use.  Its handlers are loaded first, so one that does not load
+        changes nothing (L{HandlerError}).  Transports that gained a handler
+        get one; a handler whose class changed is replaced, and one that is
+        gone is stopped once its items are done.  → what changed, in words.
         """
+        registry = HandlerRegistry.load(config.handlers)
         self.config = config
         self.context.config = config
+        self.registry = registry
         applied = []
         for name in sorted(self.handlers.keys() | registry.classes.keys()):
             old, cls = self.handlers.get(name), registry.classes.get(name)

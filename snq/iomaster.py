@@ -20,9 +20,10 @@ from snq.dispatch import Dispatcher
 from snq.handlers import HandlerRegistry
 from snq.queues import makeQueue
 from snq.queues.manager import QueueManager
-from snq.routing import TransportFilter
+from snq.routing import TransportFilter, groupsOf
 from snq.service import AsyncMultiService, defaultReactor
 from snq.stats import Stats
+from snq.xmpp.accounts import XmppAccounts
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -88,8 +89,9 @@ class MemoryWatch(Service):
         if self._timer.running:
             self._timer.stop()
 
-    def reconfigure(self, softLimit: int | None, maxItems: int) -> list[str]:
+    def reconfigService(self, config) -> list[str]:
         """New limits, checked from now on; → what changed, in words."""
+        softLimit, maxItems = config.queue.softLimitBytes(), config.queue.max_items
         applied = []
         if softLimit != self.softLimit:
             limit = _mb(softLimit) if softLimit else "none"
@@ -135,12 +137,10 @@ class IoMaster(AsyncMultiService):
     when the worker should be replaced; without it (C{--inline}) nothing
     watches memory or counts items.
 
-    C{groups}, when given, replaces C{[queue] groups} for this worker: the
-    pool runs one worker of its own for the "xmpp" group.  A worker with
-    "xmpp" among its groups holds the XMPP connections.
-
-    C{site}, when given (C{twistd snq --site NICK}), restricts the worker
-    to that site's items.
+    C{role} says which groups it consumes (L{snq.routing.ROLES}): the pool
+    runs one worker of its own for the "xmpp" group, which alone holds the
+    XMPP connections.  C{site}, when given (C{twistd snq --site NICK}),
+    restricts it to that site's items.
 
     C{recycle} and C{shutdown} (called with a reason: stop for good) are
     also what its managers call when asked from outside (the STOMP control
@@ -151,7 +151,7 @@ class IoMaster(AsyncMultiService):
     log = Logger()
 
     def __init__(self, config, workerId="inline", clock=None, queue=None,
-                 registry=None, recycle=None, groups=None, shutdown=None,
+                 registry=None, recycle=None, role="all", shutdown=None,
                  site=None, reload=None):
         super().__init__()
         clock = defaultReactor(clock)
@@ -159,15 +159,15 @@ class IoMaster(AsyncMultiService):
         self.workerId = workerId
         self.clock = clock
         self.stats = Stats()
-        self.groups = list(groups or config.queue.groups)
+        self.role = role
         self.site = site
         self.recycle = recycle
         self.shutdown = shutdown
         self.reload = reload
         self.queue = queue if queue is not None else makeQueue(config, clock)
-        self.registry = registry or HandlerRegistry.load(config.handlers)
-        self.dispatcher = Dispatcher(self.queue, self.registry, config,
-                                     self.stats, clock)
+        self.dispatcher = Dispatcher(
+            self.queue, registry or HandlerRegistry.load(config.handlers),
+            config, self.stats, clock)
         self.watch = None
         if recycle is not None:
             self.watch = MemoryWatch(config.queue.softLimitBytes(),
@@ -176,72 +176,37 @@ class IoMaster(AsyncMultiService):
             self.dispatcher.settledHooks.append(self.watch.itemSettled)
         # The XMPP connections start before the queue manager and so stop
         # after it: items in flight can still finish.
-        self.xmpp = AsyncMultiService()
+        self.xmpp = XmppAccounts(self.dispatcher.context, role, clock)
         self.xmpp.setServiceParent(self)
-        self._followXmpp()
         managerClass = self.queue.managerClass or QueueManager
         self.manager = managerClass(self.queue, self.dispatcher, config,
-                                    self._transports(), clock)
+                                    self.transports(config), clock,
+                                    transportsFor=self.transports)
         self.manager.setServiceParent(self)
 
-    def _transports(self) -> TransportFilter:
-        groupOf = {name: self.registry.groupOf(name, self.config.transport(name).group)
-                   for name in {*self.registry.classes, *self.config.transports}}
-        return TransportFilter.forGroups(self.groups, groupOf, self.site)
+    @property
+    def groups(self) -> list[str]:
+        return groupsOf(self.config, self.role)
 
-    def _followXmpp(self) -> defer.Deferred:
-        """
-        One connection per site with an account, in a worker whose groups
-        include "xmpp".  On a reload an account that changed connects
-        again (after its old connection is closed: one session per JID);
-        the others stay connected.  → what changed, in words.
-        """
-        context = self.dispatcher.context
-        wanted = self.config.xmppAccounts() if "xmpp" in self.groups else {}
-        applied, closing = [], []
-        for site, manager in sorted(context.xmppManagers.items()):
-            if wanted.get(site) != manager.settings:
-                del context.xmppManagers[site]
-                closing.append(defer.maybeDeferred(manager.disownServiceParent))
-                applied.append(f"xmpp {site}: {manager.settings.jid} "
-                               "disconnected")
-        if not wanted.keys() - context.xmppManagers.keys():
-            return defer.gatherResults(closing).addCallback(lambda _: applied)
-        # wokkel and OpenSSL only in the worker that uses them.
-        from snq.xmpp.manager import XmppManager
-
-        def connect(_):
-            for site, account in sorted(wanted.items()):
-                if site not in context.xmppManagers:
-                    manager = XmppManager(site, account, context, self.clock)
-                    manager.setServiceParent(self.xmpp)
-                    context.xmppManagers[site] = manager
-                    applied.append(f"xmpp {site}: {account.jid} connecting")
-            return applied
-
-        return defer.gatherResults(closing).addCallback(connect)
+    def transports(self, config) -> TransportFilter:
+        """What this worker claims under C{config}."""
+        return TransportFilter.forWorker(config, self.dispatcher.registry,
+                                         self.role, self.site)
 
     @defer.inlineCallbacks
-    def reconfigService(self, config, groups=None):
+    def reconfigService(self, config):
         """
         Apply a reloaded C{config} in place, in the manner of buildbot's
         C{reconfigService}: each part compares old and new and changes only
-        what changed.  C{groups} as for the constructor.  → what changed
-        here, in words.  The handlers are loaded first, so one that does not
-        load changes nothing; a failure after that leaves the worker half
-        configured, and its process asks to be replaced (L{snq.child}).
+        what changed.  → what changed here, in words.  The handlers are
+        loaded first, so one that does not load changes nothing; a failure
+        after that leaves the worker half configured, and its process asks
+        to be replaced (L{snq.child}).
         """
-        registry = HandlerRegistry.load(config.handlers)
+        applied = self.dispatcher.reconfigService(config)
         self.config = config
-        self.groups = list(groups or config.queue.groups)
-        self.registry = registry
-        applied = self.dispatcher.reconfigure(config, registry)
-        if self.watch is not None:
-            applied += self.watch.reconfigure(config.queue.softLimitBytes(),
-                                              config.queue.max_items)
-        applied += yield self._followXmpp()
-        self.queue.reconfigure(config)
-        applied += yield self.manager.reconfigService(config, self._transports())
+        self.queue.reconfigService(config)
+        applied += yield super().reconfigService(config)
         return applied
 
     @defer.inlineCallbacks

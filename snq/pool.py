@@ -20,6 +20,7 @@ new text over AMP, and the pool's slots follow C{workers} and the groups.
 """
 
 import contextlib
+import dataclasses
 import os
 import sys
 
@@ -36,7 +37,8 @@ from snq.amp import (
     Report,
     RequestReload,
 )
-from snq.service import defaultReactor
+from snq.reconfig import diff, needsRollingRestart
+from snq.service import PartlyApplied, defaultReactor
 
 TO_CHILD, FROM_CHILD = 3, 4
 CHILD_FDS = {0: "w", 1: "r", 2: "r", TO_CHILD: "w", FROM_CHILD: "r"}
@@ -68,18 +70,18 @@ class _ChildPipe:
         self.process.closeChildFD(TO_CHILD)
 
 
-def _slots(config, count: int) -> list[tuple[object, str, list[str] | None]]:
+def _slots(config, count: int) -> list[tuple[object, str, str]]:
     """
-    C{(key, id, groups)} of each worker slot: C{count} numbered ones, and
-    the "xmpp" one while that group is active (see the module's doc).
+    C{(key, id, role)} of each worker slot: C{count} numbered ones for the
+    queues, and the "xmpp" one while that group is active (see the
+    module's doc).
     """
     daemon = config.daemon.id
-    slots = [(n, f"{daemon}.{n}", None) for n in range(count)]
+    slots = [(n, f"{daemon}.{n}", "queues") for n in range(count)]
     groups = config.queue.groups
     if "xmpp" in groups:
-        others = [g for g in groups if g != "xmpp"]
-        slots = [(n, wid, others) for n, wid, _ in slots] if others else []
-        slots.append(("xmpp", f"{daemon}.xmpp", ["xmpp"]))
+        slots = slots if set(groups) - {"xmpp"} else []
+        slots.append(("xmpp", f"{daemon}.xmpp", "xmpp"))
     return slots
 
 
@@ -95,8 +97,8 @@ class _MasterChannel(Channel):
 
     @RequestReload.responder
     def requestReload(self, reason):
-        self.process.worker.pool.reloadRequested(
-            f"{reason} (worker {self.process.worker.wid})")
+        pool = self.process.worker.pool
+        pool.requestReload(f"{reason} (worker {self.process.worker.wid})")
         return {}
 
 
@@ -105,13 +107,12 @@ class WorkerProtocol(protocol.ProcessProtocol):
 
     log = Logger()
 
-    def __init__(self, worker, clock, generation: int = 0,
-                 configText: bytes | None = None):
+    def __init__(self, worker, clock, config):
         self.worker = worker
         self.clock = clock
         #: The pool's config generation it runs: spawned with, or applied.
-        self.generation = generation
-        self._configText = configText
+        self.generation = config.generation
+        self._configText = config.text
         self.pid = None
         self.started = clock.seconds()
         #: starting → running (it said so) → stopping → exited
@@ -234,14 +235,14 @@ class WorkerSlot:
     """
 
     def __init__(self, pool, index: int, wid: str, delay: float,
-                 groups: list[str] | None = None, key=None):
+                 role: str = "queues", key=None):
         self.pool = pool
         self.index = index
         #: What it is across reloads: its number, or "xmpp".
         self.key = index if key is None else key
         self.wid = wid
-        #: What it consumes, if not C{[queue] groups} (C{--groups}).
-        self.groups = groups
+        #: What it consumes (L{snq.routing.ROLES}).
+        self.role = role
         self.process: WorkerProtocol | None = None
         #: Started by a rolling restart, not ready yet; takes over from
         #: C{process} once it is.
@@ -278,7 +279,8 @@ def _describe(status) -> tuple[int | None, str]:
 
 class WorkerPool(Service):
     """
-    C{count} worker slots, started C{spawndelay} apart.  A worker exiting
+    C{[daemon] workers} worker slots (C{workers}, when given, wins: it is
+    C{--workers}), started C{spawndelay} apart.  A worker exiting
     with 100 stays down (and when all have, the daemon stops); with 101 it
     is replaced at once; any other end (status 0 or 1, a signal) is a
     failure: replaced at once if it lived at least C{threshold} seconds,
@@ -288,24 +290,24 @@ class WorkerPool(Service):
 
     log = Logger()
 
-    def __init__(self, config, count: int, reactor=None, command=None,
-                 text: bytes | None = None, site: str | None = None):
+    def __init__(self, config, workers: int | None = None, reactor=None,
+                 command=None, site: str | None = None, requestReload=None):
         reactor = defaultReactor(reactor)
+        if config.loaded is None:
+            config = dataclasses.replace(config, loaded=reactor.seconds())
+        #: What new workers start on: its C{text}, as the master validated
+        #: it, on their stdin (None: they load C{source} themselves), and its
+        #: C{generation}.
         self.config = config
-        #: The config file's text as validated, which each new worker reads
-        #: on its stdin; None: workers load C{config.source} themselves.
-        self.text = text
-        #: Counts the configs this master has run (a reload adds one), and
-        #: when the current one was loaded.
-        self.generation = 1
-        self.loaded = reactor.seconds()
+        #: C{--workers}, which wins over C{[daemon] workers}.
+        self.override = workers
         #: Every worker handles this site's items only (C{--site}).
         self.site = site
         self.reactor = reactor
         self.command = command or childCommand(config)
         self.workers = [
-            WorkerSlot(self, n, wid, config.daemon.min_restart_delay, groups, key)
-            for n, (key, wid, groups) in enumerate(_slots(config, count))]
+            WorkerSlot(self, n, wid, config.daemon.min_restart_delay, role, key)
+            for n, (key, wid, role) in enumerate(_slots(config, self.count()))]
         #: Replaced by a rolling restart or removed by a reload, stopping.
         self.retiring: set[WorkerProtocol] = set()
         self.restarting = False
@@ -316,7 +318,14 @@ class WorkerPool(Service):
         self.observers: list = []
         #: Called with a reason when a worker asks for a reload (the STOMP
         #: control channel's C{update:<site>}).
-        self.onReloadRequest = None
+        self._requestReload = requestReload
+
+    def count(self) -> int:
+        """How many numbered workers the config (or C{--workers}) wants."""
+        count = self.override
+        if count is None:
+            count = self.config.daemon.workers
+        return count or os.cpu_count() or 1
 
     def startService(self):
         super().startService()
@@ -340,16 +349,16 @@ class WorkerPool(Service):
         return d
 
     def _spawn(self, worker) -> WorkerProtocol | None:
-        process = WorkerProtocol(worker, self.reactor, self.generation, self.text)
+        config = self.config
+        process = WorkerProtocol(worker, self.reactor, config)
         # Generation and load time even without a file (the embedded
         # default), so snqctl status shows what every worker runs.
-        args = ["--generation", str(self.generation), "--loaded", repr(self.loaded),
+        args = ["--generation", str(config.generation),
+                "--loaded", repr(config.loaded), "--role", worker.role,
                 "--id", worker.wid]
-        if worker.groups:
-            args += ["--groups", ",".join(worker.groups)]
         if self.site is not None:
             args += ["--site", self.site]
-        if self.text is not None:
+        if config.text is not None:
             args.append("--stdin-config")
         try:
             self.reactor.spawnProcess(
@@ -482,7 +491,7 @@ class WorkerPool(Service):
             # slot a reload removed meanwhile is gone.
             if old is None or not self.running or worker not in self.workers:
                 continue
-            if outdated and old.generation >= self.generation:
+            if outdated and old.generation >= self.config.generation:
                 continue
             new = worker.replacement = self._spawn(worker)
             if new is None:
@@ -507,41 +516,72 @@ class WorkerPool(Service):
                           wid=worker.wid, old=old.pid, new=new.pid)
         return replaced
 
-    def reloadRequested(self, reason: str):
-        if self.onReloadRequest is None:
+    def requestReload(self, reason: str):
+        if self._requestReload is None:
             self.log.warn("reload asked for ({reason}) but nothing reloads "
                           "here", reason=reason)
         else:
-            self.onReloadRequest(reason)
+            self._requestReload(reason)
 
-    def setConfig(self, config, text: bytes, loaded: float):
+    @defer.inlineCallbacks
+    def reconfigService(self, new):
         """
-        A reloaded config, the next generation: new workers start on it,
-        and the timing keys (respawn backoff, kill_time, …) apply from the
-        next decision on.  What runs follows through L{resize},
-        L{reconfigureChildren} or L{restart}.
+        Run C{new}, the next generation: new workers start on it, the
+        timing keys (respawn backoff, kill_time, …) apply from the next
+        decision on, the slots follow C{workers} and the groups, and the
+        workers follow: in place (they get the same text over AMP), or, where
+        only new processes can (another backend, other handler code), by a
+        rolling restart.  A rolling restart in progress finishes first, on
+        the config it began with.  → what changed, in words; what did not
+        comes as L{PartlyApplied}.
         """
-        self.config, self.text = config, text
-        self.generation += 1
-        self.loaded = loaded
+        yield self.whenRestarted()
+        old, self.config = self.config, new
+        changes = diff(old, new)
+        applied, failed = [], []
+        if self.override is not None and any(
+                c.key == "daemon.workers" for c in changes):
+            applied.append(f"daemon.workers: --workers {self.override} on the "
+                           "command line wins")
+        applied += self.resize()
+        if needsRollingRestart(changes):
+            try:
+                restarted = yield self.restart(outdated=True)
+            except ControlError as e:
+                failed.append(f"the rolling restart stopped: {e}")
+            else:
+                applied += [f"{r['id']}: restarted on the new config, pid "
+                            f"{r['old']} -> {r['new']}" for r in restarted]
+        else:
+            for row in (yield self._reconfigureChildren()):
+                worker = f"{row['id']} (pid {row['pid']})"
+                if "error" in row:
+                    failed.append(f"{worker}: {row['error']}")
+                else:
+                    applied.append(f"{worker}: applied in place: "
+                                   + ("; ".join(row["applied"])
+                                      or "nothing to change there"))
+        if failed:
+            raise PartlyApplied(applied, failed)
+        return applied
 
-    def resize(self, count: int) -> dict:
+    def resize(self) -> list[str]:
         """
-        Follow the slots that C{count} and the config's groups give (see
+        Follow the slots that L{count} and the config's groups give (see
         L{_slots}): a new slot is started, one that is gone is stopped
         gracefully (its running items finish) and not started again; a
         slot that stays keeps its process, under the config's daemon id.
-        → C{{"added": [ids], "removed": [ids]}}.
+        → what changed, in words.
         """
         kept = {w.key: w for w in self.workers}
         workers, added = [], []
-        for index, (key, wid, groups) in enumerate(_slots(self.config, count)):
+        for index, (key, wid, role) in enumerate(_slots(self.config, self.count())):
             worker = kept.pop(key, None)
             if worker is None:
                 worker = WorkerSlot(self, index, wid,
-                                self.config.daemon.min_restart_delay, groups, key)
+                                    self.config.daemon.min_restart_delay, role, key)
                 added.append(worker)
-            worker.index, worker.wid, worker.groups = index, wid, groups
+            worker.index, worker.wid, worker.role = index, wid, role
             workers.append(worker)
         self.workers = workers
         for worker in kept.values():
@@ -549,8 +589,9 @@ class WorkerPool(Service):
         if self.running:
             for n, worker in enumerate(added):
                 self._scheduleRespawn(worker, n * self.config.queue.spawndelay)
-        return {"added": [w.wid for w in added],
-                "removed": [w.wid for w in kept.values()]}
+        return ([f"{w.wid}: added" for w in added] +
+                [f"{w.wid}: removed (it finishes its items first)"
+                 for w in kept.values()])
 
     def _remove(self, worker):
         if worker.waiting:
@@ -561,7 +602,7 @@ class WorkerPool(Service):
                 process.stop(self.config.daemon.kill_time)
         self.log.info("worker {wid} removed from the pool", wid=worker.wid)
 
-    def reconfigureChildren(self) -> defer.Deferred:
+    def _reconfigureChildren(self) -> defer.Deferred:
         """
         Send each live worker process running an older generation the
         current config (L{Reconfigure}).  Fires with a row per process:
@@ -569,16 +610,16 @@ class WorkerPool(Service):
         C{"applied"} (such a worker exits and starts again on the new
         config).
         """
+        generation = self.config.generation
         processes = [p for w in self.workers for p in (w.process, w.replacement)
-                     if p is not None and not p.ended
-                     and p.generation < self.generation]
+                     if p is not None and not p.ended and p.generation < generation]
         return defer.gatherResults([self._reconfigure(p) for p in processes])
 
     def _reconfigure(self, process):
-        generation = self.generation
-        spec = {"text": self.text.decode("utf-8"), "source": self.config.source,
-                "generation": generation, "loaded": self.loaded,
-                "groups": process.worker.groups}
+        config = self.config
+        generation = config.generation
+        spec = {"text": config.text.decode("utf-8"), "source": config.source,
+                "generation": generation, "loaded": config.loaded}
         row = {"id": process.worker.wid, "pid": process.pid}
         # A worker may first have to let a dropped subscription's items
         # finish (at most kill_time), or finish starting.

@@ -17,6 +17,8 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
+from snq.handlers import handlerPaths
+
 LIVE = "live"
 ROLLING = "rolling"
 
@@ -50,11 +52,10 @@ def _show(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def diff(old, new, oldCode: dict | None = None,
-         newCode: dict | None = None) -> list[Change]:
+def diff(old, new) -> list[Change]:
     """
-    The changes from C{old} to C{new} (both L{snq.config.Config}), with the
-    handler code fingerprints (L{codeFingerprints}) of each, if known.
+    The changes from C{old} to C{new} (both L{snq.config.Config}), their
+    handlers' code included where both were L{stamped}.
     """
     changes: list[Change] = []
     sections = [f.name for f in dataclasses.fields(new)
@@ -74,8 +75,8 @@ def diff(old, new, oldCode: dict | None = None,
                 changes.append(Change(key, "changed", a, b, how))
     for table in ("transports", "handlers", "sites"):
         changes += _diffTable(table, getattr(old, table), getattr(new, table))
-    for module, fingerprint in sorted((newCode or {}).items()):
-        before = (oldCode or {}).get(module)
+    for module, fingerprint in sorted(new.code.items()):
+        before = old.code.get(module)
         if before is not None and before != fingerprint:
             changes.append(Change(f"code {module}", "changed", before[:12],
                                   fingerprint[:12], ROLLING))
@@ -123,3 +124,14 @@ def codeFingerprints(paths: dict[str, str]) -> dict[str, str]:
         except OSError:
             continue
     return fingerprints
+
+
+def stamped(config, generation: int, loaded: float):
+    """
+    C{config} as the master runs it: its generation, when it was loaded,
+    and its handlers' code fingerprints, so that the next reload's L{diff}
+    sees new handler code.
+    """
+    return dataclasses.replace(
+        config, generation=generation, loaded=loaded,
+        code=codeFingerprints(handlerPaths(config.handlers)))

@@ -32,9 +32,8 @@ from twisted.logger import Logger
 
 from snq import config as snqconfig
 from snq.amp import ControlError
-from snq.handlers import handlerPaths
-from snq.reconfig import ROLLING, codeFingerprints, diff, needsRollingRestart
-from snq.service import defaultReactor
+from snq.reconfig import ROLLING, diff, stamped
+from snq.service import PartlyApplied, SignalHandler, defaultReactor
 
 #: Seconds the check of a new config may take (a fresh interpreter that
 #: imports the handlers).
@@ -108,14 +107,13 @@ def refuse(log, problems: list[str]):
         raise ReloadError(problems)
 
 
-def readChanges(log, reason: str, path: str | None, current, code: dict,
+def readChanges(log, reason: str, path: str | None, current, now: float,
                 site: str | None = None):
     """
-    Read and validate the file at C{path} → its text, its config, the
-    fingerprints of its handlers' code and the changes from C{current}
-    (whose handlers' code had the fingerprints C{code}).  Raises
-    L{ReloadError} (logged) when it is not valid, L{ControlError} when
-    there is no file.
+    Read and validate the file at C{path} → its text, its config (the next
+    generation after C{current}, loaded C{now}) and the changes from
+    C{current} (L{snq.reconfig.diff}).  Raises L{ReloadError}
+    (logged) when it is not valid, L{ControlError} when there is no file.
     """
     log.info("reloading the config ({reason})", reason=reason)
     if path is None:
@@ -131,11 +129,11 @@ def readChanges(log, reason: str, path: str | None, current, code: dict,
     if site is not None and sites is not None and site not in sites:
         refuse(log, [f"{path}: sites.{site}: missing, but this daemon runs "
                      f"--site {site}"])
-    newCode = codeFingerprints(handlerPaths(new.handlers))
-    changes = diff(current, new, code, newCode)
+    new = stamped(new, current.generation + 1, now)
+    changes = diff(current, new)
     if not changes:
         log.info("reload: {path} has not changed; nothing to do", path=path)
-    return text, new, newCode, changes
+    return text, new, changes
 
 
 def unanswered(log, failure):
@@ -155,40 +153,53 @@ def logChanges(log, what: str, path: str, changes):
         log.info("  {change}", change=change.describe())
 
 
-class Reloader:
+class Reloader(Service):
     """
-    The master's reload.  C{pool} holds the running config
-    (L{snq.pool.WorkerPool.config}, its text and generation); C{parts}
-    are the master's own services with a C{reconfigService(config)}
-    returning (a Deferred of) what they changed, in words.
+    Reloads C{tree}, the daemon's service tree, from the file C{config}
+    came from, on SIGHUP (it owns that signal), L{reload} (C{snqctl
+    reload}) or L{requested} (a worker asks, for the control channel's
+    C{update:<site>}).  Every part of the tree that can follow changes in
+    place (L{snq.service.AsyncMultiService.reconfigService}); C{rolling}
+    says whether the tree can start new processes for what only they can
+    apply (the pool can; C{--inline} cannot, and refuses such changes).
 
-    C{site} is C{twistd snq --site}; C{workers} is C{--workers}, which
-    wins over C{[daemon] workers}.  C{check(text, source, reactor)} finds
+    C{site} is C{twistd snq --site}.  C{check(text, source, reactor)} finds
     what a worker would make of the text (L{checkInWorker}).
     """
 
     log = Logger()
 
-    def __init__(self, pool, parts=(), site=None, workers=None, reactor=None,
+    def __init__(self, tree, config, site=None, rolling=True, reactor=None,
                  check=checkInWorker):
-        reactor = defaultReactor(reactor)
-        self.pool = pool
-        self.parts = list(parts)
+        self.tree = tree
+        #: The config the tree runs.
+        self.config = config
         self.site = site
-        self.workers = workers
-        self.reactor = reactor
+        self.rolling = rolling
+        self.reactor = defaultReactor(reactor)
         self.check = check
-        self.path = _absolute(pool.config.source)
-        #: Module → fingerprint of the handler code the workers run.
-        self.code = codeFingerprints(handlerPaths(pool.config.handlers))
+        self.path = _absolute(config.source)
         self._requests: list[tuple[str, defer.Deferred]] = []
         self._busy = False
+        self._sighup = SignalHandler(signal.SIGHUP,
+                                     lambda: self.requested("SIGHUP"),
+                                     self.reactor)
+
+    def startService(self):
+        super().startService()
+        self._sighup.install()
+
+    def stopService(self):
+        super().stopService()
+        self._sighup.uninstall()
 
     def reload(self, reason: str) -> defer.Deferred:
         """
         Reload the file; fires with what changed and how it was applied (see
         L{_reload}), or fails with L{ReloadError} (nothing changed) or
-        L{ControlError}.
+        L{ControlError}.  One reload runs at a time; requests that come
+        meanwhile are served together by one more, which reads the file
+        again.
         """
         d = defer.Deferred()
         self._requests.append((reason, d))
@@ -225,122 +236,38 @@ class Reloader:
     def _reload(self, reason: str):
         """
         → C{{"generation", "source", "changes": [{"key", "kind", "how",
-        "text"}], "notes": [...], "added": [...], "removed": [...],
-        "workers": [...], "restarted": [...], "restart_error"}}.
+        "text"}], "applied": [...], "failed": [...]}}: the changes in the
+        file, then what the parts did about them and what they could not,
+        in words.
         """
-        pool = self.pool
-        # A rolling restart in progress finishes on the config it began with.
-        yield pool.whenRestarted()
-        text, new, code, changes = readChanges(self.log, reason, self.path,
-                                               pool.config, self.code, self.site)
-        result = {"generation": pool.generation, "source": self.path,
+        text, new, changes = readChanges(self.log, reason, self.path,
+                                         self.config, self.reactor.seconds(),
+                                         self.site)
+        result = {"generation": self.config.generation, "source": self.path,
                   "changes": [{"key": c.key, "kind": c.kind, "how": c.how,
                                "text": c.describe()} for c in changes],
-                  "notes": [], "added": [], "removed": [], "workers": [],
-                  "restarted": [], "restart_error": None}
+                  "applied": [], "failed": []}
         if not changes:
             return result
-        refuse(self.log, (yield self.check(text, self.path, self.reactor)))
-
-        pool.setConfig(new, text, self.reactor.seconds())
-        self.code = code
-        result["generation"] = pool.generation
-        logChanges(self.log, f"config generation {pool.generation}", self.path,
-                   changes)
-        for part in self.parts:
-            result["notes"] += yield part.reconfigService(new)
-        if self.workers is not None and any(
-                c.key == "daemon.workers" for c in changes):
-            result["notes"].append(f"daemon.workers: --workers {self.workers} "
-                                   "on the command line wins")
-        count = self.workers if self.workers is not None else new.daemon.workers
-        resized = pool.resize(count or os.cpu_count() or 1)
-        result.update(resized)
-        if needsRollingRestart(changes):
-            try:
-                result["restarted"] = yield pool.restart(outdated=True)
-            except ControlError as e:
-                result["restart_error"] = str(e)
-        else:
-            result["workers"] = yield pool.reconfigureChildren()
-        self._logResult(result)
-        return result
-
-    def _logResult(self, result):
-        for note in result["notes"]:
-            self.log.info("reload: {note}", note=note)
-        for wid in result["added"]:
-            self.log.info("reload: worker {wid} added", wid=wid)
-        for wid in result["removed"]:
-            self.log.info("reload: worker {wid} removed (it finishes its items "
-                          "first)", wid=wid)
-        for r in result["restarted"]:
-            self.log.info("reload: worker {wid} restarted on the new config: "
-                          "pid {old} → {new}", wid=r["id"], old=r["old"],
-                          new=r["new"])
-        if result["restart_error"]:
-            self.log.error("reload: the rolling restart stopped: {why}",
-                           why=result["restart_error"])
-        applied = [w for w in result["workers"] if "applied" in w]
-        self.log.info("reload: config generation {g} applied ({n} workers in "
-                      "place, {m} restarted, {f} failed)", g=result["generation"],
-                      n=len(applied), m=len(result["restarted"]),
-                      f=len(result["workers"]) - len(applied))
-
-
-class InlineReloader(Service):
-    """
-    C{--inline}: SIGHUP (or the control channel) reloads the file into the
-    one IoMaster in this process.  What only new processes can apply (a
-    rolling restart's changes) is refused: restart snq for those.
-    """
-
-    log = Logger()
-
-    def __init__(self, master, reactor=None):
-        reactor = defaultReactor(reactor)
-        self.master = master
-        self.reactor = reactor
-        self.path = _absolute(master.config.source)
-        self.code = codeFingerprints(handlerPaths(master.config.handlers))
-        self._reloading = None
-        self._previous = None
-
-    def startService(self):
-        super().startService()
-        self._previous = signal.signal(signal.SIGHUP, self._sighup)
-
-    def stopService(self):
-        super().stopService()
-        signal.signal(signal.SIGHUP, self._previous)
-
-    def _sighup(self, signum, frame):
-        self.reactor.callFromThread(self.requested, "SIGHUP")
-
-    def requested(self, reason: str):
-        if self._reloading is not None:
-            # One at a time: the one running reads the file anew anyway.
-            self.log.info("reload ({reason}) joins the one in progress",
-                          reason=reason)
-            return
-        self._reloading = defer.maybeDeferred(self._reload, reason)
-        self._reloading.addErrback(lambda f: unanswered(self.log, f))
-        self._reloading.addBoth(lambda _: setattr(self, "_reloading", None))
-
-    @defer.inlineCallbacks
-    def _reload(self, reason):
-        master = self.master
-        _, new, code, changes = readChanges(self.log, reason, self.path,
-                                            master.config, self.code, master.site)
         rolling = [c.describe() for c in changes if c.how == ROLLING]
-        if rolling:
+        if rolling and not self.rolling:
             refuse(self.log, [f"{self.path}: needs new processes, which "
                               f"--inline has not: {'; '.join(rolling)}; "
                               "restart snq"])
-        if not changes:
-            return
-        applied = yield master.reconfigService(new)
-        self.code = code
-        logChanges(self.log, "applied", self.path, changes)
-        self.log.info("reload: {applied}", applied="; ".join(applied)
-                      or "nothing to change in the worker")
+        refuse(self.log, (yield self.check(text, self.path, self.reactor)))
+        logChanges(self.log, f"config generation {new.generation}", self.path,
+                   changes)
+        try:
+            applied, failed = (yield self.tree.reconfigService(new)), []
+        except PartlyApplied as e:
+            applied, failed = e.applied, e.failed
+        self.config = new
+        for line in applied:
+            self.log.info("reload: {line}", line=line)
+        for line in failed:
+            self.log.error("reload: not applied: {line}", line=line)
+        self.log.info("reload: config generation {g} applied ({n} changes "
+                      "made, {f} failed)", g=new.generation, n=len(applied),
+                      f=len(failed))
+        result.update(generation=new.generation, applied=applied, failed=failed)
+        return result

@@ -39,10 +39,32 @@ class TransportFilter:
         return cls(include=frozenset(t for t, g in groupOf.items() if g in groups),
                    site=site, groups=tuple(groups))
 
+    @classmethod
+    def forWorker(cls, config, registry: HandlerRegistry, role: str,
+                  site: str | None = None) -> TransportFilter:
+        """What a worker of C{role} (see L{groupsOf}) claims under C{config}."""
+        groupOf = {name: registry.groupOf(name, config.transport(name).group)
+                   for name in {*registry.classes, *config.transports}}
+        return cls.forGroups(groupsOf(config, role), groupOf, site)
+
     def accepts(self, transport: str) -> bool:
         if self.include is not None:
             return transport in self.include
         return transport not in self.exclude
+
+
+#: What a worker consumes: every active group (C{--inline}), the "xmpp"
+#: group alone (the pool's XMPP worker, so each account has one
+#: connection), or the queues: every active group but "xmpp".
+ROLES = ("all", "xmpp", "queues")
+
+
+def groupsOf(config, role: str) -> list[str]:
+    """The groups a worker of C{role} consumes under C{config}."""
+    if role == "xmpp":
+        return ["xmpp"]
+    groups = list(config.queue.groups)
+    return [g for g in groups if g != "xmpp"] if role == "queues" else groups
 
 
 def consumedSpecs(groups, breakouts, site: str | None = None) -> list[str]:

@@ -1,8 +1,15 @@
-# -*- test-case-name: tests.test_iomanager -*-
+# -*- test-case-name: tests.test_service -*-
 """
 Service plumbing that Twisted's own MultiService leaves out: it neither
-waits for its children's start Deferreds nor reports their stop failures.
+waits for its children's start Deferreds nor reports their stop failures,
+and it has no reconfiguration.  snq's one reconfiguration hook is
+buildbot's: a service that can follow a reloaded config in place has
+C{reconfigService(new)}, which changes only what changed and returns (a
+Deferred of) what it did, in words; an L{AsyncMultiService} walks it down
+to its children.
 """
+
+import signal
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -18,6 +25,43 @@ def defaultReactor(reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     return reactor
+
+
+class SignalHandler:
+    """
+    While installed, C{signum} calls C{callback()} in the reactor's thread;
+    uninstalling puts back the handler there was.
+    """
+
+    def __init__(self, signum, callback, reactor):
+        self.signum = signum
+        self.callback = callback
+        self.reactor = reactor
+        self._previous = None
+
+    def install(self):
+        self._previous = signal.signal(self.signum, self._handle)
+
+    def uninstall(self):
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        self.reactor.callFromThread(self.callback)
+
+
+class PartlyApplied(Exception):
+    """
+    A reconfiguration that went as far as it could: C{applied} is what
+    changed, C{failed} what did not (a worker that could not follow, say),
+    each in words.
+    """
+
+    def __init__(self, applied: list[str], failed: list[str]):
+        super().__init__("; ".join(failed))
+        self.applied = applied
+        self.failed = failed
 
 
 class AsyncMultiService(MultiService):
@@ -45,3 +89,24 @@ class AsyncMultiService(MultiService):
                     yield child.stopService()
                 except Exception:
                     self.log.failure("stopping {child} failed", child=child)
+
+    @defer.inlineCallbacks
+    def reconfigService(self, new):
+        """
+        Each child that can follow C{new} in place does, in order; → what
+        they changed.  A child that only partly followed does not keep the
+        others from trying: L{PartlyApplied} comes at the end, with all.
+        """
+        applied, failed = [], []
+        for child in list(self):
+            reconfigure = getattr(child, "reconfigService", None)
+            if reconfigure is None:
+                continue
+            try:
+                applied += (yield defer.maybeDeferred(reconfigure, new)) or []
+            except PartlyApplied as e:
+                applied += e.applied
+                failed += e.failed
+        if failed:
+            raise PartlyApplied(applied, failed)
+        return applied

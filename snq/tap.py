@@ -2,18 +2,21 @@
 """
 C{twistd snq}: command-line options and the service they build: a master
 supervising a pool of worker processes (L{snq.pool}) with its control
-socket (L{snq.control}) and reloads (L{snq.reload}), or with C{--inline}
-one IoMaster in this process.
+socket (L{snq.control}) and monitors (L{snq.monitor}), or with C{--inline}
+one IoMaster in this process; in both, a reloader (L{snq.reload}) that
+reconfigures the whole tree.
 """
 
 import os
 import sys
+import time
 
 from twisted.logger import Logger
 from twisted.python import usage
 
 from snq import config as snqconfig
 from snq.handlers import HandlerError, HandlerRegistry
+from snq.reconfig import stamped
 from snq.service import AsyncMultiService
 
 
@@ -89,21 +92,20 @@ class Daemon(AsyncMultiService):
 
 def loadConfig(path, environ=os.environ):
     """
-    The validated config and the text it was read from (None for the
-    embedded default), or exit with every problem listed.
+    The validated config, stamped as the master's first generation, or exit
+    with every problem listed.
     """
     path = path or environ.get(snqconfig.ENV_VAR) or None
     try:
-        if path is None:
-            return snqconfig.Config(), None
-        text = snqconfig.read(path)
-        return snqconfig.parseText(text, path), text
+        config = (snqconfig.Config() if path is None
+                  else snqconfig.parseText(snqconfig.read(path), path))
     except snqconfig.ConfigError as e:
         raise SystemExit(f"snq: invalid configuration, not starting:\n{e}")
+    return stamped(config, generation=1, loaded=time.time())
 
 
 def makeService(options):
-    config, text = loadConfig(options["config"])
+    config = loadConfig(options["config"])
     # Every worker would fail on a handler that does not load: refuse now.
     try:
         registry = HandlerRegistry.load(config.handlers)
@@ -116,19 +118,22 @@ def makeService(options):
         raise SystemExit(f"snq: --site {site}: there is no [sites.{site}] in "
                          f"{source}")
     running = f"site {site}" if site is not None else "every site"
+    from snq.reload import Reloader
+
     daemon = Daemon()
-    if options["inline"]:
+    inline = options["inline"]
+    # It owns SIGHUP, and reloads the whole tree below the daemon.
+    reloader = Reloader(daemon, config, site=site, rolling=not inline)
+    if inline:
         from twisted.internet import reactor
 
         from snq.iomaster import IoMaster
-        from snq.reload import InlineReloader
 
         # No pool to ask: a shutdown from the control channel stops it all.
         master = IoMaster(config, workerId=f"{config.daemon.id}.0",
                           registry=registry, site=site,
                           shutdown=lambda reason: reactor.stop(),
-                          reload=lambda reason: reloader.requested(reason))
-        reloader = InlineReloader(master)
+                          reload=reloader.requested)
         print(f"snq: {source}, queue {master.queue.describe()}, inline, "
               f"{running}", file=sys.stderr)
         master.setServiceParent(daemon)
@@ -138,25 +143,18 @@ def makeService(options):
     from snq.control import ControlService
     from snq.monitor.service import MonitorService
     from snq.pool import WorkerPool
-    from snq.reload import Reloader
 
-    count = options["workers"]
-    if count is None:
-        count = config.daemon.workers
-    pool = WorkerPool(config, count or os.cpu_count() or 1, text=text, site=site)
+    pool = WorkerPool(config, options["workers"], site=site,
+                      requestReload=reloader.requested)
     print(f"snq: {source}, {len(pool.workers)} workers, {running}",
           file=sys.stderr)
-    monitor = MonitorService(config, pool)
-    control = ControlService(pool, config.daemon.control_socket)
-    reloader = Reloader(pool, [control, monitor], site=site,
-                        workers=options["workers"])
-    control.reloader = reloader
-    pool.onReloadRequest = reloader.requested
     # The control socket first: a second master refuses to start before it
     # has spawned anything; and on stop it answers until the pool is down.
-    control.setServiceParent(daemon)
+    ControlService(pool, config.daemon.control_socket,
+                   reloader=reloader).setServiceParent(daemon)
     # Before the pool, so it stops after it: the last counts and states of
     # the stopping workers still reach the monitors.
-    monitor.setServiceParent(daemon)
+    MonitorService(config, pool).setServiceParent(daemon)
     pool.setServiceParent(daemon)
+    reloader.setServiceParent(daemon)
     return daemon

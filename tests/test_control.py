@@ -48,9 +48,8 @@ class FakePool:
     def __init__(self):
         self.restarting = False
         self.restarts = []
-        self.config = snqconfig.Config(source="/etc/snq.toml")
-        self.generation = 2
-        self.loaded = 1764340000.0
+        self.config = snqconfig.Config(source="/etc/snq.toml", generation=2,
+                                       loaded=1764340000.0)
 
     def status(self):
         return [

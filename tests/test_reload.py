@@ -4,8 +4,8 @@ Reloading on the master: the L{Reloader} with a real L{WorkerPool} on a
 fake process reactor (no real process, no real time); the workers' side
 of AMP is played by the test, which reads the L{Reconfigure} requests a
 worker got on its fd 3 and answers on its fd 4.  Then the master's other
-parts: C{snqctl reload} and SIGHUP on the control socket, the socket
-moving, the monitors, C{--site}.
+parts: C{snqctl reload} on the control socket, SIGHUP, the socket
+moving, the monitors, C{--site}, C{--inline}.
 """
 
 import io
@@ -28,8 +28,11 @@ from snq.iomaster import IoMaster
 from snq.monitor.service import MonitorService
 from snq.pool import WorkerPool
 from snq.queues.memory import MemoryQueue
-from snq.reload import InlineReloader, Reloader, ReloadError
+from snq.reconfig import stamped
+from snq.reload import Reloader, ReloadError
+from snq.routing import groupsOf
 from snq.scripts import snqctl
+from snq.service import AsyncMultiService
 from snq.tap import Options, makeService
 from tests.daemon import socketPath
 from tests.test_pool import FakeProcessReactor
@@ -85,14 +88,15 @@ class ReloadTestCase(SynchronousTestCase):
         #: pid → requests answered
         self.answered = {}
         self.write()
-        text = snqconfig.read(self.path)
-        self.pool = WorkerPool(snqconfig.parseText(text, self.path), 2,
-                               reactor=self.reactor, text=text)
+        config = stamped(snqconfig.parseText(snqconfig.read(self.path), self.path),
+                         1, 0.0)
+        self.pool = WorkerPool(config, reactor=self.reactor)
         self.pool.startService()
         self.reactor.advance(1)
         for process in self.reactor.processes:
             process.ready()
-        self.reloader = Reloader(self.pool, reactor=self.reactor, check=self.check)
+        self.reloader = Reloader(self.pool, config, reactor=self.reactor,
+                                 check=self.check)
 
     def write(self, workers=2, daemon="", queue="", handlers="", sites=""):
         with open(self.path, "w") as f:
@@ -134,7 +138,7 @@ class RefusedTests(ReloadTestCase):
             f"{self.path}: monitor.http: expected a string, got integer 8750"])
         self.assertTrue(str(e).startswith(
             "invalid configuration, nothing changed:\n"))
-        self.assertEqual(self.pool.generation, 1)
+        self.assertEqual(self.pool.config.generation, 1)
         self.assertEqual(self.checks, [])
         self.assertEqual([reconfigureRequests(p) for p in self.live()], [[], []])
         logged = [e["log_format"].format(**e) for e in events]
@@ -155,7 +159,7 @@ class RefusedTests(ReloadTestCase):
         e = self.failureResultOf(self.reload(), ReloadError).value
         self.assertEqual(e.problems, self.problems)
         self.assertEqual(self.checks, [snqconfig.read(self.path)])
-        self.assertEqual(self.pool.generation, 1)
+        self.assertEqual(self.pool.config.generation, 1)
         self.assertEqual(self.pool.config.handlers, {})
 
     def test_siteDaemonsSiteMustStay(self):
@@ -171,7 +175,8 @@ class RefusedTests(ReloadTestCase):
 
     def test_embeddedDefaultHasNoFile(self):
         pool = WorkerPool(snqconfig.Config(), 1, reactor=self.reactor)
-        reloader = Reloader(pool, reactor=self.reactor, check=self.check)
+        reloader = Reloader(pool, pool.config, reactor=self.reactor,
+                            check=self.check)
         e = self.failureResultOf(reloader.reload("test"), ControlError).value
         self.assertIn("there is no file to reload", str(e))
 
@@ -179,7 +184,7 @@ class RefusedTests(ReloadTestCase):
         result = self.successResultOf(self.reload())
         self.assertEqual((result["generation"], result["changes"]), (1, []))
         self.assertEqual(self.checks, [], "nothing to check")
-        self.assertEqual(self.pool.generation, 1)
+        self.assertEqual(self.pool.config.generation, 1)
 
 
 class LiveTests(ReloadTestCase):
@@ -187,24 +192,24 @@ class LiveTests(ReloadTestCase):
         self.write(sites="[sites.new]\nrecord_file = 'new.txt'")
         d = self.reload()
         self.assertNoResult(d)
-        self.assertEqual(self.pool.generation, 2)
+        self.assertEqual(self.pool.config.generation, 2)
         self.assertIn("new", self.pool.config.sites)
         text = snqconfig.read(self.path)
         first, second = self.reactor.processes
         for process in (first, second):
             [(_, spec)] = reconfigureRequests(process)
             self.assertEqual(spec["text"], text.decode())
-            self.assertEqual((spec["source"], spec["generation"], spec["groups"]),
-                             (self.path, 2, None))
-            self.assertEqual(spec["loaded"], self.pool.loaded)
+            self.assertEqual((spec["source"], spec["generation"]), (self.path, 2))
+            self.assertEqual(spec["loaded"], self.pool.config.loaded)
         self.assertEqual(self.answerAll(["handler x added"]), 2)
         result = self.successResultOf(d)
         self.assertEqual(result["changes"], [
             {"key": "sites.new", "kind": "added", "how": "live",
              "text": "sites.new added (applied in place)"}])
-        self.assertEqual(result["workers"], [
-            {"id": "generic.0", "pid": first.pid, "applied": ["handler x added"]},
-            {"id": "generic.1", "pid": second.pid, "applied": ["handler x added"]}])
+        self.assertEqual(result["applied"], [
+            f"generic.0 (pid {first.pid}): applied in place: handler x added",
+            f"generic.1 (pid {second.pid}): applied in place: handler x added"])
+        self.assertEqual(result["failed"], [])
         self.assertEqual(len(self.reactor.processes), 2, "no worker restarted")
         self.assertEqual([p.signals for p in self.reactor.processes], [[], []])
         self.assertEqual([w["generation"] for w in self.pool.status()], [2, 2])
@@ -237,10 +242,11 @@ class LiveTests(ReloadTestCase):
             answer(second, tag, error="ValueError: boom (the worker exits, and "
                                       "its replacement starts on the new config)")
         result = self.successResultOf(d)
-        self.assertEqual(result["workers"][1], {
-            "id": "generic.1", "pid": second.pid,
-            "error": "ValueError: boom (the worker exits, and its replacement "
-                     "starts on the new config)"})
+        self.assertEqual(result["applied"], [
+            f"generic.0 (pid {first.pid}): applied in place: fine"])
+        self.assertEqual(result["failed"], [
+            f"generic.1 (pid {second.pid}): ValueError: boom (the worker exits, "
+            "and its replacement starts on the new config)"])
         self.assertEqual(first.proto.generation, 2)
         self.assertEqual(second.proto.generation, 1)
 
@@ -249,8 +255,9 @@ class LiveTests(ReloadTestCase):
         d = self.reload()
         with capturedLogs():
             self.reactor.advance(40)
-        self.assertEqual([w["error"] for w in self.successResultOf(d)["workers"]],
-                         ["no answer within 40 s"] * 2)
+        self.assertEqual(self.successResultOf(d)["failed"],
+                         [f"generic.{n} (pid {1000 + n}): no answer within 40 s"
+                          for n in range(2)])
 
     def test_timingKeysForTheNextDecision(self):
         self.write(daemon="min_restart_delay = 3.0\nthreshold = 9")
@@ -288,7 +295,8 @@ class OneAtATimeTests(ReloadTestCase):
         restarted = self.pool.restart()
         self.write(sites="[sites.a]")
         d = self.reload()
-        self.assertEqual(self.checks, [])
+        self.assertEqual(self.pool.config.generation, 1,
+                         "the restart finishes on the config it began with")
         for process in self.reactor.processes[2:]:
             process.ready()
         self.reactor.processes[3].ready()
@@ -308,7 +316,8 @@ class PoolSizeTests(ReloadTestCase):
         d = self.reload()
         self.answerAll()
         result = self.successResultOf(d)
-        self.assertEqual((result["added"], result["removed"]), (["generic.2"], []))
+        self.assertIn("generic.2: added", result["applied"])
+        self.assertFalse([line for line in result["applied"] if "removed" in line])
         self.reactor.advance(1)
         third = self.reactor.processes[2]
         self.assertEqual(wid(third), "generic.2")
@@ -320,7 +329,9 @@ class PoolSizeTests(ReloadTestCase):
         d = self.reload()
         self.answerAll()
         result = self.successResultOf(d)
-        self.assertEqual(result["removed"], ["generic.1", "generic.2"])
+        self.assertEqual(result["applied"][:2], [
+            "generic.1: removed (it finishes its items first)",
+            "generic.2: removed (it finishes its items first)"])
         self.assertEqual([w.wid for w in self.pool.workers], ["generic.0"])
         self.assertEqual([p.signals for p in (first, second, third)],
                          [[], ["TERM"], ["TERM"]])
@@ -340,33 +351,36 @@ class PoolSizeTests(ReloadTestCase):
         self.assertEqual(self.pool.retiring, set())
 
     def test_commandLineWins(self):
-        self.reloader.workers = 2
+        self.pool.override = 2
         self.write(workers=5)
         d = self.reload()
         self.answerAll()
         result = self.successResultOf(d)
-        self.assertEqual(result["added"], [])
-        self.assertEqual(result["notes"], ["daemon.workers: --workers 2 on the "
-                                           "command line wins"])
+        self.assertEqual(result["applied"][0], "daemon.workers: --workers 2 on "
+                                               "the command line wins")
+        self.assertFalse([line for line in result["applied"] if "added" in line])
+        self.assertEqual(len(self.pool.workers), 2)
 
     def test_xmppWorkerComesAndGoes(self):
         first = self.reactor.processes[0]
         self.write(queue='groups = ["main", "xmpp"]')
         d = self.reload()
-        [(_, spec)] = reconfigureRequests(first)
-        self.assertEqual(spec["groups"], ["main"], "they leave xmpp to it")
+        self.assertEqual(len(reconfigureRequests(first)), 1)
+        self.assertEqual(groupsOf(self.pool.config, "queues"), ["main"],
+                         "they leave xmpp to it")
         self.answerAll()
-        self.assertEqual(self.successResultOf(d)["added"], ["generic.xmpp"])
+        self.assertIn("generic.xmpp: added", self.successResultOf(d)["applied"])
         self.reactor.advance(1)
         xmpp = self.reactor.processes[2]
-        self.assertEqual(xmpp.args[xmpp.args.index("--groups") + 1], "xmpp")
+        self.assertEqual(xmpp.args[xmpp.args.index("--role") + 1], "xmpp")
+        self.assertEqual(first.args[first.args.index("--role") + 1], "queues")
         xmpp.ready()
         self.write()
         d = self.reload()
         self.answerAll()
-        self.assertEqual(self.successResultOf(d)["removed"], ["generic.xmpp"])
+        self.assertIn("generic.xmpp: removed (it finishes its items first)",
+                      self.successResultOf(d)["applied"])
         self.assertEqual(xmpp.signals, ["TERM"])
-        self.assertIsNone(reconfigureRequests(first)[-1][1]["groups"])
 
 
 class RollingTests(ReloadTestCase):
@@ -405,10 +419,10 @@ class RollingTests(ReloadTestCase):
                          ["code reloadhandlers: " + result["changes"][0]["text"]
                           .split(": ", 1)[1]])
         self.assertEqual(result["changes"][0]["how"], "rolling")
-        self.assertEqual(result["restarted"], [
-            {"id": "generic.0", "old": old0.pid, "new": new0.pid},
-            {"id": "generic.1", "old": old1.pid, "new": new1.pid}])
-        self.assertEqual(result["workers"], [])
+        self.assertEqual(result["applied"], [
+            f"generic.0: restarted on the new config, pid {old0.pid} -> {new0.pid}",
+            f"generic.1: restarted on the new config, pid {old1.pid} -> {new1.pid}"],
+            "restarted, none applied in place")
 
     def test_onlyOutdatedWorkersRoll(self):
         """Workers a reload added start on the new config: not replaced."""
@@ -423,8 +437,9 @@ class RollingTests(ReloadTestCase):
         self.assertEqual(wid(self.reactor.processes[4]), "generic.1")
         self.reactor.processes[4].ready()
         result = self.successResultOf(d)
-        self.assertEqual([r["id"] for r in result["restarted"]],
-                         ["generic.0", "generic.1"])
+        self.assertEqual([line.split(":")[0] for line in result["applied"]],
+                         ["generic.2", "generic.0", "generic.1"])
+        self.assertIn("restarted", result["applied"][1])
         self.assertEqual(added.signals, [])
         self.assertEqual(len(self.reactor.processes), 5)
 
@@ -437,7 +452,8 @@ class RollingTests(ReloadTestCase):
                          "web.0")
         replacement.ready()
         self.reactor.processes[3].ready()
-        self.assertEqual(len(self.successResultOf(d)["restarted"]), 2)
+        self.assertEqual(len([line for line in self.successResultOf(d)["applied"]
+                              if "restarted" in line]), 2)
 
     def test_failedRestartIsReported(self):
         self.write(queue='backend = "redis"')
@@ -445,9 +461,10 @@ class RollingTests(ReloadTestCase):
         with capturedLogs():
             self.reactor.processes[2].exit(1)
         result = self.successResultOf(d)
-        self.assertIn("the replacement for generic.0 exited before it was ready",
-                      result["restart_error"])
-        self.assertEqual(self.pool.generation, 2)
+        [failed] = result["failed"]
+        self.assertIn("the rolling restart stopped: the replacement for "
+                      "generic.0 exited before it was ready", failed)
+        self.assertEqual(self.pool.config.generation, 2)
 
 
 class FakeReloader:
@@ -471,14 +488,14 @@ RESULT = {
                  "text": "sites.new added (applied in place)"},
                 {"key": "daemon.workers", "kind": "changed", "how": "live",
                  "text": "daemon.workers: 2 → 3 (applied in place)"}],
-    "notes": ["monitor: HTTP off"], "added": ["generic.2"], "removed": [],
-    "workers": [{"id": "generic.0", "pid": 10, "applied": ["handler x added"]},
-                {"id": "generic.1", "pid": 11, "applied": []}],
-    "restarted": [], "restart_error": None}
+    "applied": ["monitor: HTTP off", "generic.2: added",
+                "generic.0 (pid 10): applied in place: handler x added",
+                "generic.1 (pid 11): applied in place: nothing to change there"],
+    "failed": []}
 
 
 class ControlTestCase(TestCase):
-    """C{snqctl reload} and SIGHUP, through a real control socket."""
+    """C{snqctl reload}, through a real control socket."""
 
     def setUp(self):
         self.path = socketPath(self)
@@ -534,9 +551,9 @@ class ControlTests(ControlTestCase):
 
     @defer.inlineCallbacks
     def test_partlyFailedIsAnError(self):
-        result = dict(RESULT, workers=[{"id": "generic.0", "pid": 10,
-                                        "error": "no answer within 40 s"}],
-                      restart_error="the replacement for generic.1 exited")
+        result = dict(RESULT, failed=[
+            "generic.0 (pid 10): no answer within 40 s",
+            "the rolling restart stopped: the replacement for generic.1 exited"])
         e = yield self.assertFailure(self.answered(self.snqctl("reload"), result),
                                      snqctl.CommandError)
         self.assertEqual(str(e).splitlines(), [
@@ -549,14 +566,6 @@ class ControlTests(ControlTestCase):
         out = yield self.answered(self.snqctl("reload"), dict(RESULT, changes=[]))
         self.assertEqual(out, "/etc/snq.toml has not changed: nothing to do "
                               "(config generation 3)\n")
-
-    @defer.inlineCallbacks
-    def test_sighup(self):
-        os.kill(os.getpid(), signal.SIGHUP)
-        yield deferLater(reactor, 0.05, lambda: None)
-        self.assertEqual(self.reloader.requests, ["SIGHUP"])
-        yield self.service.stopService()
-        self.assertNotEqual(signal.getsignal(signal.SIGHUP), self.service._sighup)
 
     @defer.inlineCallbacks
     def test_controlSocketMoves(self):
@@ -588,9 +597,7 @@ class ControlTests(ControlTestCase):
 
 class FakeControlPool:
     restarting = False
-    generation = 1
-    loaded = 0.0
-    config = snqconfig.Config()
+    config = snqconfig.Config(loaded=0.0)
 
     def status(self):
         return []
@@ -638,7 +645,7 @@ class SiteOptionTests(SynchronousTestCase):
         return makeService(options)
 
     def test_siteDaemon(self):
-        pool = list(self.make("--site", "a", "--workers", "1"))[-1]
+        pool = list(self.make("--site", "a", "--workers", "1"))[-2]
         self.assertEqual(pool.site, "a")
         self.assertIn("1 workers, site a", sys.stderr.getvalue())
         pool.reactor = FakeProcessReactor()
@@ -650,8 +657,8 @@ class SiteOptionTests(SynchronousTestCase):
                          snqconfig.read(self.config))
 
     def test_allIsTheDefault(self):
-        self.assertIsNone(list(self.make("--all"))[-1].site)
-        self.assertIsNone(list(self.make())[-1].site)
+        self.assertIsNone(list(self.make("--all"))[-2].site)
+        self.assertIsNone(list(self.make())[-2].site)
 
     def test_unknownSiteRefused(self):
         e = self.assertRaises(SystemExit, self.make, "--site", "c")
@@ -663,9 +670,12 @@ class SiteOptionTests(SynchronousTestCase):
                           ["--site", "a", "--all"])
 
     def test_reloadWired(self):
-        control, _, pool = list(self.make())
-        self.assertIs(control.reloader.pool, pool)
-        self.assertEqual(pool.onReloadRequest, control.reloader.requested)
+        daemon = self.make("--site", "a")
+        control, _, pool, reloader = list(daemon)
+        self.assertIs(control.reloader, reloader)
+        self.assertIs(reloader.tree, daemon)
+        self.assertEqual(reloader.site, "a")
+        self.assertEqual(pool._requestReload, reloader.requested)
 
 
 class InlineTests(SynchronousTestCase):
@@ -675,11 +685,20 @@ class InlineTests(SynchronousTestCase):
         self.path = os.path.abspath(self.mktemp())
         self.write("[sites.a]\n")
         self.clock = Clock()
-        self.master = IoMaster(snqconfig.load(self.path), clock=self.clock,
+        config = stamped(snqconfig.load(self.path), 1, 0.0)
+        self.master = IoMaster(config, clock=self.clock,
                                queue=MemoryQueue(self.clock))
-        self.successResultOf(self.master.startService())
-        self.addCleanup(self.master.stopService)
-        self.reloader = InlineReloader(self.master, reactor=self.clock)
+        self.tree = AsyncMultiService()
+        self.master.setServiceParent(self.tree)
+        self.successResultOf(self.tree.startService())
+        self.addCleanup(self.tree.stopService)
+        self.checked = []
+        self.reloader = Reloader(self.tree, config, rolling=False,
+                                 reactor=self.clock, check=self.check)
+
+    def check(self, text, source, reactor):
+        self.checked.append(source)
+        return defer.succeed([])
 
     def write(self, text):
         with open(self.path, "w") as f:
@@ -693,6 +712,8 @@ class InlineTests(SynchronousTestCase):
         self.assertEqual(self.master.dispatcher.config.queue.concurrency, 3)
         logged = [e["log_format"].format(**e) for e in events]
         self.assertIn("  sites.b added (applied in place)", logged)
+        self.assertEqual(self.checked, [self.path], "checked in a fresh process")
+        self.assertEqual(self.reloader.config.generation, 2)
 
     def test_whatWouldRollIsRefused(self):
         self.write('[sites.a]\n[sites.b]\n[queue]\nbackend = "redis"\n')
@@ -705,9 +726,16 @@ class InlineTests(SynchronousTestCase):
                       "queue.backend: 'db' → 'redis' (rolling restart)", refused)
 
     def test_sighup(self):
+        """The reloader owns SIGHUP while it runs, in both modes."""
+        clock = self.clock
+        clock.callFromThread = lambda f, *a: f(*a)
+        self.write("[sites.a]\n[sites.c]\n")
+        before = signal.getsignal(signal.SIGHUP)
         self.reloader.startService()
-        self.addCleanup(self.reloader.stopService)
-        self.assertEqual(signal.getsignal(signal.SIGHUP), self.reloader._sighup)
+        os.kill(os.getpid(), signal.SIGHUP)
+        self.assertEqual(sorted(self.master.config.sites), ["a", "c"])
+        self.reloader.stopService()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), before)
 
 
 class SnqctlInvalidFileTests(ControlTestCase):
@@ -737,7 +765,7 @@ class SnqctlInvalidFileTests(ControlTestCase):
 class UnansweredTests(SynchronousTestCase):
     def test_sighupWithoutAFileIsLogged(self):
         pool = WorkerPool(snqconfig.Config(), 1, reactor=FakeProcessReactor())
-        reloader = Reloader(pool, reactor=pool.reactor)
+        reloader = Reloader(pool, pool.config, reactor=pool.reactor)
         with capturedLogs() as events:
             reloader.requested("SIGHUP")
         logged = [e["log_format"].format(**e) for e in events]

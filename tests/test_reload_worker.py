@@ -6,6 +6,7 @@ Clock with an in-memory queue; the worker process answering the master's
 L{Reconfigure} over AMP; the SQL claim of a C{--site} worker.
 """
 
+import dataclasses
 import json
 
 from twisted.internet import defer
@@ -90,8 +91,8 @@ class WorkerTestCase(SynchronousTestCase):
                 d.callback(None)
         self.successResultOf(self.master.stopService())
 
-    def reconfigure(self, config, groups=None):
-        return self.successResultOf(self.master.reconfigService(config, groups))
+    def reconfigure(self, config):
+        return self.successResultOf(self.master.reconfigService(config))
 
     def put(self, transport, payload=None, site="default"):
         self.queue.enqueue([Item(transport=transport, payload=payload, site=site)])
@@ -226,14 +227,14 @@ class XmppTests(SynchronousTestCase):
         config = parse(xmpp=self.account(), sites={
             "b": {"xmpp": self.account(jid="bot@b.example")}})
         master = IoMaster(config, clock=reactor, queue=MemoryQueue(reactor),
-                          groups=["xmpp"])
+                          role="xmpp")
         self.successResultOf(master.startService())
         managers = dict(master.dispatcher.context.xmppManagers)
         self.assertEqual(len(reactor.tcpClients), 2)
         new = parse(xmpp=self.account(), sites={
             "b": {"xmpp": self.account(jid="bot@b.example", password="new")},
             "c": {"xmpp": self.account(jid="bot@c.example")}})
-        d = master.reconfigService(new, ["xmpp"])
+        d = master.reconfigService(new)
         reactor.advance(0)
         applied = self.successResultOf(d)
         self.assertEqual(applied, ["xmpp b: bot@b.example disconnected",
@@ -245,7 +246,7 @@ class XmppTests(SynchronousTestCase):
         self.assertFalse(managers["b"].running)
         self.assertEqual(now["b"].settings.password, "new")
         self.assertEqual(len(reactor.tcpClients), 4)
-        d = master.reconfigService(new, ["main"])
+        d = master.reconfigService(parse())
         reactor.advance(0)
         self.assertEqual(self.successResultOf(d)[:3], [
             "xmpp b: bot@b.example disconnected",
@@ -290,18 +291,18 @@ class WorkerTests(SynchronousTestCase):
         def iomaster(config, **kw):
             return IoMaster(config, queue=self.queue, **kw)
 
-        self.worker = Worker(self.config, "generic.0", self.reactor,
-                                    iomaster, generation=1, loaded=5.0)
+        self.worker = Worker(dataclasses.replace(self.config, loaded=5.0),
+                             "generic.0", self.reactor, iomaster)
         self.transport = PipeTransport(self.worker.channel)
         self.worker.channel.makeConnection(self.transport)
         self.master = Master()
         self.master.makeConnection(StringTransport())
 
-    def send(self, text, generation=2, groups=None):
+    def send(self, text, generation=2):
         """The master's request; → its Deferred answer."""
         d = self.master.callRemote(Reconfigure, config={
             "text": text, "source": "/etc/snq.toml", "generation": generation,
-            "loaded": 9.0, "groups": groups})
+            "loaded": 9.0})
         # Before the answer comes: AMP drops the connection over an error
         # nobody was waiting for.
         answer = defer.Deferred()
@@ -348,7 +349,7 @@ class WorkerTests(SynchronousTestCase):
         self.assertIn("its replacement starts on the new config", str(e))
         self.assertEqual((self.worker.exitCode, self.reactor.stops),
                          (EXIT_RECYCLE, 1))
-        self.assertEqual(self.worker.generation, 1)
+        self.assertEqual(self.worker.config.generation, 1)
         self.successResultOf(self.worker.stop())
 
     def test_requestReload(self):

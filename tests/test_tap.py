@@ -67,10 +67,13 @@ class MakeServiceTests(SynchronousTestCase):
         self.write('[daemon]\nworkers = 3\ncontrol_socket = "run/ctl.sock"\n')
         daemon = self.make()
         self.assertIsInstance(daemon, Daemon)
-        control, monitor, pool = list(daemon)
+        control, monitor, pool, reloader = list(daemon)
         self.assertIsInstance(control, ControlService)
         self.assertIsInstance(pool, WorkerPool)
         self.assertIs(control.pool, pool)
+        self.assertIs(control.reloader, reloader)
+        self.assertIs(reloader.tree, daemon)
+        self.assertTrue(reloader.rolling)
         self.assertIsInstance(monitor, MonitorService)
         self.assertIn(monitor.tracker, pool.observers)
         self.assertEqual(monitor.http.address, "127.0.0.1:8750")
@@ -83,19 +86,23 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_commandLineWins(self):
         self.write("[daemon]\nworkers = 3\n")
-        self.assertEqual(len(list(self.make("--workers", "2"))[-1].workers), 2)
+        pool = list(self.make("--workers", "2"))[-2]
+        self.assertEqual((len(pool.workers), pool.override), (2, 2))
 
     def test_zeroIsOnePerCPU(self):
         self.write("[daemon]\nworkers = 3\n")
-        pool = list(self.make("-t", "0"))[-1]
+        pool = list(self.make("-t", "0"))[-2]
         self.assertEqual(len(pool.workers), os.cpu_count())
         self.write("")
-        self.assertEqual(len(list(self.make())[-1].workers), os.cpu_count())
+        self.assertEqual(len(list(self.make())[-2].workers), os.cpu_count())
 
     def test_inline(self):
-        master, reloader = list(self.make("--inline", "--workers", "4"))
+        daemon = self.make("--inline", "--workers", "4")
+        master, reloader = list(daemon)
         self.assertIsInstance(master, IoMaster)
-        self.assertIs(reloader.master, master)
+        self.assertIs(reloader.tree, daemon)
+        self.assertFalse(reloader.rolling, "--inline has no processes to roll")
+        self.assertEqual(master.reload, reloader.requested)
         self.assertIsNone(master.watch)
         self.assertEqual(master.workerId, "generic.0")
 

@@ -181,7 +181,7 @@ class XmppIntegrationTests(TestCase):
     @defer.inlineCallbacks
     def startWorker(self, config):
         """The pool's xmpp worker, in this process."""
-        master = IoMaster(config, "it.xmpp", groups=["xmpp"])
+        master = IoMaster(config, "it.xmpp", role="xmpp")
         yield master.startService()
         self.addCleanup(master.stopService)
         return master

@@ -22,6 +22,7 @@ from snq.handlers import Reject
 from snq.iomaster import IoMaster
 from snq.pool import WorkerPool
 from snq.queues.memory import MemoryQueue
+from snq.routing import groupsOf
 from snq.xmpp.ping import NS_PING
 from snq.xmpp.xmppout import NotConnected, stanzaFor
 
@@ -119,15 +120,15 @@ def makeConfig(xmpp=None, **sections):
 
 class WorkerMixin:
     """
-    A worker with the given groups on a fake reactor; stopped at the end.
+    A worker of the given role on a fake reactor; stopped at the end.
     """
 
-    def startWorker(self, config=None, groups=("xmpp",)):
+    def startWorker(self, config=None, role="xmpp"):
         self.reactor = MemoryReactorClock()
         self.queue = MemoryQueue(self.reactor)
         self.master = IoMaster(config or makeConfig(), "test.xmpp",
                                clock=self.reactor, queue=self.queue,
-                               groups=list(groups))
+                               role=role)
         self.context = self.master.dispatcher.context
         self.server = FakeServer(self.reactor)
         self.successResultOf(self.master.startService())
@@ -355,7 +356,7 @@ class PerSiteTests(WorkerMixin, SynchronousTestCase):
         A worker without the "xmpp" group neither connects nor claims
         xmppout items, which wait for the worker that does.
         """
-        self.startWorker(groups=["main"])
+        self.startWorker(role="queues")
         self.assertEqual(self.reactor.tcpClients, [])
         self.assertEqual(self.context.xmppManagers, {})
         rowId = self.enqueue("xmppout", {"to": "a@example.org", "body": "x"})
@@ -546,29 +547,34 @@ class PoolTests(SynchronousTestCase):
         pool = WorkerPool(config, count, reactor=reactor)
         pool.startService()
         reactor.advance(10)
-        return [p.args[p.args.index("--id") + 1:] for p in reactor.processes]
+        return [p.args[p.args.index("--role"):] for p in reactor.processes]
 
     def test_oneXmppWorker(self):
         self.assertEqual(self.spawned(makeConfig(), 3), [
-            ["generic.0", "--groups", "main"],
-            ["generic.1", "--groups", "main"],
-            ["generic.2", "--groups", "main"],
-            ["generic.xmpp", "--groups", "xmpp"]])
+            ["--role", "queues", "--id", "generic.0"],
+            ["--role", "queues", "--id", "generic.1"],
+            ["--role", "queues", "--id", "generic.2"],
+            ["--role", "xmpp", "--id", "generic.xmpp"]])
+        self.assertEqual(groupsOf(makeConfig(), "queues"), ["main"])
+        self.assertEqual(groupsOf(makeConfig(), "xmpp"), ["xmpp"])
 
     def test_xmppOnly(self):
         """A host that runs only the xmpp group: one worker, whatever N."""
         config = makeConfig(queue={"groups": ["xmpp"]})
         self.assertEqual(self.spawned(config, 4),
-                         [["generic.xmpp", "--groups", "xmpp"]])
+                         [["--role", "xmpp", "--id", "generic.xmpp"]])
 
     def test_withoutXmpp(self):
-        config = snqconfig.parse({})
-        self.assertEqual(self.spawned(config, 2), [["generic.0"], ["generic.1"]])
+        config = snqconfig.parse({"queue": {"groups": ["main", "slow"]}})
+        self.assertEqual(self.spawned(config, 2),
+                         [["--role", "queues", "--id", "generic.0"],
+                          ["--role", "queues", "--id", "generic.1"]])
+        self.assertEqual(groupsOf(config, "queues"), ["main", "slow"])
 
-    def test_childPassesItsGroups(self):
+    def test_childPassesItsRole(self):
         made = []
         worker = Worker(
             makeConfig(), "generic.xmpp", Clock(),
-            lambda config, **kw: made.append(kw["groups"]), groups=["xmpp"])
+            lambda config, **kw: made.append(kw["role"]), role="xmpp")
         worker._build()
-        self.assertEqual(made, [["xmpp"]])
+        self.assertEqual(made, ["xmpp"])

@@ -106,7 +106,7 @@ class MonitorService(AsyncMultiService):
             applied.append(f"monitor: watching {self.queue.describe()} every "
                            f"{after.depth_interval:g} s")
         else:
-            self.queue.reconfigure(config)
+            self.queue.reconfigService(config)
         if moved or (before.http, before.token) != (after.http, after.token):
             if self.http is not None:
                 yield self.http.disownServiceParent()

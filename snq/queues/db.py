@@ -150,7 +150,7 @@ class DbQueue(Queue):
             self.pool.close()
             self.pool = None
 
-    def reconfigure(self, config):
+    def reconfigService(self, config):
         self.lease = config.queue.lease
 
     def listen(self, wake):

@@ -78,7 +78,7 @@ class Queue:
         """Where the queue is, for logs (no passwords)."""
         raise NotImplementedError
 
-    def reconfigure(self, config):
+    def reconfigService(self, config):
         """
         Follow a reloaded config in what can change in place (the lease,
         routing); where the queue is can only change in new worker

@@ -21,12 +21,15 @@ class QueueManager(PollingManager):
     """
 
     def __init__(self, queue: Queue, dispatcher: Dispatcher, config,
-                 transports: TransportFilter, clock=None):
+                 transports: TransportFilter, clock=None, transportsFor=None):
         super().__init__(config.queue.poll_interval, clock)
         self.queue = queue
         self.dispatcher = dispatcher
         self.config = config
         self.transports = transports
+        #: What to claim under a reloaded config (the worker's role and
+        #: site decide); None: C{transports} for ever.
+        self.transportsFor = transportsFor
         dispatcher.onSettled = self._settled
         self._paused = False
         self._tender = LoopingCall(self._tend)
@@ -112,13 +115,15 @@ class QueueManager(PollingManager):
             self._paused = False
             self.wake()
 
-    def reconfigService(self, config, transports: TransportFilter):
+    def reconfigService(self, config):
         """
         Follow a reloaded config: the window and retries are read at use,
-        the poll interval and lease renewal reset here, and C{transports}
-        is what to claim from now on.  → what changed, in words.
+        the poll interval and lease renewal reset here, and what to claim
+        follows (L{transportsFor}).  → what changed, in words.
         """
-        old, self.transports = self.transports, transports
+        old = self.transports
+        if self.transportsFor is not None:
+            self.transports = self.transportsFor(config)
         self.config = config
         self.pollInterval = config.queue.poll_interval
         interval = config.queue.lease / 3

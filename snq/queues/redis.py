@@ -67,8 +67,10 @@ class RedisManager(QueueManager):
     L{QueueManager}'s.
     """
 
-    def __init__(self, queue, dispatcher, config, transports, clock=None):
-        super().__init__(queue, dispatcher, config, transports, clock)
+    def __init__(self, queue, dispatcher, config, transports, clock=None,
+                 transportsFor=None):
+        super().__init__(queue, dispatcher, config, transports, clock,
+                         transportsFor)
         self._dueCall = None
         self._asleep = False
 
@@ -193,7 +195,7 @@ class RedisQueue(Queue):
     def describe(self) -> str:
         return f"{self.address.describe()} (keys {self.prefix}*)"
 
-    def reconfigure(self, config):
+    def reconfigService(self, config):
         """Routing (groups, breakouts, handlers) and the lease follow a reload."""
         self.config = config
         self.breakouts = frozenset(config.queue.breakout)

@@ -102,8 +102,10 @@ class StompManager(QueueManager):
     consume, and the hooks (None under C{--inline}).
     """
 
-    def __init__(self, queue, dispatcher, config, transports, clock=None):
-        super().__init__(queue, dispatcher, config, transports, clock)
+    def __init__(self, queue, dispatcher, config, transports, clock=None,
+                 transportsFor=None):
+        super().__init__(queue, dispatcher, config, transports, clock,
+                         transportsFor)
         self.verifier = ControlVerifier(config.stomp.control_secret,
                                         config.stomp.control_window, self.clock)
 
@@ -230,7 +232,7 @@ class StompQueue(Queue):
     def _prefetch(config) -> int:
         return config.stomp.prefetch or 2 * config.queue.concurrency
 
-    def reconfigure(self, config):
+    def reconfigService(self, config):
         """Routing (groups, breakouts) and the prefetch-count follow a reload."""
         self.config = config
         self.destinations = Destinations(config)

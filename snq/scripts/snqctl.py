@@ -336,29 +336,12 @@ def _reload(client, args, out):
           f"{len(changes)} changes:", file=out)
     for change in changes:
         print(f"  {change['text']}", file=out)
-    for note in answer["notes"]:
-        print(note, file=out)
-    for wid in answer["added"]:
-        print(f"{wid}: added", file=out)
-    for wid in answer["removed"]:
-        print(f"{wid}: removed (it finishes its items first)", file=out)
-    for r in answer["restarted"]:
-        print(f"{r['id']}: restarted on the new config, pid {r['old']} -> "
-              f"{r['new']}", file=out)
-    failed = []
-    for w in answer["workers"]:
-        if "error" in w:
-            failed.append(f"{w['id']} (pid {w['pid']}): {w['error']}")
-        else:
-            print(f"{w['id']} (pid {w['pid']}): applied in place: "
-                  f"{'; '.join(w['applied']) or 'nothing to change there'}",
-                  file=out)
-    if answer["restart_error"]:
-        failed.append(f"the rolling restart stopped: {answer['restart_error']}")
-    if failed:
+    for line in answer["applied"]:
+        print(line, file=out)
+    if answer["failed"]:
         raise CommandError("reload: config generation "
                            f"{answer['generation']} is the daemon's, but:\n"
-                           + "\n".join(failed))
+                           + "\n".join(answer["failed"]))
 
 
 _CONTROL = {"status": _status, "stop": _stop, "restart": _restart,
