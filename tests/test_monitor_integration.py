@@ -198,8 +198,14 @@ class MonitoredDaemonTests(TestCase):
             up = [s.value for s in metrics["snq_worker_up"].samples]
             return total(metrics, "snq_worker_restarts") >= 1 and up == [1, 1]
 
-        metrics = yield self.waitForMetrics(base, recycledAndBack,
-                                            "a recycled worker replaced")
+        # The last items' counts come with their workers' next report (once
+        # a second, and a stopping worker's last one): wait for it, and for
+        # the count to stay at 80, neither lost nor counted twice.
+        metrics = yield self.waitForMetrics(
+            base, lambda m: recycledAndBack(m) and total(m, "snq_handled") == 80,
+            "a recycled worker replaced and 80 handled")
+        yield deferLater(1.5)
+        metrics = yield self.metrics(base)
         self.assertEqual(total(metrics, "snq_handled"), 80)
 
     @defer.inlineCallbacks

@@ -9,8 +9,8 @@ from snq.handlers import handlerPaths
 
 
 class DiffTests(SynchronousTestCase):
-    def diff(self, old, new, **kw):
-        return reconfig.diff(config.parse(old), config.parse(new), **kw)
+    def diff(self, old, new):
+        return reconfig.diff(config.parse(old), config.parse(new))
 
     def test_nothingChanged(self):
         data = {"queue": {"concurrency": 5}, "sites": {"a": {"x": 1}}}
@@ -64,10 +64,22 @@ class DiffTests(SynchronousTestCase):
         with open(source, "w") as f:
             f.write("A = 2\n")
         after = reconfig.codeFingerprints(paths)
-        changes = reconfig.diff(config.Config(), config.Config(), before, after)
+        changes = reconfig.diff(config.Config(code=before), config.Config(code=after))
         self.assertEqual([(c.key, c.how) for c in changes],
                          [("code myhandlers_reconfig", "rolling")])
         self.assertNotIn("myhandlers_reconfig", sys.modules, "never imported")
+
+    def test_stampedCarriesTheCode(self):
+        """What a reload compares: the code as it was when each was loaded."""
+        paths = {"mine": "snq.handlers.builtin:NoopHandler"}
+        conf = config.parse({"handlers": paths})
+        stamped = reconfig.stamped(conf, 3, 12.5)
+        self.assertEqual((stamped.generation, stamped.loaded), (3, 12.5))
+        self.assertEqual(stamped.code, reconfig.codeFingerprints(
+            handlerPaths(paths)))
+        self.assertEqual(stamped, conf, "provenance is not compared")
+        self.assertEqual(reconfig.diff(conf, stamped), [],
+                         "no fingerprints before: nothing to compare")
 
     def test_builtinHandlersFingerprinted(self):
         prints = reconfig.codeFingerprints(handlerPaths({}))
