@@ -27,7 +27,7 @@ from snq.monitor.statsd import StatsdSender
 from snq.monitor.tracker import HISTORY, QueueWatch, Sink, Tracker
 from snq.monitor.udp import StatusNetMonitor, UdpSender
 from snq.monitor.web import HttpService, makeSite
-from snq.queues.interface import Depth
+from snq.queues.interface import Depth, TransportDepth
 from snq.queues.memory import MemoryQueue
 from snq.stats import DURATION_BUCKETS, Stats
 
@@ -474,6 +474,27 @@ class MetricsTests(SynchronousTestCase):
                                       "snq_monitor_dropped_datagrams_total"),
                          {(("sender", "StatsdSender"),): 7})
         self.assertIn("process_resident_memory_bytes", metrics, "the master's own")
+        self.assertNotIn("snq_transport_items", metrics,
+                         "this backend cannot count by transport")
+
+    def test_queueByTransport(self):
+        self.tracker.depth = Depth.byTransport({
+            "t": TransportDepth(ready=3, delayed=0, held=2, oldest=7.5),
+            "u": TransportDepth(ready=0, delayed=1, held=0, oldest=None)}, dead=0)
+        metrics = self.metrics()
+        self.assertEqual(self.samples(metrics["snq_transport_items"]), {
+            (("backend", "db"), ("state", "ready"), ("transport", "t")): 3,
+            (("backend", "db"), ("state", "delayed"), ("transport", "t")): 0,
+            (("backend", "db"), ("state", "held"), ("transport", "t")): 2,
+            (("backend", "db"), ("state", "ready"), ("transport", "u")): 0,
+            (("backend", "db"), ("state", "delayed"), ("transport", "u")): 1,
+            (("backend", "db"), ("state", "held"), ("transport", "u")): 0})
+        self.assertEqual(
+            self.samples(metrics["snq_transport_oldest_age_seconds"]),
+            {(("backend", "db"), ("transport", "t")): 7.5,
+             (("backend", "db"), ("transport", "u")): 0})
+        self.assertEqual(self.samples(metrics["snq_queue_oldest_age_seconds"]),
+                         {(("backend", "db"),): 7.5})
 
 
 class HttpTests(TestCase):

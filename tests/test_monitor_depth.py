@@ -13,15 +13,15 @@ from twisted.trial.unittest import TestCase
 
 from snq.item import Item
 from snq.queues.db import DbQueue
-from snq.queues.interface import Depth, Queue
+from snq.queues.interface import Depth, Queue, TransportDepth
 from snq.queues.memory import MemoryQueue
 from snq.routing import TransportFilter
 
 
 class DepthScenario:
     """
-    Four items due at t=1000, two more enqueued at t=1010 with a delay of
-    100 s, two claimed, one of those dead-lettered.
+    Four items of C{t} due at t=1000, two of C{u} enqueued at t=1010 with a
+    delay of 100 s, two claimed, one of those dead-lettered.
     """
 
     def makeQueue(self, clock):
@@ -34,25 +34,29 @@ class DepthScenario:
         queue = yield self.makeQueue(clock)
         empty = yield queue.depth()
         self.assertEqual(empty, Depth(ready=0, delayed=0, held=0, dead=0,
-                                      oldest=None))
+                                      oldest=None, transports={}))
         yield queue.enqueue([Item(transport="t", payload=i, created=1000)
                              for i in range(4)])
         clock.advance(10)
-        yield queue.enqueue([Item(transport="t", payload=i, created=1010)
+        yield queue.enqueue([Item(transport="u", payload=i, created=1010)
                              for i in range(2)], delay=100)
         claimed = yield queue.claim(2, TransportFilter())
         self.assertEqual(len(claimed), 2)
         yield queue.deadLetter(claimed[0], "rejected", "no", 1)
         depth = yield queue.depth()
-        self.assertEqual(depth, Depth(ready=2, delayed=2, held=1, dead=1,
-                                      oldest=10.0))
+        self.assertEqual(depth, Depth(
+            ready=2, delayed=2, held=1, dead=1, oldest=10.0, transports={
+                "t": TransportDepth(ready=2, delayed=0, held=1, oldest=10.0),
+                "u": TransportDepth(ready=0, delayed=2, held=0, oldest=None)}))
+        self.assertEqual(depth.transports["t"].waiting, 3)
         yield queue.ack(claimed[1])
         rest = yield queue.claim(10, TransportFilter())
         for delivery in rest:
             yield queue.ack(delivery)
         depth = yield queue.depth()
-        self.assertEqual(depth, Depth(ready=0, delayed=2, held=0, dead=1,
-                                      oldest=None))
+        self.assertEqual(depth, Depth(
+            ready=0, delayed=2, held=0, dead=1, oldest=None, transports={
+                "u": TransportDepth(ready=0, delayed=2, held=0, oldest=None)}))
 
 
 class MemoryDepthTests(DepthScenario, TestCase):

@@ -89,6 +89,22 @@ class SnqCollector:
             "snq_queue_oldest_age_seconds",
             "Seconds the oldest due item has been waiting (0: none waits)",
             "backend", [(self.backend, depth.oldest or 0.0)])
+        if depth.transports is None:
+            return
+        byTransport = GaugeMetricFamily(
+            "snq_transport_items", "Items of a transport in the queue by state",
+            labels=["backend", "transport", "state"])
+        oldest = GaugeMetricFamily(
+            "snq_transport_oldest_age_seconds", "Seconds the transport's oldest "
+            "due item has been waiting (0: none waits)",
+            labels=["backend", "transport"])
+        for transport, part in sorted(depth.transports.items()):
+            for state in _DEPTH_STATES:
+                byTransport.add_metric([self.backend, transport, state],
+                                       getattr(part, state))
+            oldest.add_metric([self.backend, transport], part.oldest or 0.0)
+        yield byTransport
+        yield oldest
 
     def _workers(self):
         rows = [w for w in self.tracker.workers() if w["role"] == "current"]

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 
 from snq.item import Item
 from snq.queues.dialects import DIALECTS
-from snq.queues.interface import DeadLetter, Delivery, Depth, Queue
+from snq.queues.interface import DeadLetter, Delivery, Depth, Queue, TransportDepth
 from snq.routing import TransportFilter
 from snq.service import defaultReactor
 
@@ -354,20 +354,22 @@ class DbQueue(Queue):
         p = self.dialect.placeholder
 
         def count(txn):
-            # Portable SQL; MariaDB's SUM is a DECIMAL, and every SUM of no
-            # rows is NULL.
+            # Portable SQL; MariaDB's SUM is a DECIMAL.  One pass, by
+            # transport: the totals are the sums.
             txn.execute(
-                "SELECT SUM(CASE WHEN claimed_by IS NULL AND run_at <= "
-                f"{p} THEN 1 ELSE 0 END), SUM(CASE WHEN claimed_by IS NULL"
+                "SELECT transport, SUM(CASE WHEN claimed_by IS NULL AND run_at"
+                f" <= {p} THEN 1 ELSE 0 END), SUM(CASE WHEN claimed_by IS NULL"
                 f" AND run_at > {p} THEN 1 ELSE 0 END), SUM(CASE WHEN"
                 " claimed_by IS NOT NULL THEN 1 ELSE 0 END), MIN(CASE WHEN"
-                f" run_at <= {p} THEN run_at END) FROM queue_item",
-                (now, now, now))
-            ready, delayed, held, due = txn.fetchone()
+                f" run_at <= {p} THEN run_at END) FROM queue_item GROUP BY"
+                " transport", (now, now, now))
+            transports = {
+                transport: TransportDepth(
+                    ready=int(ready), delayed=int(delayed), held=int(held),
+                    oldest=None if due is None else max(now - due, 0.0))
+                for transport, ready, delayed, held, due in txn.fetchall()}
             txn.execute("SELECT COUNT(*) FROM queue_dead")
-            return Depth(ready=int(ready or 0), delayed=int(delayed or 0),
-                         held=int(held or 0), dead=int(txn.fetchone()[0]),
-                         oldest=None if due is None else max(now - due, 0.0))
+            return Depth.byTransport(transports, int(txn.fetchone()[0]))
 
         return self._run(count, "depth")
 

@@ -36,6 +36,21 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class TransportDepth:
+    """One transport's part of a L{Depth}; the fields mean the same."""
+
+    ready: int
+    delayed: int
+    held: int
+    oldest: float | None
+
+    @property
+    def waiting(self) -> int:
+        """Items not done yet: due, waiting for a retry, or held."""
+        return self.ready + self.delayed + self.held
+
+
+@dataclass(frozen=True)
 class Depth:
     """How much a backend holds, for monitors and C{snqctl check}."""
 
@@ -49,6 +64,19 @@ class Depth:
     #: Seconds the oldest due item (ready or held) has been due; None when
     #: nothing is.
     oldest: float | None
+    #: transport → L{TransportDepth}; None where the backend cannot tell
+    #: without reading every item.
+    transports: dict[str, TransportDepth] | None = None
+
+    @classmethod
+    def byTransport(cls, transports: dict[str, TransportDepth],
+                    dead: int) -> Depth:
+        """The whole from its parts, which a backend counted in one pass."""
+        due = [t.oldest for t in transports.values() if t.oldest is not None]
+        return cls(ready=sum(t.ready for t in transports.values()),
+                   delayed=sum(t.delayed for t in transports.values()),
+                   held=sum(t.held for t in transports.values()), dead=dead,
+                   oldest=max(due) if due else None, transports=transports)
 
 
 @dataclass

@@ -5,11 +5,12 @@ for embedding snq in a program's own test suite.  Nothing survives the
 process, so it is never a configurable backend.
 """
 
+import collections
 import itertools
 
 from twisted.internet import defer
 
-from snq.queues.interface import DeadLetter, Delivery, Depth, Queue
+from snq.queues.interface import DeadLetter, Delivery, Depth, Queue, TransportDepth
 
 
 class MemoryQueue(Queue):
@@ -105,14 +106,20 @@ class MemoryQueue(Queue):
 
     def depth(self):
         now = self.clock.seconds()
-        free = [r["run_at"] for r in self.rows.values() if r["lease_until"] is None]
-        ready = sum(runAt <= now for runAt in free)
-        # Claimed rows were due when claimed.
-        due = [r["run_at"] for r in self.rows.values() if r["run_at"] <= now]
-        return defer.succeed(Depth(
-            ready=ready, delayed=len(free) - ready,
-            held=len(self.rows) - len(free), dead=len(self.dead),
-            oldest=now - min(due) if due else None))
+        byTransport = collections.defaultdict(list)
+        for row in self.rows.values():
+            byTransport[row["transport"]].append(row)
+        transports = {}
+        for transport, rows in byTransport.items():
+            free = [r["run_at"] for r in rows if r["lease_until"] is None]
+            ready = sum(runAt <= now for runAt in free)
+            # Claimed rows were due when claimed.
+            due = [r["run_at"] for r in rows if r["run_at"] <= now]
+            transports[transport] = TransportDepth(
+                ready=ready, delayed=len(free) - ready,
+                held=len(rows) - len(free),
+                oldest=now - min(due) if due else None)
+        return defer.succeed(Depth.byTransport(transports, len(self.dead)))
 
     def deadList(self, limit=50):
         return defer.succeed(sorted(self.dead.values(),
