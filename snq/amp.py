@@ -58,7 +58,10 @@ class Report(amp.Command):
 
 
 class Status(amp.Command):
-    """snqctl → master: the pool's state."""
+    """
+    snqctl → master: the pool's state, and (C{monitor}) the totals and
+    queue depth the master's tracker keeps, for the monitors outside it.
+    """
 
     response = [(b"status", JSON())]
 

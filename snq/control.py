@@ -80,14 +80,17 @@ class ControlService(Service):
     socket that only the daemon's user can use (mode 0600), and SIGUSR1 for
     a rolling restart.  C{reloader} (L{snq.reload.Reloader}) carries out
     C{snqctl reload}; it owns SIGHUP.  SIGTERM and SIGINT are twistd's:
-    they stop the daemon, which stops the pool gracefully.
+    they stop the daemon, which stops the pool gracefully.  With a C{tracker}
+    (L{snq.monitor.tracker.Tracker}), C{Status} carries its summary.
     """
 
     log = Logger()
 
-    def __init__(self, pool, path, reactor=None, stopDaemon=None, reloader=None):
+    def __init__(self, pool, path, reactor=None, stopDaemon=None, reloader=None,
+                 tracker=None):
         reactor = defaultReactor(reactor)
         self.pool = pool
+        self.tracker = tracker
         self.path = path
         self.reactor = reactor
         self.stopDaemon = stopDaemon or reactor.stop
@@ -150,12 +153,15 @@ class ControlService(Service):
 
     def status(self) -> dict:
         pool = self.pool
-        return {"pid": os.getpid(), "started": self.started,
-                "uptime": self.reactor.seconds() - self.started,
-                "restarting": pool.restarting, "workers": pool.status(),
-                "config": {"generation": pool.config.generation,
-                           "loaded": pool.config.loaded,
-                           "source": pool.config.source}}
+        status = {"pid": os.getpid(), "started": self.started,
+                  "uptime": self.reactor.seconds() - self.started,
+                  "restarting": pool.restarting, "workers": pool.status(),
+                  "config": {"generation": pool.config.generation,
+                             "loaded": pool.config.loaded,
+                             "source": pool.config.source}}
+        if self.tracker is not None:
+            status["monitor"] = self.tracker.summary()
+        return status
 
     def _restart(self):
         self.log.info("rolling restart on SIGUSR1")

@@ -148,13 +148,14 @@ def makeService(options):
                       requestReload=reloader.requested)
     print(f"snq: {source}, {len(pool.workers)} workers, {running}",
           file=sys.stderr)
+    monitor = MonitorService(config, pool)
     # The control socket first: a second master refuses to start before it
     # has spawned anything; and on stop it answers until the pool is down.
-    ControlService(pool, config.daemon.control_socket,
-                   reloader=reloader).setServiceParent(daemon)
+    ControlService(pool, config.daemon.control_socket, reloader=reloader,
+                   tracker=monitor.tracker).setServiceParent(daemon)
     # Before the pool, so it stops after it: the last counts and states of
     # the stopping workers still reach the monitors.
-    MonitorService(config, pool).setServiceParent(daemon)
+    monitor.setServiceParent(daemon)
     pool.setServiceParent(daemon)
     reloader.setServiceParent(daemon)
     return daemon

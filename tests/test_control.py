@@ -102,6 +102,22 @@ class ControlServiceTests(ControlTestCase):
         self.assertGreaterEqual(status["uptime"], 0)
 
     @defer.inlineCallbacks
+    def test_statusCarriesTheTrackersSummary(self):
+        """For the monitors outside the master: no second source of truth."""
+        client = yield self.client()
+        status = (yield client.callRemote(Status))["status"]
+        self.assertNotIn("monitor", status, "no tracker, nothing to carry")
+
+        class FakeTracker:
+            def summary(self):
+                return {"totals": {"handled": 3}, "queue": None}
+
+        self.service.tracker = FakeTracker()
+        status = (yield client.callRemote(Status))["status"]
+        self.assertEqual(status["monitor"], {"totals": {"handled": 3},
+                                             "queue": None})
+
+    @defer.inlineCallbacks
     def test_restartAnswersWhenOver(self):
         client = yield self.client()
         answer = client.callRemote(Restart)

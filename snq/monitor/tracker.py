@@ -198,9 +198,12 @@ class Tracker(Service):
         self.history.append(sample)
         self._tell("sampled", sample, workers)
 
-    def status(self, since: float | None = None) -> dict:
-        """Everything the dashboard shows, as JSON-ready data."""
-        now = self.clock.seconds()
+    def summary(self) -> dict:
+        """
+        The figures without the history, as JSON-ready data: what the
+        control socket's C{Status} adds for the monitors outside the
+        master (the SNMP agent).
+        """
         depth = self.depth
         transports = collections.defaultdict(dict)
         for (counter, transport, _, _), n in self.counts.items():
@@ -210,15 +213,22 @@ class Tracker(Service):
         for transport, (n, seconds, _) in self.durations.items():
             transports[transport].update(timed=n, seconds=seconds)
         return {
+            "workers": self.workers(),
+            "totals": dict(self.totals()),
+            "transports": transports,
+            "queue": None if depth is None else dataclasses.asdict(depth),
+        }
+
+    def status(self, since: float | None = None) -> dict:
+        """Everything the dashboard shows, as JSON-ready data."""
+        now = self.clock.seconds()
+        return {
             "time": now,
             "master": {"pid": os.getpid(), "started": self.started,
                        "uptime": now - self.started if self.started else 0,
                        "rss": residentMemory(), "queue": self.describe},
             "interval": INTERVAL,
-            "workers": self.workers(),
-            "totals": dict(self.totals()),
-            "transports": transports,
-            "queue": None if depth is None else dataclasses.asdict(depth),
+            **self.summary(),
             "dead": [{"id": d.id, "transport": d.transport, "site": d.site,
                       "reason": d.reason, "error": d.error,
                       "attempts": d.attempts, "died": d.died}
