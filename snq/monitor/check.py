@@ -17,14 +17,13 @@ may not use, the time running out) is UNKNOWN.
 
 import argparse
 import math
-import os
 import re
 from dataclasses import dataclass
 
-from twisted.internet import defer, error
+from twisted.internet import defer
 
-from snq import amp, control
 from snq import config as snqconfig
+from snq.monitor import master
 from snq.queues import makeQueue
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -170,20 +169,14 @@ class Check:
     def _workers(self):
         """→ (workers running, slots, text)."""
         path = self.args.socket or self.config.daemon.control_socket
-        where = os.path.abspath(path)
         try:
-            client = yield control.connect(path, self.reactor)
-        except error.ConnectError as e:
-            if isinstance(e, error.ConnectionRefusedError) or not os.path.exists(path):
-                return 0, "", f"no snq daemon answers on {where}"
-            raise _Unknown(f"cannot use the control socket {where}: {e}")
-        try:
-            status = (yield client.callRemote(amp.Status))["status"]
-        finally:
-            client.transport.loseConnection()
-        current = [w for w in status["workers"] if w["role"] == "current"]
-        running = sum(w["state"] == "running" for w in current)
-        return running, len(current), f"{running}/{len(current)} workers running"
+            status = yield master.askStatus(path, self.reactor)
+        except master.NotRunning as e:
+            return 0, "", str(e)
+        except master.Unreachable as e:
+            raise _Unknown(str(e))
+        running, slots = master.workerCounts(status)
+        return running, slots, f"{running}/{slots} workers running"
 
     def line(self) -> str:
         text = "; ".join(self.alerts + self.facts)
