@@ -40,6 +40,7 @@ _positive = _check(lambda v: v > 0, "a number greater than 0")
 _notNegative = _check(lambda v: v >= 0, "a number not below 0")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _name = _check(lambda v: bool(_NAME.match(v)), "a name of letters, digits, _ . -")
+_OID = re.compile(r"^\.?\d+(\.\d+){1,63}$")
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)b?\s*$", re.IGNORECASE)
@@ -252,6 +253,12 @@ class MonitorConfig:
     token: str = field(default="", repr=False)
     #: Seconds between two looks at the queue's depth and dead letters.
     depth_interval: float = field(default=2.0, metadata=_positive)
+    #: Where C{snqctl snmp} answers: under net-snmp's experimental
+    #: netSnmpPlaypen, for want of an enterprise number (contrib/SNQ-MIB.txt).
+    snmp_base_oid: str = field(
+        default=".1.3.6.1.4.1.8072.9999.9999.767",
+        metadata=_check(lambda v: bool(_OID.match(v)),
+                        'a numeric OID such as ".1.3.6.1.4.1.8072.9999.9999.767"'))
 
 
 @dataclass(frozen=True)

@@ -51,3 +51,10 @@ class Leak(QueueHandler):
     def handle(self, item):
         self.kept.append(os.urandom(item.payload["kb"] * 1024))
         return defer.succeed(True)
+
+
+class Fail(QueueHandler):
+    """Fails every item (returns False): an error, then a retry or a dead letter."""
+
+    def handle(self, item):
+        return False

@@ -1,9 +1,9 @@
 # -*- test-case-name: tests.test_snqctl -*-
 """
-snqctl: the operator's command.  C{status}, C{stop}, C{restart} and
-C{reload} talk to a running daemon over its control socket; everything
-else talks to the queue itself, so it works whether or not a daemon is
-running.
+snqctl: the operator's command.  C{status}, C{stop}, C{restart},
+C{reload}, and C{snmp} for snmpd, talk to a running daemon over its
+control socket; everything else talks to the queue itself, so it works
+whether or not a daemon is running.
 """
 
 import argparse
@@ -20,6 +20,7 @@ from snq import amp, control
 from snq import config as snqconfig
 from snq.item import DEFAULT_SITE, Item
 from snq.monitor import check as plugin
+from snq.monitor import snmp
 from snq.queues import makeQueue
 
 
@@ -83,6 +84,17 @@ def parser() -> argparse.ArgumentParser:
              "0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
     plugin.addArguments(ck)
     ck.error = lambda message: plugin.usageError(ck, message)
+    sn = sub.add_parser(
+        "snmp", parents=[socket],
+        help="for net-snmp's snmpd.conf (pass_persist): answer snmpd on "
+             "standard input and output with the running daemon's figures "
+             "(contrib/SNQ-MIB.txt, under [monitor] snmp_base_oid)")
+    sn.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS",
+                    help="a daemon that has not answered after this long is "
+                         "'unknown' (default 2; snmpd waits meanwhile)")
+    sn.add_argument("--log", metavar="FILE",
+                    help="append the agent's log lines here (default: none; "
+                         "standard error would reach snmpd as answers)")
     #: Each command's parser, which reports arguments it does not know.
     p.commands = sub.choices
 
@@ -124,6 +136,12 @@ def run(reactor, args, out=sys.stdout, stdin=sys.stdin):
     if args.command in _CONTROL:
         result = yield _control(_controlConfig(args), args, out, reactor)
         return result
+    if args.command == "snmp":
+        # A config error still reaches the operator trying the command.
+        config = snqconfig.load(args.config)
+        snmp.quietStderr()
+        yield snmp.run(config, args, reactor)
+        return
     config = snqconfig.load(args.config)
     queue = makeQueue(config, reactor)
     try:
