@@ -4,6 +4,7 @@ signal it, and make sure it never outlives the test.
 """
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -70,6 +71,25 @@ def waitFor(condition, timeout=60.0, interval=0.05, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         yield deferLater(reactor, interval, lambda: None)
+
+
+@defer.inlineCallbacks
+def startMonitored(testCase, cwd, config, workers=2):
+    """
+    A daemon on C{config}, whose C{[monitor] http} is on port 0; → it and
+    the base URL of its HTTP side, once its workers are ready.
+    """
+    daemon = Daemon(testCase, cwd, "-c", config)
+    found = []
+
+    def listening():
+        found[:] = re.findall(r"http://127\.0\.0\.1:(\d+)/", daemon.output())
+        return bool(found)
+
+    yield waitFor(listening, what="the monitor's HTTP port in the log")
+    yield waitFor(lambda: daemon.output().count("is ready") == workers,
+                  what=f"{workers} workers ready")
+    return daemon, f"http://127.0.0.1:{found[0]}/"
 
 
 def freePort() -> int:

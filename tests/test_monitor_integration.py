@@ -20,7 +20,7 @@ from twisted.internet import defer, reactor, threads
 from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
-from tests.daemon import TWISTD, Daemon, environ, handledIds, snqctl, waitFor
+from tests.daemon import TWISTD, environ, handledIds, snqctl, startMonitored, waitFor
 from tests.test_monitor import Listener, deferLater
 
 CONFIG = """
@@ -69,17 +69,8 @@ class MonitoredDaemonTests(TestCase):
         """A daemon on this test's config; → the base URL of its HTTP side."""
         with open(self.config, "w") as f:
             f.write(CONFIG.format(dir=self.dir, extra=extra, queue=queue))
-        self.daemon = Daemon(self, self.dir, "-c", self.config)
-        found = []
-
-        def listening():
-            found[:] = re.findall(r"http://127\.0\.0\.1:(\d+)/", self.daemon.output())
-            return bool(found)
-
-        yield waitFor(listening, what="the monitor's HTTP port in the log")
-        yield waitFor(lambda: self.daemon.output().count("is ready") == 2,
-                      what="two workers ready")
-        return f"http://127.0.0.1:{found[0]}/"
+        self.daemon, base = yield startMonitored(self, self.dir, self.config)
+        return base
 
     def enqueue(self, n, payload='{"sleep": 0.2}', transport="record"):
         snqctl("-c", self.config, "enqueue", transport, "-", cwd=self.dir,

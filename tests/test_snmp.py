@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from snq import config as snqconfig
 from snq.monitor import master, snmp
 from snq.monitor.tracker import Tracker
-from snq.queues.base import Depth, TransportDepth
+from snq.queues.interface import Depth, TransportDepth
 from tests.daemon import socketPath
 from tests.test_monitor import FakePool, FakeProcess, report, row
 

@@ -14,7 +14,6 @@ it), so all of this runs offline.
 
 import glob
 import os
-import re
 import shutil
 import signal
 import socket
@@ -27,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
-from tests.daemon import ROOT, Daemon, environ, snqctl, socketPath, waitFor
+from tests.daemon import ROOT, environ, snqctl, socketPath, startMonitored, waitFor
 from tests.test_monitor import deferLater
 
 MIB = os.path.join(ROOT, "contrib", "SNQ-MIB.txt")
@@ -187,17 +186,8 @@ class SnmpdTests(TestCase):
 
     @defer.inlineCallbacks
     def startDaemon(self):
-        self.daemon = Daemon(self, self.dir, "-c", self.config)
-        found = []
-
-        def listening():
-            found[:] = re.findall(r"http://127\.0\.0\.1:(\d+)/", self.daemon.output())
-            return bool(found)
-
-        yield waitFor(listening, what="the monitor's HTTP port in the log")
-        yield waitFor(lambda: self.daemon.output().count("is ready") == 2,
-                      what="two workers ready")
-        self.metricsURL = f"http://127.0.0.1:{found[0]}/metrics"
+        self.daemon, base = yield startMonitored(self, self.dir, self.config)
+        self.metricsURL = base + "metrics"
 
     @defer.inlineCallbacks
     def metrics(self):
