@@ -72,28 +72,39 @@ _size = _check(_isSize, 'bytes as an integer or a string like "512m" ("" = none)
 
 @dataclass(frozen=True)
 class DaemonConfig:
+    #: The daemon's id, as in StatusNet: its workers are named <id>.<n>
+    #: (generic.0, generic.1, …) and its XMPP worker <id>.xmpp.
     id: str = field(default="generic", metadata=_name)
-    #: Worker processes; 0 = one per CPU.
+    #: Worker processes; 0 = one per CPU.  twistd snq --workers wins over it.
     workers: int = field(default=0, metadata=_notNegative)
-    #: Seconds a stopping worker waits for in-flight items before giving up.
+    #: Seconds a stopping worker gets to finish the items it runs; then it
+    #: is killed (SIGKILL), and what it did not finish is handled again.
     kill_time: float = field(default=30.0, metadata=_positive)
-    #: A worker that lived less than this many seconds died young …
+    #: A worker that fails within this many seconds of its start died young:
+    #: its respawn waits (min_restart_delay, doubling).  One that lived
+    #: longer is respawned at once.
     threshold: float = field(default=1.0, metadata=_positive)
-    #: … and waits this long before its respawn, doubling each time …
+    #: Seconds the respawn of a worker that died young waits the first
+    #: time; the delay doubles with each young death.
     min_restart_delay: float = field(default=1.0, metadata=_positive)
-    #: … up to this.
+    #: The respawn delay doubles up to this many seconds.
     max_restart_delay: float = field(default=60.0, metadata=_positive)
     #: Seconds a worker started by a rolling restart has to report ready.
     start_timeout: float = field(default=60.0, metadata=_positive)
-    #: UNIX socket for snqctl (mode 0600); relative to the run directory.
+    #: UNIX socket for snqctl (mode 0600); a relative path is in the run
+    #: directory.
     control_socket: str = "snq.sock"
 
 
 @dataclass(frozen=True)
 class QueueConfig:
+    #: Where the queue lives: db (SQLite, MariaDB/MySQL or PostgreSQL; see
+    #: [db]), stomp (a message broker; see [stomp]) or redis (see [redis]).
     backend: str = field(
         default="db", metadata=_check(lambda v: v in BACKENDS, " | ".join(BACKENDS))
     )
+    #: The groups this daemon consumes.  When an XMPP account is configured
+    #: and the file does not set groups, they are ["main", "xmpp"].
     groups: list[str] = field(
         default_factory=lambda: ["main"],
         metadata=_check(
@@ -101,31 +112,44 @@ class QueueConfig:
             "a non-empty list of group names",
         ),
     )
+    #: Failures before an item is dead-lettered;
+    #: [transports.NAME] max_retries overrides it for one transport.
     max_retries: int = field(default=10, metadata=_notNegative)
-    #: First retry delay in seconds; it doubles per attempt, with jitter.
+    #: First retry delay in seconds; it doubles per attempt, half of it
+    #: random (jitter).
     retry_delay: float = field(default=1.0, metadata=_positive)
+    #: Longest retry delay, in seconds.
     retry_max_delay: float = field(default=3600.0, metadata=_positive)
     #: Items a worker holds at once (claimed, running or waiting for a slot).
     prefetch: int = field(default=100, metadata=_positive)
     #: Items a worker runs at once, across transports.
     concurrency: int = field(default=50, metadata=_positive)
-    #: Longest wait between polls when a polling backend finds nothing.
+    #: Longest wait between polls when a polling backend (SQL) finds
+    #: nothing; with Redis, only the backoff after a failed claim.
     poll_interval: float = field(default=0.5, metadata=_positive)
-    #: Seconds a claimed item stays reserved; renewed while it is held.
+    #: Seconds a claimed item stays reserved (SQL, Redis); renewed every
+    #: third of it while the worker holds the item.
     lease: float = field(default=60.0, metadata=_positive)
+    #: Also write each dead letter as a JSON file in this directory
+    #: (StatusNet's habit); "" = no files.
     dead_letter_dir: str = ""
-    #: STOMP destinations are basename + group (or + breakout spec).
+    #: STOMP destination prefix: a group's queue is basename + group, a
+    #: breakout's basename + "group/transport[/site]".
     basename: str = "/queue/snq/"
-    #: "group/transport" or "group/transport/site": own broker queue.
+    #: "group/transport" or "group/transport/site" entries that get a queue
+    #: of their own (a STOMP queue, a Redis list).
     breakout: list[str] = field(
         default_factory=list,
         metadata=_check(
             lambda v: all(1 < len(b.split("/")) < 4 and all(b.split("/"))
                           for b in v),
             '"group/transport" or "group/transport/site" entries'))
-    #: A worker's resident memory limit; "" = none.
+    #: A worker's memory budget, e.g. "512m"; "" = none.  snq does not
+    #: enforce it (softlimit is a part of it); for a hard limit use the
+    #: service manager (systemd MemoryMax=).
     memory_limit: str | int = field(default="", metadata=_size)
-    #: Where a worker recycles itself: bytes, or a percentage of memory_limit.
+    #: Where a worker recycles itself: bytes, or a percentage of
+    #: memory_limit (a percentage with no memory_limit = no soft limit).
     softlimit: str | int = field(default="90%", metadata=_check(
         lambda v: (isinstance(v, str) and re.match(r"^\d+(\.\d+)?%$", v.strip()))
         or _isSize(v), 'bytes, a size like "400m", or a percentage like "90%"'))
@@ -147,6 +171,10 @@ class QueueConfig:
 
 @dataclass(frozen=True)
 class DbConfig:
+    #: The SQL database: sqlite:///relative/path, sqlite:////absolute/path,
+    #: mysql://USER:PASSWORD@HOST:PORT/DATABASE or
+    #: postgresql://USER:PASSWORD@HOST:PORT/DATABASE.  The password is never
+    #: logged.
     url: str = field(
         default="sqlite:///snq.sqlite",
         metadata=_check(
@@ -160,26 +188,35 @@ class DbConfig:
 
 @dataclass(frozen=True)
 class StompConfig:
+    #: The brokers, tcp://HOST:PORT or ssl://HOST:PORT (TLS, the system's
+    #: CAs): each worker consumes from every one and sends on the first one
+    #: that is up.
     servers: list[str] = field(
         default_factory=lambda: ["tcp://127.0.0.1:61613"],
         metadata=_check(lambda v: bool(v) and all(
             re.match(r"^(tcp|ssl)://[^:/]+:\d+$", s) for s in v),
             'a non-empty list of "tcp://HOST:PORT" or "ssl://HOST:PORT"'))
+    #: STOMP login.
     login: str = "guest"
+    #: STOMP passcode; never logged.
     passcode: str = field(default="guest", repr=False)
+    #: RabbitMQ virtual host (CONNECT's host header).
     vhost: str = "/"
-    #: Seconds between heart-beats each way; 0 = none.
+    #: Seconds between heart-beats each way; a connection silent for twice
+    #: that is dropped and made again; 0 = none.
     heartbeat: float = field(default=10.0, metadata=_notNegative)
+    #: The control channel's topic.
     control_channel: str = "/topic/snq/control"
     #: HMAC-SHA256 key control messages must be signed with; "" = unsigned.
     control_secret: str = field(default="", repr=False)
     #: Seconds a signed control message is accepted after (or before) the
     #: time it was signed: clocks must agree this well.
     control_window: float = field(default=60.0, metadata=_positive)
-    #: Messages the broker sends ahead per subscription (prefetch-count);
-    #: 0 = twice [queue] concurrency.
+    #: Messages the broker sends ahead per subscription (prefetch-count), a
+    #: worker's window; 0 = twice [queue] concurrency.
     prefetch: int = field(default=0, metadata=_notNegative)
-    #: Seconds to connect and log in before an attempt counts as failed.
+    #: Seconds to connect, log in and subscribe before an attempt counts as
+    #: failed.
     connect_timeout: float = field(default=10.0, metadata=_positive)
     #: Write "/" inside a destination's name as %2F, which RabbitMQ needs:
     #: "auto" (when the broker says it is RabbitMQ), "always" or "never".
@@ -189,32 +226,42 @@ class StompConfig:
 
 @dataclass(frozen=True)
 class RedisConfig:
-    #: May hold a password: kept out of repr.
+    #: redis://[USER:PASSWORD@]HOST:PORT/DB, or rediss://… for TLS.  The
+    #: password is never logged (and kept out of repr).
     url: str = field(default="redis://127.0.0.1:6379/0", repr=False, metadata=_check(
         lambda v: v.startswith(("redis://", "rediss://")),
         "redis://[USER:PASSWORD@]HOST:PORT/DB or rediss://…"))
-    #: Every key snq reads or writes starts with this.
+    #: Every key snq reads or writes starts with this: two installations
+    #: on one Redis need different prefixes (or database numbers).
     prefix: str = field(default="snq:", metadata=_check(bool, "a non-empty prefix"))
     #: Seconds to connect or to wait for an answer before the connection is
     #: dropped and made again.
     timeout: float = field(default=10.0, metadata=_positive)
-    #: rediss://: PEM file of the CAs to trust ("" = the system's).
+    #: rediss://: PEM file of the CAs to trust ("" = the system's); the
+    #: server's certificate must name the host in url.
     ca_file: str = ""
-    #: rediss://: client certificate and its key (PEM), for tls-auth-clients.
+    #: rediss://: a client certificate (PEM), for a server that asks for one
+    #: (unless it sets tls-auth-clients no).
     cert_file: str = ""
+    #: rediss://: the client certificate's key (PEM).
     key_file: str = ""
 
 
 @dataclass(frozen=True)
 class TransportConfig:
-    #: Items of this transport run at once in one worker; 0 = no own limit.
+    #: Items of this transport a worker runs at once; 0 = only the
+    #: [queue] concurrency limit.
     concurrency: int = field(default=0, metadata=_notNegative)
-    #: Seconds before a running item counts as failed; 0 = no timeout.
+    #: Seconds before a running item counts as failed (cancelled, then
+    #: retried); 0 = the handler's own timeout (none for most).
     timeout: float = field(default=0.0, metadata=_notNegative)
-    #: None = the [queue] max_retries.
+    #: This transport's retry limit; not set = [queue] max_retries.
     max_retries: int | None = field(default=None, metadata=_notNegative)
+    #: Priority of this transport's items enqueued without one (higher
+    #: runs first).
     priority: int = 0
-    #: None = the handler's own group (usually "main").
+    #: The group whose queue carries this transport; not set = the
+    #: handler's own group (usually "main").
     group: str | None = field(default=None, metadata=_name)
 
 
@@ -242,12 +289,14 @@ def _hostPort(scheme: str = ""):
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    #: StatusNet's UDP monitor datagrams go here.
+    #: udp://HOST:PORT of StatusNet's UDP monitor; "" = off.
     udp: str = field(default="", metadata=_hostPort("udp://"))
+    #: HOST:PORT of a statsd server; "" = off.
     statsd: str = field(default="", metadata=_hostPort())
     #: Every statsd name starts with this and a dot.
     statsd_prefix: str = field(default="snq", metadata=_name)
-    #: The master's /metrics, /status.json and dashboard.
+    #: HOST:PORT of the master's dashboard, /metrics and /status.json
+    #: ("[::1]:8750" for IPv6); "" = off.
     http: str = field(default="127.0.0.1:8750", metadata=_hostPort())
     #: When set, /metrics and /status.json want "Authorization: Bearer TOKEN".
     token: str = field(default="", repr=False)
@@ -269,7 +318,9 @@ class XmppConfig(XmppSettings):
     checks are L{XmppSettings}', so this is what the connection takes.
     """
 
+    #: The account, user@domain; "" = no XMPP.
     jid: str = ""
+    #: Its password, required with a jid; never logged.
     password: str = field(default="", repr=False)
 
     def __post_init__(self):
@@ -279,13 +330,25 @@ class XmppConfig(XmppSettings):
 
 @dataclass(frozen=True)
 class Config:
+    #: The master and its pool of worker processes.
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    #: The queue: its backend, the groups consumed, retries, limits, and
+    #: when a worker recycles itself.
     queue: QueueConfig = field(default_factory=QueueConfig)
+    #: The SQL database of backend = "db" (the default).
     db: DbConfig = field(default_factory=DbConfig)
+    #: The message brokers of backend = "stomp".
     stomp: StompConfig = field(default_factory=StompConfig)
+    #: The Redis server of backend = "redis".
     redis: RedisConfig = field(default_factory=RedisConfig)
+    #: The default site's XMPP account; another site's is
+    #: [sites.NICK.xmpp], with the same keys.
     xmpp: XmppConfig = field(default_factory=XmppConfig)
+    #: What the master shows: the dashboard, /metrics, statsd, StatusNet's
+    #: UDP monitor.
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    #: Limits of one transport, [transports.NAME], so that one slow remote
+    #: cannot take every slot.
     transports: dict[str, TransportConfig] = field(default_factory=dict)
     #: transport name → "package.module:Class"
     handlers: dict[str, str] = field(default_factory=dict)

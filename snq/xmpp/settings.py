@@ -34,16 +34,36 @@ class XmppSettings:
 
     jid: str
     password: str = field(repr=False)
+    #: Server to connect to; "" = the JID's domain (no SRV lookup: set host
+    #: if the domain's server lives elsewhere).  The certificate is checked
+    #: against the JID's domain all the same.
     host: str = ""
+    #: Client port, 1-65535 (STARTTLS, not direct TLS).
     port: int = 5222
+    #: The session's resource; "" lets the server choose.
     resource: str = "snq"
+    #: Presence priority, -128 … 127; with a negative one the server sends
+    #: this session no messages for the bare JID.
     priority: int = 0
+    #: Presence status text.
     status: str = ""
+    #: required: STARTTLS or no connection; optional: STARTTLS when the
+    #: server offers it; off: never (only on loopback or a trusted network).
     tls: str = "required"
+    #: PEM file (one CA or a bundle) to verify the server's certificate
+    #: with; "" = the system trust store.
     ca_file: str = ""
+    #: Seconds (> 0) for one attempt, from TCP connect to an authenticated
+    #: stream; also the longest wait for a clean close on stop.
     connect_timeout: float = 30.0
+    #: Seconds (> 0) between keepalive pings (XEP-0199).
     ping_interval: float = 120.0
+    #: Seconds (> 0) to wait for the answer to a keepalive ping, or for the
+    #: server to confirm a sent stanza, before the stream counts as dead and
+    #: is dropped.
     ping_timeout: float = 30.0
+    #: Accept every presence subscription request (the bot then shows online
+    #: in the requester's roster).
     auto_subscribe: bool = False
 
     def __post_init__(self):
