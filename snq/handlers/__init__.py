@@ -52,9 +52,12 @@ class QueueHandler:
     handling idempotent, e.g. keyed on C{item.id}.
     """
 
+    #: The transport (queue name) this handler is for.
     transport: str | None = None
-    #: The group whose queue carries this transport; see README "Groups".
+    #: The group whose queue carries this transport; see the manual's
+    #: handlers chapter, "Groups" (docs/handlers.rst).
     group: str = "main"
+    #: True for a handler that blocks: it runs in the reactor's thread pool.
     blocking: bool = False
     #: Seconds before a running item counts as failed, unless the transport's
     #: config sets its own; 0 = none.
@@ -65,6 +68,7 @@ class QueueHandler:
         self.context = context
 
     def handle(self, item):
+        """Do C{item}'s work (an L{snq.item.Item}); see the class."""
         raise NotImplementedError(f"{type(self).__name__}.handle")
 
     def stop(self):
