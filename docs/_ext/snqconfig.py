@@ -8,8 +8,8 @@ documents every key of C{[queue]} as a C{confval} (so that
 C{:confval:`queue.lease`} links to it): the key, its TOML type with what the
 validation expects (the C{check} text of the field's metadata), its default,
 and the field's C{#:} doc comment, as plain text (the comments are written
-for the code's readers too).  The section's own C{#:} comment on
-L{snq.config.Config} introduces it.
+for the code's readers too) but for epytext's C{C{code}} and C{L{name}}.
+The section's own C{#:} comment on L{snq.config.Config} introduces it.
 
 A key without a doc comment, and a section of L{snq.config.Config} that no
 C{snq-config} directive documents, are warnings: the build (run with C{-W})
@@ -114,6 +114,24 @@ def _escape(text: str) -> str:
     return re.sub(r"([^\w\s])", r"\\\1", text)
 
 
+_CODE = re.compile(r"([CL])\{([^{}]*)\}")
+
+
+def _prose(text: str) -> str:
+    """
+    A doc comment as reStructuredText: plain text, but epytext's C{C{code}}
+    and C{L{name}} (the code's own markup) as literals.
+    """
+    out, end = [], 0
+    for m in _CODE.finditer(text):
+        before = "\\ " if m.start() and text[m.start() - 1].isalnum() else ""
+        after = "\\ " if text[m.end():m.end() + 1].isalnum() else ""
+        out += [_escape(text[end:m.start()]),
+                f"{before}``{m.group(2).strip()}``{after}"]
+        end = m.end()
+    return "".join([*out, _escape(text[end:])])
+
+
 def describe(section: str, cls: type) -> list[str]:
     """reStructuredText lines: one C{confval} per key of C{cls}."""
     hints = typing.get_type_hints(cls)
@@ -131,7 +149,7 @@ def describe(section: str, cls: type) -> list[str]:
                               else f"``{tomlValue(default)}``"),
             "",
         ]
-        doc = _escape(attributeDoc(cls, f.name) or "")
+        doc = _prose(attributeDoc(cls, f.name) or "")
         lines += ["   " + line if line else "" for line in doc.splitlines()]
         lines.append("")
     return lines
@@ -158,7 +176,7 @@ class ConfigSection(SphinxDirective):
                             location=self.get_location())
         documented = self.env.__dict__.setdefault("snq_config_sections", {})
         documented.setdefault(self.env.docname, set()).add(section)
-        intro = _escape(attributeDoc(Config, section.split(".")[0]) or "")
+        intro = _prose(attributeDoc(Config, section.split(".")[0]) or "")
         return self.parse_text_to_nodes(
             "\n".join([intro, "", *describe(section, cls)]))
 
