@@ -43,6 +43,7 @@ from snq.amp import (
 )
 from snq.handlers import HandlerError, HandlerRegistry
 from snq.iomanager import PollingManager
+from snq.iomanagers import checkPlugins
 from snq.iomaster import IoMaster, residentMemory
 from snq.queues import makeQueue
 from snq.routing import ROLES
@@ -224,7 +225,8 @@ class Worker:
                 items=master.watch.items,
                 inflight=dispatcher.running, held=len(dispatcher.held),
                 counts=[[*key, n] for key, n in stats.counts.items()],
-                timings=stats.timings, buckets=stats.buckets)
+                timings=stats.timings, buckets=stats.buckets,
+                iomanagers=master.plugins.status())
         return snapshot
 
     def activity(self) -> list[str]:
@@ -279,7 +281,14 @@ def check(text: bytes, source: str) -> list[str]:
         makeQueue(config)
     except Exception as e:
         problems.append(f"{source}: [queue] backend {config.queue.backend}: {e}")
+    problems += [f"{source}: {why}" for why in checkPlugins(config)]
     return problems
+
+
+def _role(value: str) -> str:
+    if value in ROLES or snqconfig.isName(value):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is not a role")
 
 
 def main(argv=None) -> int:
@@ -291,9 +300,10 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="check the config on stdin and exit")
     parser.add_argument("--id", help="the worker id")
-    parser.add_argument("--role", choices=ROLES, default="queues",
-                        help="which groups to consume: all, xmpp alone, or "
-                        "all but xmpp (queues, the default)")
+    parser.add_argument("--role", type=_role, default="queues",
+                        help="what to run: all, first or queues (every group "
+                        "but xmpp; first also the IoManagers wanting one "
+                        "worker), xmpp, or a dedicated IoManager's name")
     parser.add_argument("--site", help="handle only this site's items")
     parser.add_argument("--generation", type=int, default=0,
                         help="the master's number for this config")

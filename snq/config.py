@@ -11,10 +11,12 @@ starts on a configuration that did not validate.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import re
 import tomllib
 import typing
+import zoneinfo
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,16 @@ from snq.xmpp.settings import SettingsError, XmppSettings
 
 ENV_VAR = "SNQ_CONFIG"
 BACKENDS = ("db", "stomp", "redis")
+#: Where an IoManager runs (C{[iomanagers.NAME] worker}): every queue worker,
+#: the pool's first one, a worker of its own, or the XMPP worker.
+PLACEMENTS = ("every", "one", "dedicated", "xmpp")
+#: Worker roles (L{snq.routing.ROLES}), which an IoManager's name must not be:
+#: a dedicated one's worker has its name as its role.
+RESERVED_NAMES = ("all", "first", "queues", "xmpp")
+CATCHUP = ("none", "last", "all")
+#: Where the built-in IoManagers run unless told: feeds spread over every
+#: queue worker (a lease each), confirmations need the XMPP connections.
+DEFAULT_PLACEMENT = {"feedpoll": "every", "xmppconfirm": "xmpp"}
 
 
 class ConfigError(Exception):
@@ -41,6 +53,11 @@ _notNegative = _check(lambda v: v >= 0, "a number not below 0")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _name = _check(lambda v: bool(_NAME.match(v)), "a name of letters, digits, _ . -")
 _OID = re.compile(r"^\.?\d+(\.\d+){1,63}$")
+
+
+def isName(value: str) -> bool:
+    """Letters, digits, _ . - (daemon ids, groups, IoManagers)."""
+    return bool(_NAME.match(value))
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)b?\s*$", re.IGNORECASE)
@@ -68,6 +85,39 @@ def _isSize(value) -> bool:
 
 
 _size = _check(_isSize, 'bytes as an integer or a string like "512m" ("" = none)')
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parseDuration(value: int | float | str) -> float:
+    """C{"30s"}, C{"5m"}, C{"1h"}, C{"2d"} or a number of seconds → seconds."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    m = _DURATION.match(value)
+    if not m:
+        raise ValueError(value)
+    return float(m.group(1)) * _SECONDS[m.group(2)]
+
+
+def _isDuration(value) -> bool:
+    try:
+        return parseDuration(value) > 0
+    except (ValueError, TypeError):
+        return False
+
+
+_duration = _check(lambda v: v == "" or _isDuration(v),
+                   'seconds as a number or a string like "30s", "5m", "1h", "1d"')
+
+#: For plugins' settings dataclasses (L{buildSettings}): a field's
+#: C{metadata=check(predicate, "what is expected")}, and ready-made ones.
+check = _check
+DURATION = _check(_isDuration, 'seconds as a number or a string like "30s", '
+                  '"5m", "1h", "1d"')
+NAME = _name
 
 
 @dataclass(frozen=True)
@@ -329,6 +379,70 @@ class XmppConfig(XmppSettings):
 
 
 @dataclass(frozen=True)
+class IoManagerConfig:
+    """
+    C{[iomanagers.NAME]}: an IoManager plugin (L{snq.iomanagers}).  The keys
+    here are snq's; every other key of the table is the plugin's own
+    (C{settings}), which the plugin checks when it is loaded.
+    """
+
+    enabled: bool = True
+    #: Which worker runs it: one of L{PLACEMENTS}; "" = the plugin's usual
+    #: place (L{DEFAULT_PLACEMENT}, else "one").
+    worker: str = field(default="", metadata=_check(
+        lambda v: v in ("", *PLACEMENTS), " | ".join(PLACEMENTS)))
+    #: "package.module:Class"; "" = the C{snq.iomanagers} entry point NAME.
+    plugin: str = field(default="", metadata=_check(
+        lambda v: v == "" or bool(re.match(r"^[\w.]+:[\w.]+$", v)),
+        '"package.module:Class", or "" for the entry point of that name'))
+    settings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """
+    C{[schedule.NAME]}: an item enqueued at every tick, once across every
+    daemon sharing the backend (L{snq.iomanagers.schedule}).
+    """
+
+    #: An interval ("30s", 90): ticks at multiples of it since the epoch.
+    every: str | int = field(default="", metadata=_duration)
+    #: A cron expression, in C{timezone}.
+    cron: str = ""
+    transport: str = field(default="", metadata=_name)
+    payload: Any = field(default_factory=dict)
+    site: str = field(default="default", metadata=_name)
+    #: "all": one item per configured site instead of C{site}.
+    sites: str = field(default="", metadata=_check(
+        lambda v: v in ("", "all"), '"all", or "" for site alone'))
+    timezone: str = "UTC"
+    #: Seconds: each item waits a random part of this before it runs.
+    jitter: float = field(default=0.0, metadata=_notNegative)
+    #: After downtime: none, the last missed tick, or all (at most
+    #: C{catchup_limit}).
+    catchup: str = field(default="none", metadata=_check(
+        lambda v: v in CATCHUP, " | ".join(CATCHUP)))
+    catchup_limit: int = field(default=100, metadata=_positive)
+    #: None = the transport's priority.
+    priority: int | None = None
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    """
+    C{[ledger]}: where daemons sharing a backend record what must happen
+    once among them (schedule ticks, feed entries, leases).  "" = the
+    queue's own database or Redis; a STOMP queue needs one given.
+    """
+
+    url: str = field(default="", repr=False, metadata=_check(
+        lambda v: v == "" or (v.split("://", 1)[0] in (
+            "sqlite", "mysql", "postgresql", "redis", "rediss") and "://" in v),
+        'a db URL (sqlite:///…, mysql://…, postgresql://…), a Redis URL '
+        '(redis://…, rediss://…), or "" for the queue\'s own'))
+
+
+@dataclass(frozen=True)
 class Config:
     #: The master and its pool of worker processes.
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
@@ -354,6 +468,11 @@ class Config:
     handlers: dict[str, str] = field(default_factory=dict)
     #: site nick → free-form settings handed to handlers.
     sites: dict[str, dict] = field(default_factory=dict)
+    #: IoManager plugin name → its table.
+    iomanagers: dict[str, IoManagerConfig] = field(default_factory=dict)
+    #: Schedule name → when and what it enqueues.
+    schedules: dict[str, ScheduleConfig] = field(default_factory=dict)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
     #: The file this came from, or None for the embedded default.
     source: str | None = None
     #: What follows says where this config stands in a running daemon, not
@@ -402,6 +521,23 @@ class Config:
                 accounts[nick] = account
         return accounts
 
+    def managers(self) -> dict[str, IoManagerConfig]:
+        """
+        The IoManagers this config asks for: its C{[iomanagers]} tables, and
+        the built-in ones its other sections imply (C{schedule} with a
+        C{[schedule.NAME]}, C{feedpoll} with a site's C{feeds}) unless a
+        table of their own says otherwise.
+        """
+        managers = dict(self.iomanagers)
+        if self.schedules:
+            managers.setdefault("schedule", IoManagerConfig())
+        if any(isinstance(s.get("feeds"), dict) and s["feeds"]
+               for s in self.sites.values()):
+            managers.setdefault("feedpoll", IoManagerConfig())
+        return {name: dataclasses.replace(
+                    m, worker=m.worker or DEFAULT_PLACEMENT.get(name, "one"))
+                for name, m in managers.items() if m.enabled}
+
     def xmppSite(self, site: str) -> str | None:
         """
         The site whose account serves C{site}'s XMPP: its own, else (unless
@@ -416,7 +552,7 @@ class Config:
 _DEFAULT_TRANSPORT = TransportConfig()
 _SECTIONS = {"daemon": DaemonConfig, "queue": QueueConfig, "db": DbConfig,
              "stomp": StompConfig, "redis": RedisConfig, "xmpp": XmppConfig,
-             "monitor": MonitorConfig}
+             "monitor": MonitorConfig, "ledger": LedgerConfig}
 
 
 def load(path: str | None = None, environ: typing.Mapping = os.environ) -> Config:
@@ -460,7 +596,8 @@ def parse(data: dict, source: str = "<config>") -> Config:
     def problem(key: str, message: str) -> None:
         problems.append(f"{source}: {key}: {message}")
 
-    known = {*_SECTIONS, "transports", "handlers", "sites"}
+    known = {*_SECTIONS, "transports", "handlers", "sites", "iomanagers",
+             "schedule"}
     for key in sorted(set(data) - known):
         problem(key, f"unknown section (known: {', '.join(sorted(known))})")
 
@@ -484,11 +621,21 @@ def parse(data: dict, source: str = "<config>") -> Config:
         for nick, table in _table(data, "sites", problem).items()
     }
     _siteXmpp(sites, sections["xmpp"], problem)
+    iomanagers = {
+        name: _ioManager(name, _asTable(table, f"iomanagers.{name}", problem),
+                         problem)
+        for name, table in _table(data, "iomanagers", problem).items()
+    }
+    schedules = {
+        name: _schedule(name, _asTable(table, f"schedule.{name}", problem),
+                        problem)
+        for name, table in _table(data, "schedule", problem).items()
+    }
     if problems:
         raise ConfigError(problems)
     config = Config(
         **sections, transports=transports, handlers=handlers, sites=sites,
-        source=source,
+        iomanagers=iomanagers, schedules=schedules, source=source,
     )
     queueTable = data.get("queue", {})
     if config.xmppAccounts() and "groups" not in queueTable:
@@ -536,6 +683,58 @@ def _build(cls, table: dict, where: str, problem):
         return cls()
 
 
+def _ioManager(name: str, table: dict, problem) -> IoManagerConfig:
+    where = f"iomanagers.{name}"
+    if not _NAME.match(name) or name in RESERVED_NAMES:
+        problem(where, "expected a name of letters, digits, _ . - other than "
+                + ", ".join(RESERVED_NAMES))
+    own = {"enabled", "worker", "plugin"}
+    manager = _build(IoManagerConfig, {k: v for k, v in table.items() if k in own},
+                     where, problem)
+    return dataclasses.replace(
+        manager, settings={k: v for k, v in table.items() if k not in own})
+
+
+def _schedule(name: str, table: dict, problem) -> ScheduleConfig:
+    where = f"schedule.{name}"
+    if not _NAME.match(name):
+        problem(where, "expected a name of letters, digits, _ . -")
+    schedule = _build(ScheduleConfig, {k: v for k, v in table.items()
+                                       if k != "payload"}, where, problem)
+    schedule = dataclasses.replace(schedule, payload=table.get("payload", {}))
+    if bool(schedule.every) == bool(schedule.cron):
+        problem(where, 'expected one of every = "30s" or cron = "*/5 * * * *"')
+    if not schedule.transport:
+        problem(f"{where}.transport", "expected the transport of its items")
+    if schedule.cron:
+        from cronsim import CronSim, CronSimError
+
+        try:
+            CronSim(schedule.cron, datetime.datetime.now(datetime.UTC))
+        except CronSimError as e:
+            problem(f"{where}.cron", f"expected a cron expression, got "
+                    f"{schedule.cron!r}: {e}")
+    try:
+        zoneinfo.ZoneInfo(schedule.timezone)
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        problem(f"{where}.timezone", f"expected a time zone like \"UTC\" or "
+                f"\"Europe/Berlin\", got {schedule.timezone!r}")
+    return schedule
+
+
+def buildSettings(cls, table: dict, where: str):
+    """
+    A plugin's settings dataclass C{cls} from its table, checked as snq's
+    own sections are; L{ConfigError} naming each key that is wrong.
+    """
+    problems = []
+    settings = _build(cls, table, where,
+                      lambda key, message: problems.append(f"{key}: {message}"))
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
 def _siteXmpp(sites: dict, default: XmppConfig, problem) -> None:
     """
     Turn each C{[sites.NICK.xmpp]} table into an L{XmppConfig}, and refuse
@@ -568,6 +767,10 @@ def _bareJid(jid: str) -> str:
 
 def _coerce(hint, value) -> str | None:
     """The expectation C{value} fails for C{hint}, or None if it fits."""
+    if hint is Any:
+        return None
+    if hint is dict:
+        return None if isinstance(value, dict) else "a table"
     if hint is bool:
         return None if isinstance(value, bool) else "true or false"
     if hint is int or hint == (int | None):

@@ -2,6 +2,10 @@
 """
 IoManagers: the services an IoMaster runs.  Each is woken either by input on
 a connection (a listening manager) or by its own timer (a L{PollingManager}).
+
+They are also the plugin API (L{snq.iomanagers}): a plugin is a subclass
+whose constructor takes its L{snq.iomanagers.ManagerContext}, with the
+class attributes and methods below for what snq asks of a plugin.
 """
 
 from twisted.application.service import Service
@@ -12,13 +16,46 @@ from snq.service import defaultReactor
 
 
 class IoManager(Service):
-    """A service with an injectable clock, so tests drive its time."""
+    """
+    A service with an injectable clock, so tests drive its time.
+
+    As a plugin it is started and stopped with its worker (C{startService}
+    and C{stopService} may return Deferreds, which are waited for), and a
+    reloaded config reaches it through C{reconfigService(config)} if it has
+    one (its new settings are in its context by then; it returns what it
+    changed, in words).
+    """
 
     log = Logger()
+
+    #: A plugin's settings: a frozen dataclass whose fields are the keys of
+    #: its C{[iomanagers.NAME]} table, checked as snq checks its own
+    #: sections (types, and a field's C{metadata["check"]}); None: no keys.
+    Settings = None
+    #: It keeps what must happen once in the ledger (L{snq.ledger}): it is
+    #: refused where there is none (a STOMP queue without C{[ledger] url}).
+    usesLedger = False
 
     def __init__(self, clock=None):
         clock = defaultReactor(clock)
         self.clock = clock
+
+    @classmethod
+    def check(cls, config, settings) -> list[str]:
+        """
+        What keeps it from working under C{config} with C{settings} (the
+        parsed L{Settings}), each in words: checked before a daemon starts
+        and before a reload is applied.
+        """
+        return []
+
+    def status(self) -> list[dict]:
+        """
+        Rows for C{/status.json} and the dashboard: C{{"key", "state",
+        "detail"}}, with state "ok" or anything else that needs a look
+        ("failing", …).
+        """
+        return []
 
 
 class PollingManager(IoManager):
@@ -30,7 +67,9 @@ class PollingManager(IoManager):
     C{poll} returns (or fires with) True for "found work", False for "found
     nothing", and None for "cannot take work now": then it sleeps until
     L{wake} is called.  An error counts as "found nothing", so a database
-    that is down is retried with the same backoff.
+    that is down is retried with the same backoff.  A poller that keeps its
+    own time (a feed's interval, a server's C{Retry-After}) returns the
+    seconds to wait instead, as a float.
     """
 
     def __init__(self, pollInterval: float, clock=None):
@@ -106,7 +145,9 @@ class PollingManager(IoManager):
         self._polling = None
         if not self.running or found is None:
             return
-        if found:
+        if isinstance(found, float):
+            self._delay = found
+        elif found:
             self._delay = 0.0
         else:
             self._delay = min(max(self._delay * 2, 1.0), self.pollInterval)

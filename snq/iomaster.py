@@ -18,6 +18,8 @@ from twisted.logger import Logger
 
 from snq.dispatch import Dispatcher
 from snq.handlers import HandlerRegistry
+from snq.iomanagers import IoManagers
+from snq.ledger import LedgerService
 from snq.queues import makeQueue
 from snq.queues.manager import QueueManager
 from snq.routing import TransportFilter, groupsOf
@@ -137,9 +139,10 @@ class IoMaster(AsyncMultiService):
     when the worker should be replaced; without it (C{--inline}) nothing
     watches memory or counts items.
 
-    C{role} says which groups it consumes (L{snq.routing.ROLES}): the pool
-    runs one worker of its own for the "xmpp" group, which alone holds the
-    XMPP connections.  C{site}, when given (C{twistd snq --site NICK}),
+    C{role} says which groups it consumes and which IoManager plugins it
+    runs (L{snq.routing.ROLES}): the pool runs one worker of its own for
+    the "xmpp" group, which alone holds the XMPP connections, and one for
+    each dedicated plugin.  C{site}, when given (C{twistd snq --site NICK}),
     restricts it to that site's items.
 
     C{recycle} and C{shutdown} (called with a reason: stop for good) are
@@ -174,10 +177,16 @@ class IoMaster(AsyncMultiService):
                                      config.queue.max_items, recycle, clock)
             self.watch.setServiceParent(self)
             self.dispatcher.settledHooks.append(self.watch.itemSettled)
-        # The XMPP connections start before the queue manager and so stop
-        # after it: items in flight can still finish.
+        # The ledger is opened when a plugin first asks, and closed last.
+        self.ledger = LedgerService(config, self.queue, clock)
+        self.ledger.setServiceParent(self)
+        # The XMPP connections and the plugins start before the queue
+        # manager and so stop after it: items in flight can still finish.
         self.xmpp = XmppAccounts(self.dispatcher.context, role, clock)
         self.xmpp.setServiceParent(self)
+        self.plugins = IoManagers(config, self.dispatcher.context, self.ledger,
+                                  role, workerId, site)
+        self.plugins.setServiceParent(self)
         managerClass = self.queue.managerClass or QueueManager
         self.manager = managerClass(self.queue, self.dispatcher, config,
                                     self.transports(config), clock,
@@ -216,10 +225,12 @@ class IoMaster(AsyncMultiService):
         yield self.queue.open()
         yield super().startService()
         self.log.info("worker {wid} consuming groups {groups}{site}; handlers: "
-                      "{handlers}", wid=self.workerId,
-                      groups=", ".join(self.groups),
+                      "{handlers}{plugins}", wid=self.workerId,
+                      groups=", ".join(self.groups) or "none",
                       site=f" (site {self.site} only)" if self.site else "",
-                      handlers=", ".join(sorted(self.dispatcher.handlers)))
+                      handlers=", ".join(sorted(self.dispatcher.handlers)),
+                      plugins="; iomanagers: " + ", ".join(self.plugins.plugins)
+                      if self.plugins.plugins else "")
 
     @defer.inlineCallbacks
     def stopService(self):

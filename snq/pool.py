@@ -9,7 +9,8 @@ keeps what they report, and on stop waits until every one is gone.
 When the "xmpp" group is active, one more worker, C{<daemon id>.xmpp},
 consumes that group alone and the others the rest: an XMPP account logged
 in twice throws one session out, so its connection must live in exactly
-one process.
+one process.  An IoManager configured with C{worker = "dedicated"} gets a
+worker of its own the same way, C{<daemon id>.<name>}.
 
 Each child gets two extra pipes for AMP (fd 3 master → child, fd 4 child →
 master); its stdout and stderr carry log lines, which the master logs again
@@ -38,6 +39,7 @@ from snq.amp import (
     RequestReload,
 )
 from snq.reconfig import diff, needsRollingRestart
+from snq.routing import dedicatedRoles, groupsOf
 from snq.service import PartlyApplied, defaultReactor
 
 TO_CHILD, FROM_CHILD = 3, 4
@@ -73,16 +75,18 @@ class _ChildPipe:
 def _slots(config, count: int) -> list[tuple[object, str, str]]:
     """
     C{(key, id, role)} of each worker slot: C{count} numbered ones for the
-    queues, and the "xmpp" one while that group is active (see the
-    module's doc).
+    queues (the first of them also runs the IoManagers that want one
+    worker), while there are groups or IoManagers for them; then one per
+    dedicated role, the "xmpp" group's and each dedicated IoManager's (see
+    the module's doc), with the role as its key and id.
     """
     daemon = config.daemon.id
-    slots = [(n, f"{daemon}.{n}", "queues") for n in range(count)]
-    groups = config.queue.groups
-    if "xmpp" in groups:
-        slots = slots if set(groups) - {"xmpp"} else []
-        slots.append(("xmpp", f"{daemon}.xmpp", "xmpp"))
-    return slots
+    numbered = groupsOf(config, "queues") or any(
+        m.worker in ("every", "one") for m in config.managers().values())
+    slots = [(n, f"{daemon}.{n}", "first" if n == 0 else "queues")
+             for n in range(count)] if numbered else []
+    return slots + [(role, f"{daemon}.{role}", role)
+                    for role in dedicatedRoles(config)]
 
 
 class _MasterChannel(Channel):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from snq.handlers import handlerPaths
+from snq.iomanagers import pluginPaths
 
 LIVE = "live"
 ROLLING = "rolling"
@@ -25,6 +26,7 @@ ROLLING = "rolling"
 #: Keys whose change needs new worker processes: the queue they talk to.
 _ROLLING_KEYS = {
     "daemon.id", "queue.backend", "queue.basename", "db", "stomp", "redis",
+    "ledger",
 }
 
 
@@ -73,7 +75,7 @@ def diff(old, new) -> list[Change]:
                 key = f"{section}.{f.name}"
                 how = ROLLING if key in _ROLLING_KEYS else LIVE
                 changes.append(Change(key, "changed", a, b, how))
-    for table in ("transports", "handlers", "sites"):
+    for table in ("transports", "handlers", "sites", "iomanagers", "schedules"):
         changes += _diffTable(table, getattr(old, table), getattr(new, table))
     for module, fingerprint in sorted(new.code.items()):
         before = old.code.get(module)
@@ -129,9 +131,11 @@ def codeFingerprints(paths: dict[str, str]) -> dict[str, str]:
 def stamped(config, generation: int, loaded: float):
     """
     C{config} as the master runs it: its generation, when it was loaded,
-    and its handlers' code fingerprints, so that the next reload's L{diff}
-    sees new handler code.
+    and its handlers' and IoManager plugins' code fingerprints, so that the
+    next reload's L{diff} sees new code.
     """
-    return dataclasses.replace(
-        config, generation=generation, loaded=loaded,
-        code=codeFingerprints(handlerPaths(config.handlers)))
+    paths = {**handlerPaths(config.handlers),
+             **{f"iomanager {name}": path
+                for name, path in pluginPaths(config).items()}}
+    return dataclasses.replace(config, generation=generation, loaded=loaded,
+                               code=codeFingerprints(paths))

@@ -53,10 +53,12 @@ class TransportFilter:
         return transport not in self.exclude
 
 
-#: What a worker consumes: every active group (C{--inline}), the "xmpp"
-#: group alone (the pool's XMPP worker, so each account has one
-#: connection), or the queues: every active group but "xmpp".
-ROLES = ("all", "xmpp", "queues")
+#: What a worker does: every active group and IoManager (C{--inline}); the
+#: queues, every active group but "xmpp" (the pool's numbered workers, of
+#: which the first also runs the IoManagers that want one worker); or one
+#: thing on a worker of its own: the "xmpp" group (so each account has one
+#: connection), or a dedicated IoManager, whose name is the role.
+ROLES = ("all", "first", "queues", "xmpp")
 
 
 def groupsOf(config, role: str) -> list[str]:
@@ -64,7 +66,30 @@ def groupsOf(config, role: str) -> list[str]:
     if role == "xmpp":
         return ["xmpp"]
     groups = list(config.queue.groups)
-    return [g for g in groups if g != "xmpp"] if role == "queues" else groups
+    if role == "all":
+        return groups
+    if role in ("first", "queues"):
+        return [g for g in groups if g != "xmpp"]
+    return []
+
+
+def dedicatedRoles(config) -> list[str]:
+    """The roles that get a worker of their own: "xmpp", dedicated IoManagers."""
+    roles = ["xmpp"] if "xmpp" in config.queue.groups else []
+    return roles + sorted(name for name, m in config.managers().items()
+                          if m.worker == "dedicated")
+
+
+def runsManager(role: str, name: str, manager) -> bool:
+    """Whether a worker of C{role} runs IoManager C{name} (its C{manager} table)."""
+    where = manager.worker
+    if role == "all":
+        return True
+    if role in ("first", "queues"):
+        return where == "every" or (where == "one" and role == "first")
+    if role == "xmpp":
+        return where == "xmpp"
+    return where == "dedicated" and name == role
 
 
 def consumedSpecs(groups, breakouts, site: str | None = None) -> list[str]:

@@ -80,6 +80,22 @@ class AsyncMultiService(MultiService):
             if not child.running:
                 yield child.startService()
 
+    def addService(self, service):
+        """
+        As MultiService's, but what the start of a child added while this
+        runs returns (a Deferred, say) is returned, so that who adds it can
+        wait for it: C{service.parent = self; yield self.addService(service)}.
+        """
+        running, self.running = self.running, False
+        try:
+            super().addService(service)
+        finally:
+            self.running = running
+        if not running:
+            return None
+        service.privilegedStartService()
+        return service.startService()
+
     @defer.inlineCallbacks
     def stopService(self):
         Service.stopService(self)

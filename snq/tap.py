@@ -16,6 +16,7 @@ from twisted.python import usage
 
 from snq import config as snqconfig
 from snq.handlers import HandlerError, HandlerRegistry
+from snq.iomanagers import checkPlugins
 from snq.reconfig import stamped
 from snq.service import AsyncMultiService
 
@@ -111,6 +112,10 @@ def makeService(options):
         registry = HandlerRegistry.load(config.handlers)
     except HandlerError as e:
         raise SystemExit(f"snq: {e}")
+    # And on an IoManager plugin that does not load or is misconfigured.
+    problems = checkPlugins(config)
+    if problems:
+        raise SystemExit("snq: " + "\nsnq: ".join(problems))
     source = config.source or "embedded default config"
     site = options["site"]
     sites = config.knownSites()

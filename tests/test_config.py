@@ -30,7 +30,8 @@ class ConfigTests(SynchronousTestCase):
         e = self.assertRaises(config.ConfigError, config.load, path, {})
         self.assertEqual(sorted(e.problems), sorted([
             f"{path}: nonsense: unknown section (known: daemon, db, handlers, "
-            "monitor, queue, redis, sites, stomp, transports, xmpp)",
+            "iomanagers, ledger, monitor, queue, redis, schedule, sites, stomp, "
+            "transports, xmpp)",
             f"{path}: queue.typo: unknown key (known: backend, groups, "
             "max_retries, retry_delay, retry_max_delay, prefetch, concurrency, "
             "poll_interval, lease, dead_letter_dir, basename, breakout, "

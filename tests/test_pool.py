@@ -138,7 +138,7 @@ class SpawnTests(PoolTestCase):
         self.assertEqual(process.executable, sys.executable)
         self.assertEqual(process.args,
                          [sys.executable, "-m", "snq.child", "--generation", "1",
-                          "--loaded", "0.0", "--role", "queues", "--id", "web.0"])
+                          "--loaded", "0.0", "--role", "first", "--id", "web.0"])
         self.assertEqual(process.childFDs, CHILD_FDS)
         self.assertEqual(CHILD_FDS, {0: "w", 1: "r", 2: "r", 3: "w", 4: "r"})
         self.assertIsNone(process.env, "inherits the master's environment")
@@ -153,7 +153,7 @@ class SpawnTests(PoolTestCase):
         self.assertEqual(reactor.processes[0].args[3:],
                          ["--config", os.path.abspath("conf/snq.toml"),
                           "--generation", "1", "--loaded", "0.0",
-                          "--role", "queues", "--id", "generic.0"])
+                          "--role", "first", "--id", "generic.0"])
 
 
 class RespawnTests(PoolTestCase):

@@ -373,7 +373,7 @@ class PoolSizeTests(ReloadTestCase):
         self.reactor.advance(1)
         xmpp = self.reactor.processes[2]
         self.assertEqual(xmpp.args[xmpp.args.index("--role") + 1], "xmpp")
-        self.assertEqual(first.args[first.args.index("--role") + 1], "queues")
+        self.assertEqual(first.args[first.args.index("--role") + 1], "first")
         xmpp.ready()
         self.write()
         d = self.reload()

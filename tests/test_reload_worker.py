@@ -185,7 +185,8 @@ class ManagerTests(WorkerTestCase):
         self.assertEqual(Held.pending, [], "its group is not consumed")
         applied = self.reconfigure(parse(handlers=HANDLERS, queue={
             "groups": ["main", "slow"]}, transports={"held": {"group": "slow"}}))
-        self.assertEqual(applied, ["claiming all transports but xmppout"])
+        self.assertEqual(applied,
+                         ["claiming all transports but xmppconfirm, xmppout"])
         self.clock.advance(0)
         self.assertEqual(len(Held.pending), 1)
 

@@ -551,7 +551,7 @@ class PoolTests(SynchronousTestCase):
 
     def test_oneXmppWorker(self):
         self.assertEqual(self.spawned(makeConfig(), 3), [
-            ["--role", "queues", "--id", "generic.0"],
+            ["--role", "first", "--id", "generic.0"],
             ["--role", "queues", "--id", "generic.1"],
             ["--role", "queues", "--id", "generic.2"],
             ["--role", "xmpp", "--id", "generic.xmpp"]])
@@ -567,7 +567,7 @@ class PoolTests(SynchronousTestCase):
     def test_withoutXmpp(self):
         config = snqconfig.parse({"queue": {"groups": ["main", "slow"]}})
         self.assertEqual(self.spawned(config, 2),
-                         [["--role", "queues", "--id", "generic.0"],
+                         [["--role", "first", "--id", "generic.0"],
                           ["--role", "queues", "--id", "generic.1"]])
         self.assertEqual(groupsOf(config, "queues"), ["main", "slow"])
 

@@ -25,6 +25,12 @@ class HandlerContext:
         self.clock = clock
         #: Site → its XmppManager, in a worker that runs the "xmpp" group.
         self.xmppManagers: dict = {}
+        #: Name → the IoManager plugins this worker runs (L{snq.iomanagers}),
+        #: for the handlers that go with them.
+        self.iomanagers: dict = {}
+        #: Callables C{(site, payload)} → (a Deferred of) True for an inbound
+        #: XMPP message they took: it then becomes no C{xmppin} item.
+        self.xmppInbound: list = []
 
     def siteConfig(self, site: str) -> dict:
         return self.config.siteConfig(site)

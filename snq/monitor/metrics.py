@@ -49,10 +49,18 @@ class SnqCollector:
         counters = {name: CounterMetricFamily(
             f"snq_{name}", _HELP[name], labels=labels)
             for name in COUNTERS}
+        events = CounterMetricFamily(
+            "snq_iomanager_events", "Events counted by IoManager plugins "
+            "(feeds polled, schedule ticks fired …)",
+            labels=["iomanager", "event", "key", "site", "worker"])
         for (counter, transport, site, wid), n in sorted(tracker.counts.items()):
             if counter in counters:
                 counters[counter].add_metric([transport, site, wid], n)
+            elif "." in counter:
+                events.add_metric([*counter.split(".", 1), transport, site, wid], n)
         yield from counters.values()
+        yield events
+        yield self._ioManagerStates()
 
         histogram = HistogramMetricFamily(
             "snq_handle_duration_seconds", "Seconds a handler took per item",
@@ -73,6 +81,17 @@ class SnqCollector:
         for sender in self.senders:
             dropped.add_metric([type(sender).__name__], sender.dropped)
         yield dropped
+
+    def _ioManagerStates(self):
+        ok = GaugeMetricFamily(
+            "snq_iomanager_ok", "1 while what an IoManager reports on (a "
+            "feed, a schedule …) is fine, 0 while it is failing",
+            labels=["iomanager", "key", "worker"])
+        for name, manager in sorted(self.tracker.ioManagers().items()):
+            for row in manager["status"]:
+                ok.add_metric([name, row.get("key", ""), row["worker"]],
+                              int(row.get("state") == "ok"))
+        return ok
 
     def _queue(self):
         depth = self.tracker.depth

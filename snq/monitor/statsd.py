@@ -4,7 +4,8 @@ statsd (C{[monitor] statsd = "HOST:PORT"}), once a second, with the names
 under C{statsd_prefix} (default C{snq}):
 
 * counters C{snq.COUNTER}, C{snq.COUNTER.transport.T}, C{snq.COUNTER.site.S}
-  (COUNTER: handled, error, enqueued, … as in StatusNet);
+  (COUNTER: handled, error, enqueued, … as in StatusNet); an IoManager's
+  events as C{snq.iomanager.NAME.EVENT}, C{….key.K} and C{….site.S};
 * a timer C{snq.handle_time.T} in milliseconds: per transport and second,
   the mean of the items finished in that second, with a sample rate of
   1/items so that statsd counts every item;
@@ -47,10 +48,17 @@ class StatsdSender(UdpSender):
                    reactor=reactor)
 
     def counted(self, counter, transport, site, worker, n):
-        name = f"{self.prefix}.{_part(counter)}"
+        manager, dot, event = counter.partition(".")
+        if dot:
+            # An IoManager's event, of a key (a feed, a schedule …).
+            name = f"{self.prefix}.iomanager.{_part(manager)}.{_part(event)}"
+            byKey = f"{name}.key.{_part(transport)}"
+        else:
+            name = f"{self.prefix}.{_part(counter)}"
+            byKey = f"{name}.transport.{_part(transport)}"
         self._counts[name] += n
         if transport:
-            self._counts[f"{name}.transport.{_part(transport)}"] += n
+            self._counts[byKey] += n
         if site:
             self._counts[f"{name}.site.{_part(site)}"] += n
 

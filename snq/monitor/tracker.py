@@ -176,6 +176,27 @@ class Tracker(Service):
                 "last_exit": row["last_exit"]})
         return rows
 
+    def ioManagers(self) -> dict:
+        """
+        IoManager name → C{"events"}: key (a feed, a schedule …) → event →
+        total, and C{"status"}: the rows its instances report (each with the
+        worker's id), for C{/status.json} and the dashboard.
+        """
+        managers = collections.defaultdict(lambda: {"events": {}, "status": []})
+        for (counter, key, _, _), n in self.counts.items():
+            name, dot, event = counter.partition(".")
+            if dot:
+                events = managers[name]["events"].setdefault(key, {})
+                events[event] = events.get(event, 0) + n
+        for row in self.pool.status():
+            if row["role"] != "current":
+                continue
+            report = row.get("report") or {}
+            for name, rows in (report.get("iomanagers") or {}).items():
+                managers[name]["status"] += [{**r, "worker": row["id"]}
+                                             for r in rows]
+        return dict(managers)
+
     def sample(self):
         now = self.clock.seconds()
         workers = self.workers()
@@ -207,7 +228,7 @@ class Tracker(Service):
         depth = self.depth
         transports = collections.defaultdict(dict)
         for (counter, transport, _, _), n in self.counts.items():
-            if transport:
+            if transport and "." not in counter:
                 row = transports[transport]
                 row[counter] = row.get(counter, 0) + n
         for transport, (n, seconds, _) in self.durations.items():
@@ -216,6 +237,7 @@ class Tracker(Service):
             "workers": self.workers(),
             "totals": dict(self.totals()),
             "transports": transports,
+            "iomanagers": self.ioManagers(),
             "queue": None if depth is None else dataclasses.asdict(depth),
         }
 

@@ -105,7 +105,9 @@ def stateDatagram(threadId: str, state: str, substate: str, ts: float) -> bytes:
 
 def counterDatagram(counter: str, transport: str, site: str,
                     threadId: str) -> bytes:
-    owners = [f"queue:{transport}" if transport else None,
+    """An IoManager's event (C{NAME.EVENT}) is owned by C{NAME:KEY}."""
+    manager, dot, _ = counter.partition(".")
+    owners = [f"{manager if dot else 'queue'}:{transport}" if transport else None,
               f"site:{site}" if site else None, f"thread:{threadId}"]
     return urlencode([("counter", counter)] + [("owners[]", owner)
                                                for owner in owners if owner]

@@ -185,17 +185,24 @@ class DbQueue(Queue):
                               "connection", name=name, error=str(e).strip())
 
     def enqueue(self, items, delay=0.0):
+        return self._write(self.insertItems, items, delay)
+
+    def insertItems(self, txn, items, delay=0.0):
+        """Insert C{items} within C{txn} (also the ledger's, L{transaction})."""
         now = self.clock.seconds()
         rows = [(i.toJSON().decode("utf-8"), i.transport, i.site, i.priority,
                  i.created, now + delay, i.attempts) for i in items]
-        p = self.dialect.params(7)
+        txn.executemany(
+            "INSERT INTO queue_item (frame, transport, site, priority,"
+            f" created, run_at, attempts) VALUES ({self.dialect.params(7)})", rows)
 
-        def insert(txn):
-            txn.executemany(
-                "INSERT INTO queue_item (frame, transport, site, priority,"
-                f" created, run_at, attempts) VALUES ({p})", rows)
-
-        return self._write(insert)
+    def transaction(self, interaction, *args):
+        """
+        Run C{interaction(txn, *args)} as one write transaction, again on a
+        fresh connection if its connection died: the ledger's statements
+        (L{snq.ledger.sql}), which may enqueue in the same transaction.
+        """
+        return self._write(interaction, *args)
 
     def claim(self, limit, transports: TransportFilter):
         now = self.clock.seconds()

@@ -267,6 +267,10 @@ class RedisQueue(Queue):
             [self.listKey(spec) for spec in self.consumed],
             lambda key: Doorbell(self._connect(f"wait{next(bells)}"), key, wake))
 
+    def eval(self, script: scripts.Script, keys, args, again=False):
+        """Run one of L{snq.redis.scripts} (also the ledger's)."""
+        return self._eval(script, keys, args, again)
+
     def _eval(self, script: scripts.Script, keys, args, again=False):
         d = self.connection.execute("EVALSHA", script.sha, len(keys), *keys,
                                     *args, again=again)
@@ -286,6 +290,15 @@ class RedisQueue(Queue):
     def enqueue(self, items, delay=0.0):
         if not items:
             return defer.succeed(None)
+        keys, args = self.enqueueArguments(items, delay)
+        # Not idempotent: a lost answer is an error, not a second push.
+        return self._eval(scripts.ENQUEUE, keys, args)
+
+    def enqueueArguments(self, items, delay=0.0) -> tuple[list, list]:
+        """
+        The KEYS and ARGV of C{enqueue.lua} for C{items}, which the
+        ledger's C{once_enqueue.lua} takes too (L{snq.ledger.redis}).
+        """
         due = f"{self.clock.seconds() + delay:.6f}" if delay > 0 else ""
         pairs: dict[str, int] = {}
         args = [due]
@@ -297,8 +310,7 @@ class RedisQueue(Queue):
             args += [index, frame]
         keys = [k for spec in pairs
                 for k in (self.listKey(spec), self.delayedKey(spec))]
-        # Not idempotent: a lost answer is an error, not a second push.
-        return self._eval(scripts.ENQUEUE, keys, args)
+        return keys, args
 
     def claim(self, limit, transports=None):
         """C{transports} is SQL's filter; here the consumed lists are."""

@@ -106,6 +106,12 @@ def parser() -> argparse.ArgumentParser:
     cu = csub.add_parser("update", help="a site's configuration changed")
     cu.add_argument("site")
 
+    sc = sub.add_parser("schedule", help="the schedules ([schedule.NAME])")
+    scsub = sc.add_subparsers(dest="action", required=True)
+    sl = scsub.add_parser("list", help="each schedule, its next tick and the "
+                          "last tick fired (by any daemon on this backend)")
+    sl.add_argument("--json", action="store_true", help="one JSON object a line")
+
     db = sub.add_parser("db", help="database schema")
     dbsub = db.add_subparsers(dest="action", required=True)
     dbsub.add_parser("init", help="create or upgrade the tables")
@@ -223,8 +229,53 @@ def _broadcast(queue, config, args, out, stdin, reactor):
     return d
 
 
+@defer.inlineCallbacks
+def _schedule(queue, config, args, out, stdin, reactor):
+    from snq.iomanagers.schedule import Ticks, describeTick, lastKey
+    from snq.ledger import LedgerMissing, makeLedger
+
+    if not config.schedules:
+        print("no [schedule.NAME] in the config", file=out)
+        return
+    try:
+        ledger = makeLedger(config, queue, reactor)
+    except LedgerMissing as e:
+        raise CommandError(str(e))
+    yield ledger.open()
+    now = reactor.seconds()
+    rows = [("schedule", "when", "transport", "site", "next tick", "last fired")]
+    try:
+        for name, schedule in sorted(config.schedules.items()):
+            ticks = Ticks(schedule)
+            last = yield ledger.get(lastKey(name))
+            last = float(last) if last else None
+            when = (f"every {schedule.every}" if schedule.every
+                    else f"cron {schedule.cron} {schedule.timezone}")
+            site = "all sites" if schedule.sites == "all" else schedule.site
+            if args.json:
+                print(json.dumps({"name": name, "when": when,
+                                  "transport": schedule.transport, "site": site,
+                                  "next": ticks.after(now), "last": last}),
+                      file=out)
+            rows.append((name, when, schedule.transport, site,
+                         describeTick(ticks.after(now), ticks.zone),
+                         describeTick(last, ticks.zone)))
+    finally:
+        yield ledger.close()
+    if not args.json:
+        _table(rows, out)
+
+
+def _table(rows, out):
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width)
+                        for cell, width in zip(row, widths, strict=True)).rstrip(),
+              file=out)
+
+
 _COMMANDS = {"enqueue": _enqueue, "dead": _dead, "db": _db,
-             "control": _broadcast}
+             "control": _broadcast, "schedule": _schedule}
 
 
 def _controlConfig(args):
@@ -292,11 +343,7 @@ def _status(client, args, out):
                      str(report.get("handled", "-")), str(report.get("errors", "-")),
                      f"{report['rss'] / 2**20:.1f} MB" if "rss" in report else "-",
                      str(w["restarts"]), _generation(report, config)))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width)
-                        for cell, width in zip(row, widths, strict=True)).rstrip(),
-              file=out)
+    _table(rows, out)
 
 
 def _generation(report: dict, config: dict) -> str:

@@ -10,7 +10,13 @@ from twisted.logger import Logger
 from twisted.words.protocols.jabber import error, xmlstream
 from twisted.words.protocols.jabber.jid import InvalidFormat, internJID
 from wokkel.subprotocols import XMPPHandler
-from wokkel.xmppim import PresenceProtocol
+from wokkel.xmppim import (
+    NS_ROSTER,
+    PresenceProtocol,
+    RosterItem,
+    RosterRequest,
+    SubscriptionPresence,
+)
 
 from snq.backoff import backoff
 from snq.iomanager import IoManager
@@ -94,10 +100,52 @@ class XmppManager(IoManager):
             self.client.xmlstream.transport.abortConnection()
         return failure
 
+    @defer.inlineCallbacks
+    def ensureSubscribed(self, jid):
+        """
+        Ask C{jid} (a bare JID) for a presence subscription unless the
+        roster says this account has one; fires once asked (or not needed).
+        """
+        if not self.client.initialized:
+            raise NotConnected(f"XMPP account {self.client.jid.full()} is not "
+                               "connected")
+        request = RosterRequest()
+        request.timeout = self.settings.ping_timeout
+        answer = yield self.client.request(request)
+        for element in answer.query.elements(NS_ROSTER, "item") if answer.query \
+                else ():
+            item = RosterItem.fromElement(element)
+            if item.entity.userhostJID() == jid.userhostJID():
+                if item.subscriptionTo or item.pendingOut:
+                    return False
+                break
+        presence = SubscriptionPresence(recipient=jid.userhostJID())
+        presence.stanzaType = "subscribe"
+        self.client.send(presence.toElement())
+        return True
+
     def received(self, payload):
-        """Store an inbound message as an C{xmppin} item of this site."""
+        """
+        Store an inbound message as an C{xmppin} item of this site, unless
+        a plugin takes it (C{context.xmppInbound}, as the C{xmppconfirm}
+        plugin takes replies with a confirmation code).
+        """
         self.context.stats.count("xmpp_process", "xmppin", self.site)
-        self._store([self.context.item("xmppin", payload, site=self.site)])
+        d = self._takenByPlugin(payload)
+        d.addCallback(lambda taken: None if taken else self._store(
+            [self.context.item("xmppin", payload, site=self.site)]))
+
+    @defer.inlineCallbacks
+    def _takenByPlugin(self, payload):
+        for take in list(self.context.xmppInbound):
+            try:
+                if (yield take(self.site, payload)):
+                    return True
+            except Exception:
+                # Nothing is lost: the message becomes an xmppin item.
+                self.log.failure("{take} failed on a message from {sender}",
+                                 take=take, sender=payload.get("from"))
+        return False
 
     def _store(self, items):
         d = self.context.enqueueItems(items)

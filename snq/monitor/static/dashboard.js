@@ -194,6 +194,32 @@
       [String(d.id), "num"], [when(d.died)], [d.transport || "–"], [d.site || "–"],
       [d.reason], [String(d.attempts), "num"], [d.error, "error"],
     ], status.queue ? "no dead letters" : "not known: this backend does not count");
+
+    fillTable($("iomanagers").tBodies[0], ioManagerRows(status.iomanagers || {}), (r) => [
+      [r.name], [r.key || "–"], [r.worker || "–"],
+      [r.state || "–", r.state ? (r.state === "ok" ? "state-running" : "state-exited") : ""],
+      [r.detail || "", "error"], [r.events],
+    ], "no IoManager runs");
+  }
+
+  // One row per IoManager and key (a feed, a schedule …): what its worker
+  // reports of it, and its events counted so far.
+  function ioManagerRows(managers) {
+    const rows = [];
+    for (const name of Object.keys(managers).sort()) {
+      const manager = managers[name];
+      const byKey = new Map();
+      for (const row of manager.status) byKey.set(row.key || "", {name, ...row});
+      for (const key of Object.keys(manager.events)) {
+        if (!byKey.has(key)) byKey.set(key, {name, key});
+      }
+      for (const [key, row] of [...byKey.entries()].sort()) {
+        const events = manager.events[key] || {};
+        row.events = Object.keys(events).sort().map((e) => `${e} ${number(events[e])}`).join(", ");
+        rows.push(row);
+      }
+    }
+    return rows;
   }
 
   function connection(ok, why) {
