@@ -19,6 +19,7 @@ fires the latest, C{all} fires them all, at most C{catchup_limit}.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import random
@@ -190,9 +191,10 @@ class ScheduleRunner:
     def _fired(self, _):
         self._firing = None
         if self.failures:
-            # Again soon, while the tick is the latest one.
-            self._wait(min(backoff(self.failures, 1.0, 30.0),
-                           max(0.0, self.nextTick() - self.clock.seconds())))
+            # Again soon, and at the latest when a new tick is due.
+            now = self.clock.seconds()
+            self._wait(min(backoff(min(self.failures, 10), 1.0, 30.0),
+                           self.ticks.after(now) - now))
         else:
             self._wait()
 
@@ -221,9 +223,11 @@ class ScheduleRunner:
         schedule = self.schedule
         sites = self.context.sites() if schedule.sites == "all" else [schedule.site]
         stamp = int(tick) if float(tick).is_integer() else tick
-        entries = [(f"schedule:{self.name}:{stamp}:{site}",
+        # Created at its tick: every daemon makes the same item for it, and
+        # a caught-up item says when it was due.
+        entries = [(f"schedule:{self.name}:{stamp}:{site}", dataclasses.replace(
                     self.context.item(schedule.transport, schedule.payload, site,
-                                      schedule.priority))
+                                      schedule.priority), created=tick))
                    for site in sites]
         delay = random.uniform(0, schedule.jitter) if schedule.jitter else 0.0
         ttl = max(CLAIM_KEPT, 2 * self.ticks.period(tick))
