@@ -406,7 +406,7 @@ class ScheduleConfig:
     """
 
     #: An interval ("30s", 90): ticks at multiples of it since the epoch.
-    every: str | int = field(default="", metadata=_duration)
+    every: str | float = field(default="", metadata=_duration)
     #: A cron expression, in C{timezone}.
     cron: str = ""
     transport: str = field(default="", metadata=_name)
@@ -784,6 +784,9 @@ def _coerce(hint, value) -> str | None:
     if hint == (str | int):
         ok = isinstance(value, (str, int)) and not isinstance(value, bool)
         return None if ok else "a string or an integer"
+    if hint == (str | float):
+        ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        return None if ok else "a string or a number"
     if hint == list[str]:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         return None if ok else "a list of strings"

@@ -58,15 +58,15 @@ class FeedSettings:
     """C{[iomanagers.feedpoll]}."""
 
     #: Between two polls of a feed, unless the feed says otherwise.
-    interval: str | int = field(default="15m", metadata=DURATION)
+    interval: str | float = field(default="15m", metadata=DURATION)
     transport: str = field(default="feedentry", metadata=NAME)
     #: Seconds between two requests to one host (and one at a time).
-    host_interval: str | int = field(default="2s", metadata=DURATION)
+    host_interval: str | float = field(default="2s", metadata=DURATION)
     #: Longest wait after errors.
-    max_backoff: str | int = field(default="6h", metadata=DURATION)
+    max_backoff: str | float = field(default="6h", metadata=DURATION)
     #: How long an entry's id is remembered; older entries are not imported.
-    retention: str | int = field(default="180d", metadata=DURATION)
-    timeout: str | int = field(default="30s", metadata=DURATION)
+    retention: str | float = field(default="180d", metadata=DURATION)
+    timeout: str | float = field(default="30s", metadata=DURATION)
     #: Bytes; a larger feed is an error.
     max_size: int = field(default=10 * 2**20, metadata=check(
         lambda v: v > 0, "a number of bytes above 0"))
@@ -175,7 +175,7 @@ class Fetcher:
             {k.encode(): [v.encode("latin-1")] for k, v in headers.items()}))
         d.addTimeout(timeout, self.reactor)
         response = yield d
-        if response.length is not None and response.length > maxSize:
+        if isinstance(response.length, int) and response.length > maxSize:
             response.deliverBody(_Discard())
             raise ValueError(f"the feed is {response.length} bytes, over "
                              f"max_size {maxSize}")
@@ -231,7 +231,11 @@ class HostGate:
         ended = self._ended.get(host)
         pause = 0.0 if ended is None else max(
             0.0, ended + self.interval - self.clock.seconds())
-        self.clock.callLater(pause, d.callback, lambda: self._leave(host))
+        leave = lambda: self._leave(host)  # noqa: E731
+        if pause:
+            self.clock.callLater(pause, d.callback, leave)
+        else:
+            d.callback(leave)
 
     def _leave(self, host):
         self._ended[host] = self.clock.seconds()

@@ -60,9 +60,9 @@ class ConfirmSettings:
     """
 
     #: How long a code may be confirmed after it was sent.
-    expiry: str | int = field(default="24h", metadata=DURATION)
+    expiry: str | float = field(default="24h", metadata=DURATION)
     #: How long an expired code is still answered with C{expired}.
-    keep: str | int = field(default="7d", metadata=DURATION)
+    keep: str | float = field(default="7d", metadata=DURATION)
     #: A reply of this word alone confirms the newest code sent to that JID.
     keyword: str = ""
     template: str = field(default=(
