@@ -84,7 +84,11 @@ def siteSettings(config, settings: ConfirmSettings, site: str) -> ConfirmSetting
     return dataclasses.replace(settings, **table) if table else settings
 
 
-def _bare(text) -> JID:
+def _jid(text) -> JID:
+    """
+    The address to confirm: user@domain, or with a resource to send the
+    message to that session alone (replies count from any of its sessions).
+    """
     try:
         if not isinstance(text, str):
             raise InvalidFormat
@@ -93,7 +97,7 @@ def _bare(text) -> JID:
         raise Reject(f"xmppconfirm 'jid' must be a JID, got {text!r}")
     if jid.user is None:
         raise Reject(f"xmppconfirm 'jid' must be user@domain, got {text!r}")
-    return jid.userhostJID()
+    return jid
 
 
 class XmppConfirmHandler(QueueHandler):
@@ -125,7 +129,7 @@ class XmppConfirmHandler(QueueHandler):
         if manager is None:
             raise Reject("the xmppconfirm IoManager does not run in this "
                          "worker: add [iomanagers.xmppconfirm] to the config")
-        return manager.confirm(item.id, _bare(payload.get("jid")), code, url,
+        return manager.confirm(item.id, _jid(payload.get("jid")), code, url,
                                site)
 
 
@@ -251,6 +255,8 @@ class ConfirmManager(IoManager):
             self.context.count("confirmed", site=site)
             self.log.info("{jid} confirmed for site {site}", jid=bare, site=site)
             yield self._answer(site, sender, settings.confirmed.format(**fields))
+        else:
+            self.context.count("repeated", site=site)
         return True
 
     def _answer(self, site, to, body):
