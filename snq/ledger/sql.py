@@ -81,7 +81,10 @@ class SqlLedger(Ledger):
                 return True
             txn.execute(f"UPDATE snq_ledger SET expires = {p} WHERE name = {p}"
                         f" AND owner = {p}", (now + ttl, name, owner))
-            return txn.rowcount == 1
+            # Not the UPDATE's row count: MySQL counts only rows it changed.
+            txn.execute(f"SELECT owner FROM snq_ledger WHERE name = {p}", (name,))
+            row = txn.fetchone()
+            return row is not None and row[0] == owner
 
         return self.queue.transaction(take)
 
