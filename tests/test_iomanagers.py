@@ -15,7 +15,7 @@ from urllib.parse import parse_qs
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from snq import config as snqconfig
 from snq import tap
@@ -30,6 +30,7 @@ from snq.pool import _slots
 from snq.queues.memory import MemoryQueue
 from snq.routing import dedicatedRoles, groupsOf
 from tests.test_monitor import FakePool, FakeProcess
+from tests.test_redis import RedisFixture, redisConfig
 
 HEARTBEAT = {"iomanagers": {"heartbeat": {"interval": 5}}}
 
@@ -340,3 +341,21 @@ class OptionsTests(SynchronousTestCase):
 
         self.assertEqual(_role("feedpoll"), "feedpoll")
         self.assertRaises(argparse.ArgumentTypeError, _role, "no such/role")
+
+
+class DedicatedOnRedisTests(RedisFixture, TestCase):
+    """A dedicated plugin's worker consumes no list, even on Redis."""
+
+    def setUp(self):
+        return self.setUpRedis()
+
+    async def test_consumesNothing(self):
+        config = redisConfig(self.prefix, iomanagers={"beat": {
+            "plugin": "snq_example:Heartbeat", "worker": "dedicated"}})
+        consumed = {}
+        for role in ("beat", "first"):
+            master = IoMaster(config, workerId=f"t.{role}", role=role)
+            await master.startService()
+            consumed[role] = master.queue.consumed
+            await master.stopService()
+        self.assertEqual(consumed, {"beat": [], "first": ["main"]})

@@ -89,10 +89,15 @@ class RedisManager(QueueManager):
         return super().stopService()
 
     def _consume(self):
-        """The lists of this worker's groups (and site): see L{consumedSpecs}."""
+        """
+        The lists of this worker's groups (and site): see L{consumedSpecs}.
+        A worker that consumes no group (a dedicated IoManager's) has none.
+        """
         if self.transports is not None and self.transports.groups:
             self.queue.consumed = consumedSpecs(
                 self.transports.groups, self.queue.breakouts, self.transports.site)
+        elif self.parent is not None and not self.parent.groups:
+            self.queue.consumed = []
 
     @defer.inlineCallbacks
     def follow(self, old):
