@@ -386,16 +386,20 @@ class IoManagerConfig:
     (C{settings}), which the plugin checks when it is loaded.
     """
 
+    #: False: configured but not run.
     enabled: bool = True
-    #: Which worker runs it: one of L{PLACEMENTS}; "" = the plugin's usual
-    #: place (L{DEFAULT_PLACEMENT}, else "one").
+    #: Which worker runs it: every (queue worker), one (the pool's first
+    #: worker), dedicated (a worker of its own) or xmpp (the XMPP worker);
+    #: "" = the plugin's usual place (feedpoll: every; xmppconfirm: xmpp;
+    #: any other: one).
     worker: str = field(default="", metadata=_check(
         lambda v: v in ("", *PLACEMENTS), " | ".join(PLACEMENTS)))
     #: "package.module:Class"; "" = the C{snq.iomanagers} entry point NAME.
     plugin: str = field(default="", metadata=_check(
         lambda v: v == "" or bool(re.match(r"^[\w.]+:[\w.]+$", v)),
         '"package.module:Class", or "" for the entry point of that name'))
-    settings: dict = field(default_factory=dict)
+    #: Not a key: every other key of the table, the plugin's own settings.
+    settings: dict = field(default_factory=dict, metadata={"rest": True})
 
 
 @dataclass(frozen=True)
@@ -407,21 +411,27 @@ class ScheduleConfig:
 
     #: An interval ("30s", 90): ticks at multiples of it since the epoch.
     every: str | float = field(default="", metadata=_duration)
-    #: A cron expression, in C{timezone}.
+    #: A cron expression (five fields), in C{timezone}; give C{every} or
+    #: C{cron}.
     cron: str = ""
+    #: The items' transport (required).
     transport: str = field(default="", metadata=_name)
+    #: The items' payload.
     payload: Any = field(default_factory=dict)
+    #: The items' site.
     site: str = field(default="default", metadata=_name)
     #: "all": one item per configured site instead of C{site}.
     sites: str = field(default="", metadata=_check(
         lambda v: v in ("", "all"), '"all", or "" for site alone'))
+    #: The time zone of C{cron}, by its IANA name.
     timezone: str = "UTC"
     #: Seconds: each item waits a random part of this before it runs.
     jitter: float = field(default=0.0, metadata=_notNegative)
-    #: After downtime: none, the last missed tick, or all (at most
-    #: C{catchup_limit}).
+    #: After downtime, the ticks nobody fired: none, the latest, or all of
+    #: them …
     catchup: str = field(default="none", metadata=_check(
         lambda v: v in CATCHUP, " | ".join(CATCHUP)))
+    #: … at most this many, the latest.
     catchup_limit: int = field(default=100, metadata=_positive)
     #: None = the transport's priority.
     priority: int | None = None
@@ -435,6 +445,8 @@ class LedgerConfig:
     queue's own database or Redis; a STOMP queue needs one given.
     """
 
+    #: A database or Redis every daemon on the backend shares; "" = the
+    #: queue's own (a STOMP queue has none). May hold a password.
     url: str = field(default="", repr=False, metadata=_check(
         lambda v: v == "" or (v.split("://", 1)[0] in (
             "sqlite", "mysql", "postgresql", "redis", "rediss") and "://" in v),
@@ -468,10 +480,15 @@ class Config:
     handlers: dict[str, str] = field(default_factory=dict)
     #: site nick → free-form settings handed to handlers.
     sites: dict[str, dict] = field(default_factory=dict)
-    #: IoManager plugin name → its table.
+    #: C{[iomanagers.NAME]}: an IoManager plugin, its place and its own
+    #: settings (see the chapter on IoManagers).
     iomanagers: dict[str, IoManagerConfig] = field(default_factory=dict)
-    #: Schedule name → when and what it enqueues.
-    schedules: dict[str, ScheduleConfig] = field(default_factory=dict)
+    #: C{[schedule.NAME]}: items enqueued at each tick of a schedule, once
+    #: across every daemon sharing the backend (see the chapter on
+    #: schedules).
+    schedule: dict[str, ScheduleConfig] = field(default_factory=dict)
+    #: Where daemons sharing a backend record what must happen once among
+    #: them (see the chapter on IoManagers, "The ledger").
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     #: The file this came from, or None for the embedded default.
     source: str | None = None
@@ -529,7 +546,7 @@ class Config:
         table of their own says otherwise.
         """
         managers = dict(self.iomanagers)
-        if self.schedules:
+        if self.schedule:
             managers.setdefault("schedule", IoManagerConfig())
         if any(isinstance(s.get("feeds"), dict) and s["feeds"]
                for s in self.sites.values()):
@@ -626,7 +643,7 @@ def parse(data: dict, source: str = "<config>") -> Config:
                          problem)
         for name, table in _table(data, "iomanagers", problem).items()
     }
-    schedules = {
+    schedule = {
         name: _schedule(name, _asTable(table, f"schedule.{name}", problem),
                         problem)
         for name, table in _table(data, "schedule", problem).items()
@@ -635,7 +652,7 @@ def parse(data: dict, source: str = "<config>") -> Config:
         raise ConfigError(problems)
     config = Config(
         **sections, transports=transports, handlers=handlers, sites=sites,
-        iomanagers=iomanagers, schedules=schedules, source=source,
+        iomanagers=iomanagers, schedule=schedule, source=source,
     )
     queueTable = data.get("queue", {})
     if config.xmppAccounts() and "groups" not in queueTable:

@@ -51,9 +51,9 @@ class IoManager(Service):
 
     def status(self) -> list[dict]:
         """
-        Rows for C{/status.json} and the dashboard: C{{"key", "state",
-        "detail"}}, with state "ok" or anything else that needs a look
-        ("failing", …).
+        Rows for C{/status.json} and the dashboard, each a dict of C{key}
+        (what it is about: a feed, a schedule …), C{state} ("ok", or
+        anything else that needs a look: "failing" …) and C{detail}.
         """
         return []
 
@@ -86,6 +86,7 @@ class PollingManager(IoManager):
         return self._delay > 0
 
     def poll(self):
+        """Look for work once; what it returns decides the next poll."""
         raise NotImplementedError
 
     def startService(self):

@@ -75,7 +75,7 @@ def diff(old, new) -> list[Change]:
                 key = f"{section}.{f.name}"
                 how = ROLLING if key in _ROLLING_KEYS else LIVE
                 changes.append(Change(key, "changed", a, b, how))
-    for table in ("transports", "handlers", "sites", "iomanagers", "schedules"):
+    for table in ("transports", "handlers", "sites", "iomanagers", "schedule"):
         changes += _diffTable(table, getattr(old, table), getattr(new, table))
     for module, fingerprint in sorted(new.code.items()):
         before = old.code.get(module)

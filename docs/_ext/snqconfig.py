@@ -45,6 +45,8 @@ _TYPES = {
     str | int: "string or integer",
     int | None: "integer",
     str | None: "string",
+    str | float: "string or number",
+    typing.Any: "any TOML value",
 }
 
 
@@ -137,6 +139,9 @@ def describe(section: str, cls: type) -> list[str]:
     hints = typing.get_type_hints(cls)
     lines = []
     for f in dataclasses.fields(cls):
+        if f.metadata.get("rest"):
+            # Not a key: the table's other keys (a plugin's own settings).
+            continue
         kind = _TYPES[hints[f.name]]
         check = f.metadata.get("check")
         if check:

@@ -279,7 +279,7 @@ class Scheduler(IoManager):
 
     def startService(self):
         super().startService()
-        return self._follow(self.context.config.schedules)
+        return self._follow(self.context.config.schedule)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -288,7 +288,7 @@ class Scheduler(IoManager):
         yield defer.gatherResults([r.stop() for r in runners.values()])
 
     def reconfigService(self, config):
-        return self._follow(config.schedules)
+        return self._follow(config.schedule)
 
     @defer.inlineCallbacks
     def _follow(self, schedules):

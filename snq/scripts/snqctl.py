@@ -234,7 +234,7 @@ def _schedule(queue, config, args, out, stdin, reactor):
     from snq.iomanagers.schedule import Ticks, describeTick, lastKey
     from snq.ledger import LedgerMissing, makeLedger
 
-    if not config.schedules:
+    if not config.schedule:
         print("no [schedule.NAME] in the config", file=out)
         return
     try:
@@ -245,7 +245,7 @@ def _schedule(queue, config, args, out, stdin, reactor):
     now = reactor.seconds()
     rows = [("schedule", "when", "transport", "site", "next tick", "last fired")]
     try:
-        for name, schedule in sorted(config.schedules.items()):
+        for name, schedule in sorted(config.schedule.items()):
             ticks = Ticks(schedule)
             last = yield ledger.get(lastKey(name))
             last = float(last) if last else None
