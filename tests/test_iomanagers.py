@@ -228,7 +228,7 @@ class RefusedTests(SynchronousTestCase):
 
     def test_notAPlugin(self):
         self.assertEqual(self.problems({"x": {"plugin": "snq.item:Item"}, "y": {}}), [
-            "iomanagers.x: snq.item:Item is not an IoManager subclass",
+            "iomanagers.x: snq.item:Item is not a subclass of IoManager",
             "iomanagers.y: no plugin of that name (no 'y' entry point in "
             "snq.iomanagers, no plugin = \"package.module:Class\" in the table)"])
 

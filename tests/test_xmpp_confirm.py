@@ -7,12 +7,11 @@ second account (alice) at the other end.
 """
 
 import json
-import os
 import sqlite3
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 from wokkel.xmppim import NS_ROSTER, RosterItem, RosterRequest
 
 from snq import config as snqconfig
@@ -23,11 +22,15 @@ from snq.item import Item
 from snq.ledger.memory import MemoryLedger
 from snq.queues.memory import MemoryQueue
 from snq.xmpp.confirm import ConfirmManager, XmppConfirmHandler
-from snq.xmpp.connection import XmppClient, XmppSettings
 from snq.xmpp.xmppout import NotConnected
 from tests.daemon import waitFor
 from tests.plugin_helpers import managerContext
-from tests.test_xmpp_integration import CA_FILE, Peer, requireProsody, resource
+from tests.test_xmpp_integration import (
+    CA_FILE,
+    ProsodyTestCase,
+    connectPeer,
+    resource,
+)
 
 ACCOUNT = {"jid": "snq@localhost", "password": "snq-pass"}
 
@@ -194,19 +197,11 @@ class ConfirmTests(SynchronousTestCase):
                       "runs", problem)
 
 
-class ProsodyTests(TestCase):
+class ProsodyTests(ProsodyTestCase):
     """
     The XMPP worker in this process (SQLite queue and ledger), snq@localhost
     asking alice@localhost, whose session here is the test's own.
     """
-
-    timeout = 60
-
-    def setUp(self):
-        requireProsody()
-        self.dir = os.path.abspath(self.mktemp())
-        os.makedirs(self.dir)
-        self.db = os.path.join(self.dir, "snq.sqlite")
 
     def rows(self, transport):
         with sqlite3.connect(self.db, timeout=30) as conn:
@@ -214,14 +209,7 @@ class ProsodyTests(TestCase):
                 "SELECT frame FROM queue_item WHERE transport = ?", (transport,))]
 
     async def test_confirmation(self):
-        client = XmppClient(XmppSettings(
-            jid="alice@localhost", password="alice-pass", host="127.0.0.1",
-            resource=resource("alice"), tls="off"))
-        peer = Peer()
-        peer.setHandlerParent(client)
-        client.startService()
-        self.addCleanup(lambda: client.running and client.stopService())
-        await client.whenInitialized()
+        client, peer = await connectPeer(self)
         config = snqconfig.parse({
             "db": {"url": f"sqlite:///{self.db}"},
             "queue": {"poll_interval": 0.1, "retry_delay": 0.2},

@@ -120,6 +120,20 @@ class Peer(XMPPHandler):
         self.send(message)
 
 
+@defer.inlineCallbacks
+def connectPeer(testCase, session=None):
+    """alice@localhost with a session of its own, connected; → (client, peer)."""
+    peer = Peer()
+    client = XmppClient(XmppSettings(
+        jid="alice@localhost", password="alice-pass", host="127.0.0.1",
+        resource=session or resource("alice"), tls="off"))
+    peer.setHandlerParent(client)
+    client.startService()
+    testCase.addCleanup(lambda: client.running and client.stopService())
+    yield client.whenInitialized()
+    return client, peer
+
+
 class RecordPayload(QueueHandler):
     """For the twistd test: an xmppin handler writing each payload a line."""
 
@@ -154,7 +168,9 @@ class Gate:
         return None
 
 
-class XmppIntegrationTests(TestCase):
+class ProsodyTestCase(TestCase):
+    """A test against Prosody, with a directory and an SQLite queue file."""
+
     timeout = 60
 
     def setUp(self):
@@ -162,6 +178,9 @@ class XmppIntegrationTests(TestCase):
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
         self.db = os.path.join(self.dir, "snq.sqlite")
+
+
+class XmppIntegrationTests(ProsodyTestCase):
 
     def config(self, **xmpp):
         account = dict(jid="snq@localhost", password="snq-pass",
@@ -186,17 +205,8 @@ class XmppIntegrationTests(TestCase):
         self.addCleanup(master.stopService)
         return master
 
-    @defer.inlineCallbacks
     def startPeer(self, session=None):
-        peer = Peer()
-        client = XmppClient(XmppSettings(
-            jid="alice@localhost", password="alice-pass", host="127.0.0.1",
-            resource=session or resource("alice"), tls="off"))
-        peer.setHandlerParent(client)
-        client.startService()
-        self.addCleanup(lambda: client.running and client.stopService())
-        yield client.whenInitialized()
-        return client, peer
+        return connectPeer(self, session)
 
     def rows(self, transport):
         with sqlite3.connect(self.db, timeout=30) as conn:
@@ -348,14 +358,7 @@ xmppin = "tests.test_xmpp_integration:RecordPayload"
 [sites.default]
 record_file = "{record}"
 """)
-        client = XmppClient(XmppSettings(
-            jid="alice@localhost", password="alice-pass", host="127.0.0.1",
-            resource=resource("alice"), tls="off"))
-        peer = Peer()
-        peer.setHandlerParent(client)
-        client.startService()
-        self.addCleanup(lambda: client.running and client.stopService())
-        await client.whenInitialized()
+        client, peer = await connectPeer(self)
         daemon = Daemon(self, work, "-c", path)
         to = client.jid.full()
         snqctl("-c", path, "enqueue", "xmppout",

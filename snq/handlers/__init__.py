@@ -75,18 +75,33 @@ class QueueHandler:
         """Called once as the worker stops: close connections (a Deferred)."""
 
 
-def importHandler(path: str) -> type[QueueHandler]:
-    """C{"package.module:Class"} → the class, or L{HandlerError} saying why."""
+class LoadError(Exception):
+    """A class named in the config or by an entry point did not load."""
+
+
+def importClass(path: str, base: type) -> type:
+    """
+    C{"package.module:Class"} → the class, a subclass of C{base}; or
+    L{LoadError} saying why not (handlers, IoManager plugins).
+    """
     moduleName, _, attr = path.partition(":")
     try:
         obj = importlib.import_module(moduleName)
         for part in attr.split("."):
             obj = getattr(obj, part)
     except Exception as e:
-        raise HandlerError(f"cannot load {path}: {type(e).__name__}: {e}")
-    if not (isinstance(obj, type) and issubclass(obj, QueueHandler)):
-        raise HandlerError(f"{path} is not a QueueHandler subclass")
+        raise LoadError(f"cannot load {path}: {type(e).__name__}: {e}")
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        raise LoadError(f"{path} is not a subclass of {base.__name__}")
     return obj
+
+
+def importHandler(path: str) -> type[QueueHandler]:
+    """C{"package.module:Class"} → the class, or L{HandlerError} saying why."""
+    try:
+        return importClass(path, QueueHandler)
+    except LoadError as e:
+        raise HandlerError(str(e))
 
 
 def handlerPaths(configured: dict[str, str]) -> dict[str, str]:

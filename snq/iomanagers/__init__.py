@@ -16,7 +16,6 @@ the reason before a daemon starts and before a reload is applied
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
@@ -24,6 +23,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from snq import config as snqconfig
+from snq.handlers import LoadError, importClass
 from snq.iomanager import IoManager
 from snq.ledger import checkLedger
 from snq.routing import runsManager
@@ -77,15 +77,10 @@ def loadPlugin(config, name: str) -> Plugin:
         raise PluginError([f"{where}: no plugin of that name (no {name!r} entry "
                            f"point in {ENTRY_POINT_GROUP}, no plugin = "
                            "\"package.module:Class\" in the table)"])
-    moduleName, _, attr = path.partition(":")
     try:
-        cls = importlib.import_module(moduleName)
-        for part in attr.split("."):
-            cls = getattr(cls, part)
-    except Exception as e:
-        raise PluginError([f"{where}: cannot load {path}: {type(e).__name__}: {e}"])
-    if not (isinstance(cls, type) and issubclass(cls, IoManager)):
-        raise PluginError([f"{where}: {path} is not an IoManager subclass"])
+        cls = importClass(path, IoManager)
+    except LoadError as e:
+        raise PluginError([f"{where}: {e}"])
     settings = None
     if cls.Settings is not None:
         try:
