@@ -376,16 +376,16 @@ class FeedPolling(PollingManager):
             self.context.count("new_entries", feed.key, feed.site, len(new))
         return len(new)
 
-    def _failed(self, failure, settings) -> float:
+    def _failed(self, problem, settings) -> float:
         self.failures += 1
-        self.lastError = str(failure) or type(failure).__name__
+        self.lastError = str(problem) or type(problem).__name__
         self.context.count("errors", self.feed.key, self.feed.site)
         delay = min(backoff(self.failures, self.feed.interval,
                             parseDuration(settings.max_backoff)),
                     parseDuration(settings.max_backoff))
-        if isinstance(failure, HttpError) and failure.retryAfter is not None:
-            delay = max(delay, failure.retryAfter)
-        if self.failures == 1 and not isinstance(failure, EXPECTED):
+        if isinstance(problem, HttpError) and problem.retryAfter is not None:
+            delay = max(delay, problem.retryAfter)
+        if self.failures == 1 and not isinstance(problem, EXPECTED):
             self.log.failure("feed {feed} cannot be polled; next try in "
                              "{delay:.0f} s", feed=self.feed.key, delay=delay)
         else:

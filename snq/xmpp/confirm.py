@@ -21,6 +21,7 @@ knows them.  Importing this module imports no wokkel.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -28,8 +29,9 @@ from dataclasses import dataclass, field
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.words.protocols.jabber.jid import JID, InvalidFormat
+from twisted.words.xish import domish
 
-from snq.config import DURATION, check, parseDuration
+from snq.config import DURATION, ConfigError, buildSettings, check, parseDuration
 from snq.handlers import QueueHandler, Reject, Retry
 from snq.iomanager import IoManager
 from snq.xmpp.xmppout import NotConnected
@@ -78,8 +80,6 @@ class ConfirmSettings:
 
 def siteSettings(config, settings: ConfirmSettings, site: str) -> ConfirmSettings:
     """C{settings} with C{[sites.SITE.xmppconfirm]} over them."""
-    import dataclasses
-
     table = config.siteConfig(site).get("xmppconfirm") or {}
     return dataclasses.replace(settings, **table) if table else settings
 
@@ -155,8 +155,6 @@ class ConfirmManager(IoManager):
             if not isinstance(own, dict):
                 problems.append(f"{where}: expected a table")
                 continue
-            from snq.config import ConfigError, buildSettings
-
             try:
                 buildSettings(ConfirmSettings, own, where)
             except ConfigError as e:
@@ -278,8 +276,6 @@ def _codeIn(body: str, codes: dict, keyword: str) -> str | None:
 
 
 def _message(to: str, body: str):
-    from twisted.words.xish import domish
-
     message = domish.Element((None, "message"))
     message["to"], message["type"] = to, "chat"
     message.addElement("body", content=body)
