@@ -119,7 +119,7 @@ class StartTests(SynchronousTestCase):
         built.clock.advance(5)
         self.assertEqual(len(built.items("heartbeat")), 2)
         stats = built.master.stats
-        self.assertEqual(stats.counts["heartbeat.beats", "", ""], 2)
+        self.assertEqual(stats.counts["heartbeat.beats", "heartbeat", ""], 2)
         self.assertEqual(stats.counts["enqueued", "heartbeat", "default"], 2)
         self.assertEqual(built.master.plugins.status(), {"heartbeat": [
             {"key": "heartbeat", "state": "ok", "detail": "2 beats, every 5 s"}]})
@@ -295,7 +295,7 @@ class CountersTests(SynchronousTestCase):
     def test_statusJson(self):
         status = self.tracker.status()
         self.assertEqual(status["iomanagers"]["heartbeat"], {
-            "events": {"": {"beats": 2}},
+            "events": {"heartbeat": {"beats": 2}},
             "status": [{"key": "heartbeat", "state": "ok",
                         "detail": "2 beats, every 5 s", "worker": "generic.0"}]})
         self.assertNotIn("", status["transports"])
@@ -308,7 +308,8 @@ class CountersTests(SynchronousTestCase):
         [sample] = [s for s in families["snq_iomanager_events"].samples
                     if s.name.endswith("_total")]
         self.assertEqual((sample.labels, sample.value), (
-            {"iomanager": "heartbeat", "event": "beats", "key": "", "site": "",
+            {"iomanager": "heartbeat", "event": "beats", "key": "heartbeat",
+             "site": "",
              "worker": "generic.0"}, 2.0))
         [ok] = families["snq_iomanager_ok"].samples
         self.assertEqual(ok.value, 1.0)

@@ -407,7 +407,8 @@ class FeedPolling(PollingManager):
         """Only the poller holding the feed says anything about it."""
         if not self.holding:
             return None
-        detail = [f"{self.feed.url}", self.lastStatus or "not polled yet"]
+        detail = [self.feed.url, self.lastStatus or (
+            "no answer" if self.failures else "not polled yet")]
         if self.failures:
             detail.append(f"{self.failures} failures in a row: {self.lastError}")
         if self.nextPoll is not None:
