@@ -630,7 +630,8 @@ class MonitorConfigTests(SynchronousTestCase):
     def test_defaults(self):
         monitor = snqconfig.Config().monitor
         self.assertEqual((monitor.udp, monitor.statsd, monitor.statsd_prefix,
-                          monitor.http, monitor.token, monitor.depth_interval),
+                          monitor.http, monitor.token.reveal(),
+                          monitor.depth_interval),
                          ("", "", "snq", "127.0.0.1:8750", "", 2.0))
 
     def test_addresses(self):
