@@ -429,7 +429,8 @@ class StompReloadTests(ReloadTestCase):
 
     def configure(self, **kw):
         kw["queue"] = (f'backend = "stomp"\nbasename = "/queue/{self.name}/"\n'
-                       f'[stomp]\ncontrol_channel = "/topic/{self.name}/control"')
+                       f'[stomp]\ncontrol_channel = "/topic/{self.name}/control"'
+                       '\ncontrol_secret = "reload-test-secret"')
         super().configure(**kw)
 
     def send(self, spec, site, n=4):
