@@ -30,6 +30,7 @@ from sphinx.util import logging
 from sphinx.util.docutils import SphinxDirective
 
 from snq.config import Config
+from snq.secret import Secret
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ _TYPES = {
     str | int: "string or integer",
     int | None: "integer",
     str | None: "string",
+    Secret: "string (a secret: never printed)",
 }
 
 
@@ -88,6 +90,9 @@ def fieldDocs(cls: type) -> dict[str, str | None]:
 
 def tomlValue(value) -> str:
     """A default as it is written in the TOML file."""
+    if isinstance(value, Secret):
+        # A default is no secret: it is written here.
+        value = value.reveal()
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
