@@ -236,7 +236,8 @@ class Dispatcher:
         timer = None
         if timeout:
             # Cancelling surfaces as whatever the handler's library raises
-            # (treq: ResponseNeverReceived), so remember that we did it.
+            # (twisted.web's client: ResponseNeverReceived), so remember
+            # that we did it.
             timer = self.clock.callLater(timeout, d.cancel)
 
         def finished(result):
