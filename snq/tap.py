@@ -123,7 +123,7 @@ def makeService(options):
 
         warning = startWarning(config.stomp)
         if warning:
-            Daemon.log.warn("{warning}", warning=warning)
+            Daemon.log.warn("{why}", why=warning)
     from snq.reload import Reloader
 
     daemon = Daemon()

@@ -7,6 +7,7 @@ messages.  Each test has queues of its own (C{snqtest-…}), removed after.
 """
 
 import json
+import os
 import time
 
 from twisted.internet import defer, reactor, threads
@@ -19,7 +20,7 @@ from snq.queues.stomp import NoBrokerError, StompQueue
 from snq.stomp.control import ControlVerifier, controlHeaders, signature
 from snq.stomp.destinations import onTheWire, retryBucket
 from tests import rabbitmq
-from tests.daemon import freePort
+from tests.daemon import freePort, snqctl
 
 
 class RabbitTestCase(TestCase):
@@ -359,6 +360,31 @@ class ControlChannelTests(RabbitTestCase):
         self.assertEqual(
             [s.destination for c in closed.manager.queue.connections
              for s in c.subscriptions], [f"/queue/{self.name}/main"])
+
+    @defer.inlineCallbacks
+    def test_snqctlControl(self):
+        """snqctl publishes only where workers listen: signed, or opted in."""
+        path = os.path.abspath(self.mktemp())
+        results = {}
+        for name, extra in (("closed", ""), ("unsigned",
+                                             "control_allow_unsigned = true\n"),
+                            ("signed", 'control_secret = "K3Y"\n')):
+            with open(path, "w") as f:
+                f.write(f'[queue]\nbackend = "stomp"\nbasename = "/queue/{self.name}/"'
+                        f'\n[stomp]\ncontrol_channel = "/topic/{self.name}/control"'
+                        f"\n{extra}")
+            results[name] = yield threads.deferToThread(
+                snqctl, "-c", path, "control", "restart", cwd=".", check=False)
+        closed = results["closed"]
+        self.assertEqual(closed.returncode, 1)
+        self.assertIn("is closed: workers do not listen to it without [stomp] "
+                      "control_secret", closed.stderr)
+        self.assertEqual(results["unsigned"].stdout.strip(),
+                         f"published restart on /topic/{self.name}/control "
+                         "(unsigned)")
+        self.assertEqual(results["signed"].stdout.strip(),
+                         f"published restart on /topic/{self.name}/control "
+                         "(signed)")
 
     @defer.inlineCallbacks
     def test_signedOnly(self):
