@@ -312,6 +312,17 @@ class TargetPolicyTests(WebhookTestCase):
         self.assertEqual(self.resolver.lookups, ["hook.test"])
 
     @defer.inlineCallbacks
+    def test_nameThatDoesNotResolveRetried(self):
+        """A resolver that answers nothing may be down for now: retried."""
+        self.resolver = Resolver({})
+        sites = {"ex": {"webhook_allow": ["gone.test"]}}
+        queue = yield self.deliver({"url": "http://gone.test/", "body": 1},
+                                   site="ex", sites=sites)
+        [row] = queue.rows.values()
+        self.assertIn("DNSLookupError", row["error"])
+        self.flushLoggedErrors()
+
+    @defer.inlineCallbacks
     def test_otherHostOfTheSiteRefused(self):
         """The site's webhook_url allows that URL, not its neighbours."""
         sites = {"ex": {"webhook_url": "https://hooks.example.org/in"}}

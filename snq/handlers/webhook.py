@@ -36,6 +36,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
+from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import IResolutionReceiver, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -108,7 +109,8 @@ class _CheckedEndpoint:
         self.resolver.resolveHostName(receiver, self.host, self.port)
         addresses = yield receiver.done
         if not addresses:
-            raise TargetRefused(f"{self.host} does not resolve")
+            # Perhaps only for now (the resolver is down): retried.
+            raise DNSLookupError(self.host)
         for address in addresses:
             self.policy.checkAddress(self.host, address.host)
         # The first that answers, as HostnameEndpoint would (in turn here).
