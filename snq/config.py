@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -20,6 +22,8 @@ import zoneinfo
 from dataclasses import dataclass, field
 from typing import Any
 
+from snq.handlers.targets import TargetPolicy
+from snq.secret import Secret, isSecretName, maskURL
 from snq.xmpp.settings import SettingsError, XmppSettings
 
 ENV_VAR = "SNQ_CONFIG"
@@ -44,12 +48,18 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def _check(predicate, expected: str):
-    return {"check": (predicate, expected)}
+def _check(predicate, expected: str, **more):
+    return {"check": (predicate, expected), **more}
+
+
+def _count(low: int, high: int):
+    return _check(lambda v: low <= v <= high, f"a number from {low} to {high}")
 
 
 _positive = _check(lambda v: v > 0, "a number greater than 0")
 _notNegative = _check(lambda v: v >= 0, "a number not below 0")
+#: Items held or run at once: more would only exhaust memory.
+_window = _count(1, 100_000)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _name = _check(lambda v: bool(_NAME.match(v)), "a name of letters, digits, _ . -")
 _OID = re.compile(r"^\.?\d+(\.\d+){1,63}$")
@@ -84,6 +94,11 @@ def _isSize(value) -> bool:
     return True
 
 
+#: Secrets are immutable: defaults may be shared.
+_NO_SECRET, _GUEST = Secret(""), Secret("guest")
+_DB_URL = Secret.url("sqlite:///snq.sqlite")
+_REDIS_URL = Secret.url("redis://127.0.0.1:6379/0")
+
 _size = _check(_isSize, 'bytes as an integer or a string like "512m" ("" = none)')
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -104,9 +119,10 @@ def parseDuration(value: int | float | str) -> float:
 
 def _isDuration(value) -> bool:
     try:
-        return parseDuration(value) > 0
+        seconds = parseDuration(value)
     except (ValueError, TypeError):
         return False
+    return seconds > 0 and math.isfinite(seconds)
 
 
 _duration = _check(lambda v: v == "" or _isDuration(v),
@@ -126,7 +142,7 @@ class DaemonConfig:
     #: (generic.0, generic.1, …) and its XMPP worker <id>.xmpp.
     id: str = field(default="generic", metadata=_name)
     #: Worker processes; 0 = one per CPU.  twistd snq --workers wins over it.
-    workers: int = field(default=0, metadata=_notNegative)
+    workers: int = field(default=0, metadata=_count(0, 1024))
     #: Seconds a stopping worker gets to finish the items it runs; then it
     #: is killed (SIGKILL), and what it did not finish is handled again.
     kill_time: float = field(default=30.0, metadata=_positive)
@@ -164,16 +180,16 @@ class QueueConfig:
     )
     #: Failures before an item is dead-lettered;
     #: [transports.NAME] max_retries overrides it for one transport.
-    max_retries: int = field(default=10, metadata=_notNegative)
+    max_retries: int = field(default=10, metadata=_count(0, 10_000))
     #: First retry delay in seconds; it doubles per attempt, half of it
     #: random (jitter).
     retry_delay: float = field(default=1.0, metadata=_positive)
     #: Longest retry delay, in seconds.
     retry_max_delay: float = field(default=3600.0, metadata=_positive)
     #: Items a worker holds at once (claimed, running or waiting for a slot).
-    prefetch: int = field(default=100, metadata=_positive)
+    prefetch: int = field(default=100, metadata=_window)
     #: Items a worker runs at once, across transports.
-    concurrency: int = field(default=50, metadata=_positive)
+    concurrency: int = field(default=50, metadata=_window)
     #: Longest wait between polls when a polling backend (SQL) finds
     #: nothing; with Redis, only the backoff after a failed claim.
     poll_interval: float = field(default=0.5, metadata=_positive)
@@ -223,15 +239,15 @@ class QueueConfig:
 class DbConfig:
     #: The SQL database: sqlite:///relative/path, sqlite:////absolute/path,
     #: mysql://USER:PASSWORD@HOST:PORT/DATABASE or
-    #: postgresql://USER:PASSWORD@HOST:PORT/DATABASE.  The password is never
-    #: logged.
-    url: str = field(
-        default="sqlite:///snq.sqlite",
+    #: postgresql://USER:PASSWORD@HOST:PORT/DATABASE.  A secret: printed
+    #: with its password masked.
+    url: Secret = field(
+        default=_DB_URL,
         metadata=_check(
             lambda v: v.split("://", 1)[0] in ("sqlite", "mysql", "postgresql")
             and "://" in v,
             "sqlite:///PATH, mysql://USER:PASS@HOST:PORT/DB "
-            "or postgresql://USER:PASS@HOST:PORT/DB",
+            "or postgresql://USER:PASS@HOST:PORT/DB", url=True,
         ),
     )
 
@@ -248,8 +264,8 @@ class StompConfig:
             'a non-empty list of "tcp://HOST:PORT" or "ssl://HOST:PORT"'))
     #: STOMP login.
     login: str = "guest"
-    #: STOMP passcode; never logged.
-    passcode: str = field(default="guest", repr=False)
+    #: STOMP passcode; a secret, never printed.
+    passcode: Secret = _GUEST
     #: RabbitMQ virtual host (CONNECT's host header).
     vhost: str = "/"
     #: Seconds between heart-beats each way; a connection silent for twice
@@ -257,14 +273,20 @@ class StompConfig:
     heartbeat: float = field(default=10.0, metadata=_notNegative)
     #: The control channel's topic.
     control_channel: str = "/topic/snq/control"
-    #: HMAC-SHA256 key control messages must be signed with; "" = unsigned.
-    control_secret: str = field(default="", repr=False)
+    #: HMAC-SHA256 key control messages must be signed with (a secret,
+    #: never printed).  Without one, workers do not listen to the control
+    #: channel, unless control_allow_unsigned is true.
+    control_secret: Secret = _NO_SECRET
+    #: Obey unsigned control messages when there is no control_secret:
+    #: anyone who may publish on the broker can then stop or restart every
+    #: worker.  For senders that cannot sign (StatusNet's).
+    control_allow_unsigned: bool = False
     #: Seconds a signed control message is accepted after (or before) the
     #: time it was signed: clocks must agree this well.
     control_window: float = field(default=60.0, metadata=_positive)
     #: Messages the broker sends ahead per subscription (prefetch-count), a
     #: worker's window; 0 = twice [queue] concurrency.
-    prefetch: int = field(default=0, metadata=_notNegative)
+    prefetch: int = field(default=0, metadata=_count(0, 100_000))
     #: Seconds to connect, log in and subscribe before an attempt counts as
     #: failed.
     connect_timeout: float = field(default=10.0, metadata=_positive)
@@ -276,11 +298,11 @@ class StompConfig:
 
 @dataclass(frozen=True)
 class RedisConfig:
-    #: redis://[USER:PASSWORD@]HOST:PORT/DB, or rediss://… for TLS.  The
-    #: password is never logged (and kept out of repr).
-    url: str = field(default="redis://127.0.0.1:6379/0", repr=False, metadata=_check(
+    #: redis://[USER:PASSWORD@]HOST:PORT/DB, or rediss://… for TLS.  A
+    #: secret: printed with its password masked.
+    url: Secret = field(default=_REDIS_URL, metadata=_check(
         lambda v: v.startswith(("redis://", "rediss://")),
-        "redis://[USER:PASSWORD@]HOST:PORT/DB or rediss://…"))
+        "redis://[USER:PASSWORD@]HOST:PORT/DB or rediss://…", url=True))
     #: Every key snq reads or writes starts with this: two installations
     #: on one Redis need different prefixes (or database numbers).
     prefix: str = field(default="snq:", metadata=_check(bool, "a non-empty prefix"))
@@ -301,12 +323,12 @@ class RedisConfig:
 class TransportConfig:
     #: Items of this transport a worker runs at once; 0 = only the
     #: [queue] concurrency limit.
-    concurrency: int = field(default=0, metadata=_notNegative)
+    concurrency: int = field(default=0, metadata=_count(0, 100_000))
     #: Seconds before a running item counts as failed (cancelled, then
     #: retried); 0 = the handler's own timeout (none for most).
     timeout: float = field(default=0.0, metadata=_notNegative)
     #: This transport's retry limit; not set = [queue] max_retries.
-    max_retries: int | None = field(default=None, metadata=_notNegative)
+    max_retries: int | None = field(default=None, metadata=_count(0, 10_000))
     #: Priority of this transport's items enqueued without one (higher
     #: runs first).
     priority: int = 0
@@ -315,6 +337,9 @@ class TransportConfig:
     group: str | None = field(default=None, metadata=_name)
 
 
+#: The names of this machine's loopback, which a monitor there answers to.
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+_HOST_NAME = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)$")
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 
@@ -348,8 +373,15 @@ class MonitorConfig:
     #: HOST:PORT of the master's dashboard, /metrics and /status.json
     #: ("[::1]:8750" for IPv6); "" = off.
     http: str = field(default="127.0.0.1:8750", metadata=_hostPort())
-    #: When set, /metrics and /status.json want "Authorization: Bearer TOKEN".
-    token: str = field(default="", repr=False)
+    #: When set, /metrics and /status.json want "Authorization: Bearer
+    #: TOKEN"; required when C{http} is not a loopback address.  A secret,
+    #: never printed.
+    token: Secret = _NO_SECRET
+    #: The names (the Host header, without port) the monitor answers to;
+    #: [] = the address of C{http}, and localhost's names when that is
+    #: loopback.  Required when C{http} listens on every address (0.0.0.0).
+    hosts: list[str] = field(default_factory=list, metadata=_check(
+        lambda v: all(_HOST_NAME.match(h) for h in v), "a list of host names"))
     #: Seconds between two looks at the queue's depth and dead letters.
     depth_interval: float = field(default=2.0, metadata=_positive)
     #: Where C{snqctl snmp} answers: under net-snmp's experimental
@@ -358,6 +390,32 @@ class MonitorConfig:
         default=".1.3.6.1.4.1.8072.9999.9999.767",
         metadata=_check(lambda v: bool(_OID.match(v)),
                         'a numeric OID such as ".1.3.6.1.4.1.8072.9999.9999.767"'))
+
+    def _host(self) -> str:
+        return parseHostPort(self.http)[0].lower()
+
+    def loopback(self) -> bool:
+        """Whether C{http} listens where only this machine can reach it."""
+        host = self._host()
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    def wildcard(self) -> bool:
+        """Whether C{http} listens on every address."""
+        return self._host() in ("0.0.0.0", "::", "")
+
+    def hostNames(self) -> frozenset[str]:
+        """The Host header names (without port) the monitor answers to."""
+        if self.hosts:
+            return frozenset(h.lower().strip("[]") for h in self.hosts)
+        names = {self._host()}
+        if self.loopback():
+            names |= LOOPBACK_NAMES
+        return frozenset(names)
 
 
 @dataclass(frozen=True)
@@ -370,8 +428,8 @@ class XmppConfig(XmppSettings):
 
     #: The account, user@domain; "" = no XMPP.
     jid: str = ""
-    #: Its password, required with a jid; never logged.
-    password: str = field(default="", repr=False)
+    #: Its password, required with a jid; a secret, never printed.
+    password: Secret = _NO_SECRET
 
     def __post_init__(self):
         if self.jid:
@@ -638,6 +696,11 @@ def parse(data: dict, source: str = "<config>") -> Config:
         for nick, table in _table(data, "sites", problem).items()
     }
     _siteXmpp(sites, sections["xmpp"], problem)
+    sites = {nick: _secrets(table) for nick, table in sites.items()}
+    for nick, table in sites.items():
+        for key, expected in TargetPolicy.problems(table):
+            problem(f"sites.{nick}.{key}", expected)
+    _monitor(sections["monitor"], problem)
     iomanagers = {
         name: _ioManager(name, _asTable(table, f"iomanagers.{name}", problem),
                          problem)
@@ -662,6 +725,29 @@ def parse(data: dict, source: str = "<config>") -> Config:
     return config
 
 
+def _secrets(table: dict) -> dict:
+    """
+    A site's table with the values of secret-named keys (C{webhook_secret},
+    C{api_token}, …) as L{Secret}s: handlers C{reveal()} them.
+    """
+    return {key: (_secrets(value) if isinstance(value, dict)
+                  else Secret(value) if isSecretName(key) else value)
+            for key, value in table.items()}
+
+
+def _monitor(monitor: MonitorConfig, problem) -> None:
+    """What the monitor must have to listen beyond this machine."""
+    if not monitor.http:
+        return
+    if not monitor.loopback() and not monitor.token:
+        problem("monitor.token", f"needed when monitor.http ({monitor.http}) is "
+                "not a loopback address: anyone who reaches it would read the "
+                "queue's state")
+    if monitor.wildcard() and not monitor.hosts:
+        problem("monitor.hosts", f"needed when monitor.http ({monitor.http}) "
+                "listens on every address: the names clients reach it by")
+
+
 def _table(data: dict, key: str, problem) -> dict:
     return _asTable(data.get(key, {}), key, problem)
 
@@ -682,16 +768,22 @@ def _build(cls, table: dict, where: str, problem):
     for name, f in fields.items():
         if name not in table:
             continue
-        key, value = f"{where}.{name}", table[name]
-        expected = _coerce(hints[name], value)
+        key, value, hint = f"{where}.{name}", table[name], hints[name]
+        expected = _coerce(hint, value)
         if expected is not None:
-            problem(key, f"expected {expected}, got {_typeName(value)} {value!r}")
+            problem(key, f"expected {expected}, got {_typeName(value)}"
+                    f"{_shown(f, hint, value)}")
+            continue
+        if hint is float and not math.isfinite(value):
+            problem(key, f"expected a finite number, got {value}")
             continue
         check = f.metadata.get("check")
         if check and value is not None and not check[0](value):
-            problem(key, f"expected {check[1]}, got {value!r}")
+            problem(key, f"expected {check[1]}, got{_shown(f, hint, value)}")
             continue
-        values[name] = float(value) if hints[name] is float else value
+        if hint is Secret:
+            value = Secret.url(value) if f.metadata.get("url") else Secret(value)
+        values[name] = float(value) if hint is float else value
     try:
         return cls(**values)
     except SettingsError as e:
@@ -782,6 +874,21 @@ def _bareJid(jid: str) -> str:
     return jid.partition("/")[0].lower()
 
 
+def _shown(f, hint, value) -> str:
+    """
+    C{value} as an error may show it: never a secret's, a URL masked,
+    anything long cut short.
+    """
+    if hint is Secret:
+        if f.metadata.get("url") and isinstance(value, str):
+            return f" {maskURL(value)!r}"
+        return " (not shown: a secret)"
+    if isinstance(value, str):
+        value = maskURL(value)
+    text = repr(value)
+    return " " + (text if len(text) <= 80 else text[:77] + "...")
+
+
 def _coerce(hint, value) -> str | None:
     """The expectation C{value} fails for C{hint}, or None if it fits."""
     if hint is Any:
@@ -796,7 +903,7 @@ def _coerce(hint, value) -> str | None:
     if hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return None if ok else "a number"
-    if hint is str or hint == (str | None):
+    if hint is str or hint == (str | None) or hint is Secret:
         return None if isinstance(value, str) else "a string"
     if hint == (str | int):
         ok = isinstance(value, (str, int)) and not isinstance(value, bool)

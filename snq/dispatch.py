@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from snq.backoff import backoff
+from snq.files import privateDirectory, writePrivate
 from snq.handlers import HandlerRegistry, Reject, Retry
 from snq.handlers.context import HandlerContext
 from snq.item import BadItem, Item
@@ -235,7 +236,8 @@ class Dispatcher:
         timer = None
         if timeout:
             # Cancelling surfaces as whatever the handler's library raises
-            # (treq: ResponseNeverReceived), so remember that we did it.
+            # (twisted.web's client: ResponseNeverReceived), so remember
+            # that we did it.
             timer = self.clock.callLater(timeout, d.cancel)
 
         def finished(result):
@@ -330,9 +332,8 @@ class Dispatcher:
         record = {"reason": kind, "error": error, "attempts": attempts,
                   "frame": delivery.frame.decode("utf-8", "replace")}
         try:
-            os.makedirs(directory, exist_ok=True)
-            with open(os.path.join(directory, name), "w") as f:
-                json.dump(record, f)
+            privateDirectory(directory)
+            writePrivate(os.path.join(directory, name), json.dumps(record))
         except OSError:
             self.log.failure("cannot write dead letter file in {dir}",
                              dir=directory)

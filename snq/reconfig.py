@@ -14,16 +14,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from snq.handlers import handlerPaths
 from snq.iomanagers import pluginPaths
+from snq.secret import Secret, maskURL
 
 LIVE = "live"
 ROLLING = "rolling"
 
-#: Keys whose change needs new worker processes: the queue they talk to.
+#: Keys (or whole sections) whose change needs new worker processes: the
+#: queue they talk to.
 _ROLLING_KEYS = {
     "daemon.id", "queue.backend", "queue.basename", "db", "stomp", "redis",
     "ledger",
@@ -34,8 +36,9 @@ _ROLLING_KEYS = {
 class Change:
     key: str
     kind: str  # added | removed | changed
-    old: Any
-    new: Any
+    #: Values as configured: print them only through L{describe}.
+    old: Any = field(repr=False)
+    new: Any = field(repr=False)
     how: str  # live | rolling
 
     def describe(self) -> str:
@@ -50,8 +53,27 @@ class Change:
 
 
 def _show(value) -> str:
-    text = repr(value)
+    """
+    A value as a diff shows it: a L{Secret} as C{'***'}, URLs masked, long
+    values cut short.
+    """
+    text = repr(_printable(value))
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _printable(value):
+    if isinstance(value, Secret):
+        return value
+    if isinstance(value, str):
+        return maskURL(value)
+    if isinstance(value, dict):
+        return {k: _printable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_printable(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _printable(getattr(value, f.name))
+                for f in dataclasses.fields(value) if f.repr}
+    return value
 
 
 def diff(old, new) -> list[Change]:
@@ -66,17 +88,16 @@ def diff(old, new) -> list[Change]:
         before, after = getattr(old, section), getattr(new, section)
         if before == after:
             continue
-        if section in _ROLLING_KEYS:
-            changes.append(Change(section, "changed", before, after, ROLLING))
-            continue
         for f in dataclasses.fields(after):
             a, b = getattr(before, f.name), getattr(after, f.name)
             if a != b:
                 key = f"{section}.{f.name}"
-                how = ROLLING if key in _ROLLING_KEYS else LIVE
+                how = ROLLING if {key, section} & _ROLLING_KEYS else LIVE
                 changes.append(Change(key, "changed", a, b, how))
-    for table in ("transports", "handlers", "sites", "iomanagers", "schedule"):
+    for table in ("transports", "handlers", "iomanagers", "schedule"):
         changes += _diffTable(table, getattr(old, table), getattr(new, table))
+    # A site's table, key by key: a secret beside a changed key stays out.
+    changes += _diffTable("sites", old.sites, new.sites, depth=1)
     for module, fingerprint in sorted(new.code.items()):
         before = old.code.get(module)
         if before is not None and before != fingerprint:
@@ -85,7 +106,8 @@ def diff(old, new) -> list[Change]:
     return changes
 
 
-def _diffTable(table: str, old: dict, new: dict) -> list[Change]:
+def _diffTable(table: str, old: dict, new: dict, depth: int = 0) -> list[Change]:
+    """Entries added, removed or changed; C{depth} levels of tables within."""
     changes = []
     for name in sorted(old.keys() | new.keys()):
         key = f"{table}.{name}"
@@ -94,7 +116,10 @@ def _diffTable(table: str, old: dict, new: dict) -> list[Change]:
         elif name not in new:
             changes.append(Change(key, "removed", old[name], None, LIVE))
         elif old[name] != new[name]:
-            changes.append(Change(key, "changed", old[name], new[name], LIVE))
+            if depth and isinstance(old[name], dict) and isinstance(new[name], dict):
+                changes += _diffTable(key, old[name], new[name], depth - 1)
+            else:
+                changes.append(Change(key, "changed", old[name], new[name], LIVE))
     return changes
 
 

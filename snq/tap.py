@@ -123,6 +123,12 @@ def makeService(options):
         raise SystemExit(f"snq: --site {site}: there is no [sites.{site}] in "
                          f"{source}")
     running = f"site {site}" if site is not None else "every site"
+    if config.queue.backend == "stomp":
+        from snq.stomp.control import startWarning
+
+        warning = startWarning(config.stomp)
+        if warning:
+            Daemon.log.warn("{why}", why=warning)
     from snq.reload import Reloader
 
     daemon = Daemon()

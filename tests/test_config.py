@@ -8,7 +8,7 @@ class ConfigTests(SynchronousTestCase):
     def test_embeddedDefault(self):
         """No file, no environment: the SQLite default, usable as is."""
         c = config.load(None, environ={})
-        self.assertEqual((c.queue.backend, c.db.url, c.source),
+        self.assertEqual((c.queue.backend, c.db.url.reveal(), c.source),
                          ("db", "sqlite:///snq.sqlite", None))
         self.assertEqual(c.queue.groups, ["main"])
         self.assertEqual(c.maxRetries("anything"), 10)
@@ -38,8 +38,8 @@ class ConfigTests(SynchronousTestCase):
             "memory_limit, softlimit, max_items, spawndelay)",
             f"{path}: queue.backend: expected db | stomp | redis, got 'kafka'",
             f"{path}: queue.max_retries: expected an integer, got string 'ten'",
-            f"{path}: transports.webhook.concurrency: expected a number not "
-            "below 0, got -1",
+            f"{path}: transports.webhook.concurrency: expected a number from "
+            "0 to 100000, got -1",
             f'{path}: handlers.x: expected "package.module:Class"',
         ]))
 

@@ -13,11 +13,12 @@ from urllib.parse import parse_qs
 
 import treq
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, error, reactor
+from twisted.internet import defer, endpoints, error, protocol, reactor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.logger import Logger, eventFromJSON, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web import http
 
 from snq import config as snqconfig
 from snq.logs import jsonLines
@@ -564,6 +565,68 @@ class HttpTests(TestCase):
         self.assertEqual(response.code, 200, "the page itself holds no data")
 
     @defer.inlineCallbacks
+    def rawExchange(self, base, head, body=b"", wait=1.0):
+        """Send C{head} (and C{body}) on a socket; what came back in C{wait} s."""
+        port = int(base.rsplit(":", 1)[1].strip("/"))
+        answer = []
+        done = defer.Deferred()
+
+        class Client(protocol.Protocol):
+            def connectionMade(self):
+                self.transport.write(head + body)
+
+            def dataReceived(self, data):
+                answer.append(data)
+
+            def connectionLost(self, reason):
+                done.callback(None)
+
+        client = yield endpoints.TCP4ClientEndpoint(
+            reactor, "127.0.0.1", port).connect(protocol.Factory.forProtocol(Client))
+        timer = reactor.callLater(wait, client.transport.abortConnection)
+        yield done
+        if timer.active():
+            timer.cancel()
+        return b"".join(answer)
+
+    @defer.inlineCallbacks
+    def test_bodyRefusedBeforeItIsRead(self):
+        """
+        A POST announcing 300 MB: answered 413 at once and hung up on,
+        before a byte of the body is read or spooled to a temporary file.
+        """
+        base = yield self.serve(token="s3cret")
+        opened = []
+        self.patch(http, "_getContentFile",
+                   lambda length: opened.append(length) or io.BytesIO())
+        for path, extra in ((b"/status.json", b"Content-Length: 300000000\r\n"),
+                            (b"/metrics", b"Transfer-Encoding: chunked\r\n"),
+                            (b"/", b"Content-Length: 1\r\n")):
+            answer = yield self.rawExchange(
+                base, b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                + extra + b"\r\n", b"x" * 65536)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:80])
+            self.assertIn(b"takes no request body", answer)
+        self.assertEqual(opened, [], "no body was spooled anywhere")
+        response, _ = yield self.get(base + "status.json", token="s3cret")
+        self.assertEqual(response.code, 200, "a GET is as before")
+
+    @defer.inlineCallbacks
+    def test_unknownHostRefused(self):
+        """A name the monitor does not have (DNS rebinding) gets nothing."""
+        base = yield self.serve()
+        for host, code in ((b"127.0.0.1:8750", b"200"), (b"localhost", b"200"),
+                           (b"[::1]:1", b"200"), (b"LOCALHOST.", b"421"),
+                           (b"evil.example:8750", b"421"), (b"", b"421")):
+            header = b"Host: " + host + b"\r\n" if host else b""
+            answer = yield self.rawExchange(
+                base, b"GET /status.json HTTP/1.1\r\n" + header
+                + b"Connection: close\r\n\r\n")
+            self.assertTrue(answer.startswith(b"HTTP/1.1 " + code), (host, answer[:80]))
+            if code == b"421":
+                self.assertNotIn(b'"workers"', answer)
+
+    @defer.inlineCallbacks
     def test_busyPortIsNotFatal(self):
         base = yield self.serve()
         port = int(base.rsplit(":", 1)[1].strip("/"))
@@ -627,10 +690,38 @@ class QueueWatchTests(SynchronousTestCase):
 
 
 class MonitorConfigTests(SynchronousTestCase):
+    def test_offLoopbackNeedsToken(self):
+        for address in ("0.0.0.0:8750", "192.0.2.1:8750", "[::]:8750",
+                        "mon.example:1"):
+            e = self.assertRaises(snqconfig.ConfigError, snqconfig.parse,
+                                  {"monitor": {"http": address, "hosts": ["m"]}})
+            self.assertEqual(e.problems, [
+                f"<config>: monitor.token: needed when monitor.http ({address}) is "
+                "not a loopback address: anyone who reaches it would read the "
+                "queue's state"])
+        for address in ("127.0.0.1:8750", "127.0.0.2:1", "[::1]:8750",
+                        "localhost:8750", ""):
+            snqconfig.parse({"monitor": {"http": address}})
+        snqconfig.parse({"monitor": {"http": "192.0.2.1:8750", "token": "t"}})
+
+    def test_everyAddressNeedsHosts(self):
+        e = self.assertRaises(snqconfig.ConfigError, snqconfig.parse,
+                              {"monitor": {"http": "0.0.0.0:8750", "token": "t"}})
+        self.assertIn("monitor.hosts: needed when monitor.http (0.0.0.0:8750) "
+                      "listens on every address", str(e))
+        monitor = snqconfig.parse({"monitor": {
+            "http": "0.0.0.0:8750", "token": "t",
+            "hosts": ["Mon.Example", "[2001:db8::1]"]}}).monitor
+        self.assertEqual(monitor.hostNames(), {"mon.example", "2001:db8::1"})
+        self.assertEqual(snqconfig.Config().monitor.hostNames(),
+                         {"127.0.0.1", "localhost", "::1"})
+
+
     def test_defaults(self):
         monitor = snqconfig.Config().monitor
         self.assertEqual((monitor.udp, monitor.statsd, monitor.statsd_prefix,
-                          monitor.http, monitor.token, monitor.depth_interval),
+                          monitor.http, monitor.token.reveal(),
+                          monitor.depth_interval),
                          ("", "", "snq", "127.0.0.1:8750", "", 2.0))
 
     def test_addresses(self):

@@ -32,7 +32,7 @@ class DiffTests(SynchronousTestCase):
              ("queue.groups", "changed", "live"),
              ("queue.concurrency", "changed", "live"),
              ("transports.webhook", "changed", "live"),
-             ("sites.a", "changed", "live"),
+             ("sites.a.x", "changed", "live"),
              ("sites.gone", "removed", "live"),
              ("sites.new", "added", "live")])
         self.assertFalse(reconfig.needsRollingRestart(changes))
@@ -45,7 +45,7 @@ class DiffTests(SynchronousTestCase):
         changes = self.diff({}, {"queue": {"backend": "redis"},
                                  "db": {"url": "sqlite:///other.sqlite"}})
         self.assertEqual([(c.key, c.how) for c in changes],
-                         [("queue.backend", "rolling"), ("db", "rolling")])
+                         [("queue.backend", "rolling"), ("db.url", "rolling")])
         self.assertTrue(reconfig.needsRollingRestart(changes))
 
     def test_handlerCodeChangeRolls(self):

@@ -134,7 +134,7 @@ class RefusedTests(ReloadTestCase):
             e = self.failureResultOf(self.reload(), ReloadError).value
         self.assertEqual(e.problems, [
             f"{self.path}: monitor.colour: unknown key (known: udp, statsd, "
-            "statsd_prefix, http, token, depth_interval, snmp_base_oid)",
+            "statsd_prefix, http, token, hosts, depth_interval, snmp_base_oid)",
             f"{self.path}: monitor.http: expected a string, got integer 8750"])
         self.assertTrue(str(e).startswith(
             "invalid configuration, nothing changed:\n"))

@@ -21,7 +21,9 @@ from tests.test_stomp_backend import ConnectionTestCase, Recorder
 def stompConfig(**queue):
     return snqconfig.parse({"queue": {"backend": "stomp", "concurrency": 1,
                                       **queue},
-                            "stomp": {"servers": ["tcp://a:61613"]},
+                            # StatusNet's unsigned control, as these tests send.
+                            "stomp": {"servers": ["tcp://a:61613"],
+                                      "control_allow_unsigned": True},
                             "handlers": {"rec": "tests.test_stomp_backend:Recorder"}})
 
 

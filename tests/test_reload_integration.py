@@ -272,8 +272,8 @@ class SqliteReloadTests(SqliteTestCase):
             "snqctl: reload: invalid configuration, nothing changed:",
             f"{self.path}: transports.rec.colour: unknown key (known: "
             "concurrency, timeout, max_retries, priority, group)",
-            f"{self.path}: transports.rec.concurrency: expected a number not "
-            "below 0, got -1"])
+            f"{self.path}: transports.rec.concurrency: expected a number from "
+            "0 to 100000, got -1"])
         self.configure(handlers='nothere = "reloadcode:NoSuchClass"')
         result = yield self.reload(check=False)
         self.assertEqual(result.returncode, 1)
@@ -429,7 +429,8 @@ class StompReloadTests(ReloadTestCase):
 
     def configure(self, **kw):
         kw["queue"] = (f'backend = "stomp"\nbasename = "/queue/{self.name}/"\n'
-                       f'[stomp]\ncontrol_channel = "/topic/{self.name}/control"')
+                       f'[stomp]\ncontrol_channel = "/topic/{self.name}/control"'
+                       '\ncontrol_secret = "reload-test-secret"')
         super().configure(**kw)
 
     def send(self, spec, site, n=4):

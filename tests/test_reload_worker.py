@@ -245,7 +245,7 @@ class XmppTests(SynchronousTestCase):
         self.assertIs(now["default"], managers["default"], "stays connected")
         self.assertIsNot(now["b"], managers["b"])
         self.assertFalse(managers["b"].running)
-        self.assertEqual(now["b"].settings.password, "new")
+        self.assertEqual(now["b"].settings.password.reveal(), "new")
         self.assertEqual(len(reactor.tcpClients), 4)
         d = master.reconfigService(parse())
         reactor.advance(0)

@@ -6,6 +6,7 @@ up by ClientService, the queue's settling, the listening manager.  The
 real broker is in L{tests.test_stomp_integration}.
 """
 
+import time
 
 from stompest.protocol import StompFrame, StompSpec, commands
 from twisted.application.service import MultiService
@@ -27,6 +28,7 @@ from snq.stomp.control import (
     Duplicate,
     controlHeaders,
     parseCommand,
+    signature,
 )
 from snq.stomp.destinations import Destinations, onTheWire, retryBucket
 from snq.stomp.protocol import StompClientProtocol
@@ -208,6 +210,66 @@ class ControlTests(SynchronousTestCase):
         self.clock.advance(121)
         verifier.check(b"restart", {"snq-nonce": "n2"})
         self.assertEqual(list(verifier._seen), ["n2"])
+
+    def test_nonFiniteTimestampRefused(self):
+        """A signed C{nan} or C{inf} is no time at all: never in the window."""
+        for timestamp in ("nan", "NaN", "inf", "-inf", "1e999", "soon"):
+            nonce = "n-" + timestamp
+            headers = {"snq-timestamp": timestamp, "snq-nonce": nonce,
+                       "snq-signature": signature("s3cret", "shutdown",
+                                                  timestamp, nonce)}
+            e = self.assertRaises(ValueError, self.check, "s3cret", "shutdown",
+                                  headers)
+            self.assertIn("not a finite number", str(e))
+
+    def test_malformedSignatureRefused(self):
+        """Whatever the signature header holds, it is refused as malformed."""
+        good = controlHeaders("shutdown", self.clock.seconds(), "s3cret")
+        for bad in ("é" * 64, "\u0000" * 64, "zz" * 32, good["snq-signature"][:-1],
+                    good["snq-signature"] + "0", ""):
+            e = self.assertRaises(ValueError, self.check, "s3cret", "shutdown",
+                                  {**good, "snq-signature": bad})
+            self.assertIn("signature is malformed", str(e))
+        for bad in ("é", "x" * 129, "", "a b"):
+            e = self.assertRaises(ValueError, self.check, "s3cret", "shutdown",
+                                  {**good, "snq-nonce": bad})
+            self.assertIn("nonce is malformed", str(e))
+
+    def test_nonceCacheBounded(self):
+        """A flood of nonces: the cache stays at its bound, oldest out first."""
+        verifier = ControlVerifier("", 60, self.clock, maxNonces=100)
+        for n in range(1000):
+            verifier.check(b"restart", {"snq-nonce": f"n{n}"})
+        self.assertEqual(list(verifier._seen), [f"n{n}" for n in range(900, 1000)])
+
+    def test_floodCostFlat(self):
+        """
+        Checking a message costs the same after 50,000 nonces as after none:
+        expiry looks at the oldest only, and the cache is bounded.
+        """
+        def costOf(verifier, prefix, n=2000):
+            start = time.perf_counter()
+            for i in range(n):
+                verifier.check(b"restart", {"snq-nonce": f"{prefix}{i}"})
+            return (time.perf_counter() - start) / n
+
+        fresh = ControlVerifier("", 60, self.clock)
+        baseline = min(costOf(fresh, f"warm{k}-") for k in range(3))
+        flooded = ControlVerifier("", 60, self.clock)
+        for i in range(50_000):
+            flooded.check(b"restart", {"snq-nonce": f"flood{i}"})
+        self.clock.advance(1)
+        after = min(costOf(flooded, f"after{k}-") for k in range(3))
+        self.assertLessEqual(len(flooded._seen), flooded.maxNonces)
+        self.assertLess(after, 3 * baseline + 20e-6,
+                        f"{after * 1e6:.1f} µs a message after the flood, "
+                        f"{baseline * 1e6:.1f} µs before")
+        # And what was flooded expires at once, however much there is.
+        self.clock.advance(121)
+        start = time.perf_counter()
+        flooded.check(b"restart", {"snq-nonce": "late"})
+        self.assertLess(time.perf_counter() - start, 0.5)
+        self.assertEqual(list(flooded._seen), ["late"])
 
 
 class ConnectionTestCase(SynchronousTestCase):
@@ -719,10 +781,11 @@ class ManagerTestCase(QueueTestCase):
 
 
 class StompManagerTests(ManagerTestCase):
-    def test_subscribesToItsGroupsAndControl(self):
+    def test_subscribesToItsGroupsNotControl(self):
+        """Without control_secret, the control channel is not listened to."""
         for broker in (self.broker, self.other):
             self.assertEqual(sorted(d for d, _ in broker.last.subscriptions.values()),
-                             ["/queue/snq%2Fmain", "/topic/snq%2Fcontrol"])
+                             ["/queue/snq%2Fmain"])
 
     def test_handledThenAcked(self):
         first = self.send("a")
@@ -800,6 +863,19 @@ class StompManagerTests(ManagerTestCase):
         self.assertEqual(self.dispatcher.held, set())
         self.assertEqual(self.acks(), [])
         self.assertNotIn(ids[3], self.acks() + self.nacks())
+
+
+class UnsignedControlTests(ManagerTestCase):
+    """StatusNet's unsigned control channel, for an operator who opts in."""
+
+    def configure(self, **extra):
+        return super().configure(stomp={"control_allow_unsigned": True,
+                                        "servers": ["tcp://a:1", "tcp://b:1"]})
+
+    def test_subscribesToItsGroupsAndControl(self):
+        for broker in (self.broker, self.other):
+            self.assertEqual(sorted(d for d, _ in broker.last.subscriptions.values()),
+                             ["/queue/snq%2Fmain", "/topic/snq%2Fcontrol"])
 
     def test_controlShutdownAndRestart(self):
         calls = []

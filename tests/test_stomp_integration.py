@@ -7,19 +7,20 @@ messages.  Each test has queues of its own (C{snqtest-…}), removed after.
 """
 
 import json
+import os
 import time
 
 from twisted.internet import defer, reactor, threads
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
 from snq import config as snqconfig
 from snq.item import Item
 from snq.queues.stomp import NoBrokerError, StompQueue
-from snq.stomp.control import ControlVerifier
-from snq.stomp.destinations import retryBucket
+from snq.stomp.control import ControlVerifier, controlHeaders, signature
+from snq.stomp.destinations import onTheWire, retryBucket
 from tests import rabbitmq
-from tests.daemon import freePort
+from tests.daemon import freePort, snqctl
 
 
 class RabbitTestCase(TestCase):
@@ -270,3 +271,192 @@ class ControlTests(RabbitTestCase):
         body, headers = yield got.addTimeout(10, reactor)
         verifier = ControlVerifier("k3y", 60, reactor)
         self.assertEqual(verifier.check(body, headers), ("update", "example"))
+
+
+class ControlChannelTests(RabbitTestCase):
+    """
+    Workers (StompManagers under a fake IoMaster) on the real broker, and a
+    plain STOMP client publishing on their control topic as anyone with
+    the broker's guest login could.  The workers' verifiers run on a Clock,
+    so the window is crossed without waiting.
+    """
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def worker(self, stomp=None):
+        from snq.dispatch import Dispatcher
+        from snq.handlers import HandlerRegistry
+        from snq.queues.stomp import StompManager
+        from tests.test_stomp_backend import FakeWorker
+
+        config = self.configure(stomp)
+        queue = yield self.openQueue(config)
+        dispatcher = Dispatcher(queue, HandlerRegistry({}), config, clock=reactor)
+        parent = FakeWorker()
+        parent.heard = []
+        parent.recycle = lambda reason: parent.heard.append("restart")
+        parent.shutdown = lambda reason: parent.heard.append("shutdown")
+        parent.reload = lambda reason: parent.heard.append(reason.split()[0])
+        self.clock = Clock()
+        self.clock.advance(time.time())
+        manager = StompManager(queue, dispatcher, config, None, self.clock)
+        manager.setServiceParent(parent)
+        parent.startService()
+        self.addCleanup(parent.stopService)
+        parent.manager = manager
+        parent.rejected = lambda: dispatcher.stats.total("controlrejected")
+        return parent
+
+    def topic(self):
+        return onTheWire(self.config.stomp.control_channel, True)
+
+    def publish(self, messages):
+        """Each C{(body, headers)} in order, from one plain STOMP client."""
+        def send():
+            client = rabbitmq.producer()
+            try:
+                for n, (body, headers) in enumerate(messages, 1):
+                    client.send(self.topic(), body.encode(), headers,
+                                receipt="end" if n == len(messages) else None)
+                client.receiveFrame()
+            finally:
+                client.disconnect()
+                client.close()
+
+        return threads.deferToThread(send)
+
+    @defer.inlineCallbacks
+    def heard(self, worker, word, secret=""):
+        """
+        Publish C{update:WORD} until C{worker} hears it: it is subscribed,
+        and has had all that was published before.  The probes are then
+        forgotten (one sent before it was subscribed may come late).
+        """
+        deadline = time.monotonic() + 20
+        while f"update:{word}" not in worker.heard:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"update:{word} never heard; heard "
+                                     f"{len(worker.heard)}: {worker.heard[-5:]}")
+            yield self.publish([(f"update:{word}", controlHeaders(
+                f"update:{word}", self.clock.seconds(), secret))])
+            yield deferLater(reactor, 0.1, lambda: None)
+        worker.heard[:] = [w for w in worker.heard if w != f"update:{word}"]
+
+    @defer.inlineCallbacks
+    def test_closedWithoutSecretOpenOnlyWhenOptedIn(self):
+        """
+        Without control_secret a worker does not listen at all; one whose
+        operator opted in to unsigned control hears the same shutdown.
+        """
+        closed = yield self.worker()
+        opened = yield self.worker({"control_allow_unsigned": True})
+        yield self.heard(opened, "ready")
+        yield self.publish([("shutdown", controlHeaders("shutdown", time.time()))])
+        yield waitUntil(lambda: "shutdown" in opened.heard)
+        yield deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(closed.heard, [])
+        self.assertEqual(closed.rejected(), 0, "not even received")
+        self.assertEqual(
+            [s.destination for c in closed.manager.queue.connections
+             for s in c.subscriptions], [f"/queue/{self.name}/main"])
+
+    @defer.inlineCallbacks
+    def test_snqctlControl(self):
+        """snqctl publishes only where workers listen: signed, or opted in."""
+        path = os.path.abspath(self.mktemp())
+        results = {}
+        for name, extra in (("closed", ""), ("unsigned",
+                                             "control_allow_unsigned = true\n"),
+                            ("signed", 'control_secret = "K3Y"\n')):
+            with open(path, "w") as f:
+                f.write(f'[queue]\nbackend = "stomp"\nbasename = "/queue/{self.name}/"'
+                        f'\n[stomp]\ncontrol_channel = "/topic/{self.name}/control"'
+                        f"\n{extra}")
+            results[name] = yield threads.deferToThread(
+                snqctl, "-c", path, "control", "restart", cwd=".", check=False)
+        closed = results["closed"]
+        self.assertEqual(closed.returncode, 1)
+        self.assertIn("is closed: workers do not listen to it without [stomp] "
+                      "control_secret", closed.stderr)
+        self.assertEqual(results["unsigned"].stdout.strip(),
+                         f"published restart on /topic/{self.name}/control "
+                         "(unsigned)")
+        self.assertEqual(results["signed"].stdout.strip(),
+                         f"published restart on /topic/{self.name}/control "
+                         "(signed)")
+
+    @defer.inlineCallbacks
+    def test_signedOnly(self):
+        """
+        With a secret: a signed message is obeyed once; its replay, a NaN
+        timestamp, malformed or wrong signatures and unsigned messages are
+        refused and counted, without a traceback; after the window even a
+        replay with a fresh nonce is refused.
+        """
+        worker = yield self.worker({"control_secret": "K3Y", "control_window": 30})
+        yield self.heard(worker, "ready", "K3Y")
+        now = self.clock.seconds()
+        good = controlHeaders("restart", now, "K3Y")
+        nan = {**controlHeaders("restart", now, "K3Y"), "snq-timestamp": "nan"}
+        nan["snq-signature"] = signature("K3Y", "restart", "nan", nan["snq-nonce"])
+        malformed = [{**controlHeaders("shutdown", now, "K3Y"), "snq-signature": bad}
+                     for bad in ("é" * 64, "sha256=" + "0" * 57, "", "x" * 5000)]
+        wrong = controlHeaders("shutdown", now, "guess")
+        yield self.publish([("restart", good), ("restart", good), ("restart", nan),
+                            *[("shutdown", h) for h in malformed],
+                            ("shutdown", wrong), ("shutdown", {})])
+        yield self.heard(worker, "first", "K3Y")
+        self.assertEqual(worker.heard, ["restart"])
+        self.assertEqual(worker.rejected(), 1 + 4 + 2, "all but the copy counted")
+        self.assertEqual(self.flushLoggedErrors(), [], "no traceback")
+        # Two windows later, a recorded message with its nonce forgotten.
+        self.clock.advance(61)
+        yield self.publish([("restart", good)])
+        yield self.heard(worker, "second", "K3Y")
+        self.assertEqual(worker.heard, ["restart"])
+        self.assertEqual(worker.rejected(), 8)
+
+    @defer.inlineCallbacks
+    def test_floodOfNoncesCostsFlat(self):
+        """
+        20,000 control messages with distinct nonces (unsigned control, opted
+        in): the nonce cache stays bounded, and the last messages cost no
+        more to check than the first.
+        """
+        worker = yield self.worker({"control_allow_unsigned": True})
+        yield self.heard(worker, "ready")
+        verifier = worker.manager.verifier
+        verifier.maxNonces = 5000
+        costs = []
+        check = verifier.check
+
+        def timed(body, headers):
+            start = time.perf_counter()
+            try:
+                return check(body, headers)
+            finally:
+                costs.append(time.perf_counter() - start)
+
+        verifier.check = timed
+        now = self.clock.seconds()
+        n = 20_000
+        yield self.publish([("restart", controlHeaders("restart", now))
+                            for _ in range(n)])
+        yield self.heard(worker, "flooded")
+        self.assertEqual(worker.heard.count("restart"), n)
+        self.assertLessEqual(len(verifier._seen), 5000)
+        first = sorted(costs[:2000])[1000]
+        last = sorted(costs[-2000:])[1000]
+        self.assertLess(last, 3 * first + 20e-6,
+                        f"median {last * 1e6:.1f} µs a message at the end, "
+                        f"{first * 1e6:.1f} µs at the start")
+
+
+@defer.inlineCallbacks
+def waitUntil(condition, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        yield deferLater(reactor, 0.05, lambda: None)

@@ -6,6 +6,7 @@ import os
 import sys
 
 from twisted.application.service import IServiceMaker
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -83,6 +84,24 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIn(os.path.abspath(self.config), pool.command)
         self.assertEqual(self.stderr.getvalue(),
                          f"snq: {self.config}, 3 workers, every site\n")
+
+    def test_controlChannelWarnedAtStart(self):
+        """On STOMP, the master says how the control channel stands."""
+        warnings = {}
+        for name, stomp in (("closed", ""), ("unsigned",
+                                             "control_allow_unsigned = true\n"),
+                            ("signed", 'control_secret = "k"\n')):
+            self.write('[queue]\nbackend = "stomp"\n[stomp]\n' + stomp)
+            with capturedLogs() as events:
+                self.make()
+            warnings[name] = [formatEvent(e) for e in events
+                              if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings["closed"]), 1)
+        self.assertIn("control channel /topic/snq/control is closed",
+                      warnings["closed"][0])
+        self.assertEqual(len(warnings["unsigned"]), 1)
+        self.assertIn("obeys UNSIGNED messages", warnings["unsigned"][0])
+        self.assertEqual(warnings["signed"], [])
 
     def test_commandLineWins(self):
         self.write("[daemon]\nworkers = 3\n")

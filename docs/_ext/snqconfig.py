@@ -30,6 +30,7 @@ from sphinx.util import logging
 from sphinx.util.docutils import SphinxDirective
 
 from snq.config import Config
+from snq.secret import Secret
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ _TYPES = {
     str | None: "string",
     str | float: "string or number",
     typing.Any: "any TOML value",
+    Secret: "string (a secret: never printed)",
 }
 
 
@@ -90,6 +92,9 @@ def fieldDocs(cls: type) -> dict[str, str | None]:
 
 def tomlValue(value) -> str:
     """A default as it is written in the TOML file."""
+    if isinstance(value, Secret):
+        # A default is no secret: it is written here.
+        value = value.reveal()
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

@@ -66,7 +66,8 @@ class MonitorService(AsyncMultiService):
         if not monitor.http:
             return None
         site = makeSite(self.tracker, registry(self.tracker, config.queue.backend,
-                                               self.senders), monitor.token)
+                                               self.senders), monitor.token.reveal(),
+                        monitor.hostNames())
         http = HttpService(monitor.http, site, self.reactor)
         http.setServiceParent(self)
         return http
@@ -107,7 +108,8 @@ class MonitorService(AsyncMultiService):
                            f"{after.depth_interval:g} s")
         else:
             self.queue.reconfigService(config)
-        if moved or (before.http, before.token) != (after.http, after.token):
+        if moved or (before.http, before.token, before.hosts) != (
+                after.http, after.token, after.hosts):
             if self.http is not None:
                 yield self.http.disownServiceParent()
             self.http = self._http(config)

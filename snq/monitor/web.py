@@ -11,6 +11,13 @@ With C{[monitor] token}, C{/metrics} and C{/status.json} answer only to
 C{Authorization: Bearer TOKEN}.  The dashboard's own files hold no data and
 need none: the page reads the token from its address (C{/#token=TOKEN}; a
 fragment never reaches a server or its logs) and sends it itself.
+
+Nothing here takes a request body, so one is refused as soon as the
+headers announce it, before a byte of it is read (twisted.web would
+otherwise spool it to a temporary file first); and a request whose
+C{Host} is not one of the monitor's names (C{[monitor] hosts}) is
+refused, so that a web page in a browser on this machine cannot reach the
+monitor through a name of its own (DNS rebinding).
 """
 
 import hmac
@@ -22,9 +29,9 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
-from snq.config import parseHostPort
+from snq.config import LOOPBACK_NAMES, parseHostPort
 from snq.service import defaultReactor
 
 #: The page loads nothing but its own two files, and runs no inline script.
@@ -70,16 +77,63 @@ class _Data(resource.Resource):
         return self.produce(request)
 
 
+class _NoBodyChannel(http.HTTPChannel):
+    """An HTTP connection that refuses a request body before reading it."""
+
+    def allHeadersReceived(self):
+        if self.length == 0:
+            return super().allHeadersReceived()
+        message = b"the snq monitor takes no request body\n"
+        self.transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\n"
+            b"Content-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(message), message))
+        # Reading stops here: what the client still sends is never read.
+        self.loseConnection()
+
+
+class _Misdirected(resource.Resource):
+    isLeaf = True
+
+    def render(self, request):
+        request.setResponseCode(421)
+        request.setHeader(b"content-type", b"text/plain")
+        return b"unknown Host: see [monitor] hosts\n"
+
+
+def _hostName(header: bytes) -> str:
+    """C{example.org:8750} or C{[::1]:8750} → the name alone, lower case."""
+    text = header.decode("ascii", "replace").strip().lower()
+    if text.startswith("["):
+        return text[1:].partition("]")[0]
+    name, _, port = text.rpartition(":")
+    return name if name and port.isdigit() else text
+
+
 class _QuietSite(server.Site):
-    """No access log: the dashboard asks every second."""
+    """
+    No access log: the dashboard asks every second.  Answers only to its
+    C{hosts}, and takes no request body.
+    """
 
     noisy = False
+    protocol = _NoBodyChannel
+
+    def __init__(self, root, hosts):
+        super().__init__(root)
+        self.hosts = hosts
+
+    def getResourceFor(self, request):
+        if _hostName(request.getHeader(b"host") or b"") not in self.hosts:
+            return _Misdirected()
+        return super().getResourceFor(request)
 
     def log(self, request):
         pass
 
 
-def makeSite(tracker, registry, token: str = "") -> server.Site:
+def makeSite(tracker, registry, token: str = "",
+             hosts=LOOPBACK_NAMES) -> server.Site:
     def status(request):
         try:
             since = float(request.args[b"since"][0])
@@ -94,7 +148,7 @@ def makeSite(tracker, registry, token: str = "") -> server.Site:
     root.putChild(b"metrics", _Data(token, CONTENT_TYPE_LATEST.encode(),
                                     lambda request: generate_latest(registry)))
     root.putChild(b"status.json", _Data(token, b"application/json", status))
-    return _QuietSite(root)
+    return _QuietSite(root, hosts)
 
 
 class HttpService(Service):

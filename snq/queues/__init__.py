@@ -10,7 +10,7 @@ def makeQueue(config, clock=None, claimant=None):
     if backend == "db":
         from snq.queues.db import DbQueue
 
-        return DbQueue(config.db.url, config.queue.lease, clock=clock,
+        return DbQueue(config.db.url.reveal(), config.queue.lease, clock=clock,
                        claimant=claimant)
     if backend == "redis":
         from snq.queues.redis import RedisQueue

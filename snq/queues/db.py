@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -32,6 +32,7 @@ from snq.item import Item
 from snq.queues.dialects import DIALECTS
 from snq.queues.interface import DeadLetter, Delivery, Depth, Queue, TransportDepth
 from snq.routing import TransportFilter
+from snq.secret import maskURL
 from snq.service import defaultReactor
 
 #: The columns of the contract (DESIGN.md, "SQL").
@@ -77,16 +78,7 @@ class DbQueue(Queue):
         self._listeners = []
 
     def describe(self) -> str:
-        url = self.url
-        query = parse_qsl(url.query)
-        if url.password is None and "password" not in dict(query):
-            return self._url
-        userinfo, at, hostport = url.netloc.rpartition("@")
-        if ":" in userinfo:
-            userinfo = userinfo.partition(":")[0] + ":***"
-        query = [(k, "***" if k == "password" else v) for k, v in query]
-        return urlunsplit(url._replace(netloc=userinfo + at + hostport,
-                                       query=urlencode(query, safe="*/")))
+        return maskURL(self._url)
 
     def open(self):
         self.pool = self.dialect.connectionPool(self.url)

@@ -11,6 +11,8 @@ from urllib.parse import parse_qsl, unquote
 
 from twisted.enterprise import adbapi
 
+from snq.files import createPrivate, privateDirectory
+
 #: What a claim returns per row, in this order (then anything else).
 COLUMNS = "id, frame, transport, site, attempts"
 
@@ -120,8 +122,9 @@ class Sqlite(Dialect):
 
     def connectionPool(self, url):
         path = self.path(url)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
+        privateDirectory(os.path.dirname(os.path.abspath(path)))
+        # SQLite makes its -wal and -shm files with the database's mode.
+        createPrivate(path)
 
         def prepare(conn):
             conn.execute("PRAGMA journal_mode=WAL")

@@ -172,7 +172,7 @@ class RedisQueue(Queue):
         self.config = config
         self.clock = clock
         self.reactor = reactor
-        self.address = RedisAddress.fromURL(config.redis.url)
+        self.address = RedisAddress.fromURL(config.redis.url.reveal())
         self.prefix = config.redis.prefix
         self.lease = config.queue.lease
         #: Unique per process, so a respawned worker never takes over the

@@ -56,9 +56,10 @@ from twisted.logger import Logger
 from snq.item import Item
 from snq.queues.interface import DeadLetter, Delivery, Queue
 from snq.queues.manager import QueueManager
+from snq.secret import maskURL
 from snq.service import defaultReactor
 from snq.stomp.connection import DISCONNECT_TIMEOUT, BrokerConnection, Subscription
-from snq.stomp.control import ControlVerifier, Duplicate, controlHeaders
+from snq.stomp.control import ControlVerifier, Duplicate, controlHeaders, isOpen
 from snq.stomp.destinations import Destinations
 from snq.stomp.protocol import StompClientProtocol
 
@@ -106,13 +107,14 @@ class StompManager(QueueManager):
                  transportsFor=None):
         super().__init__(queue, dispatcher, config, transports, clock,
                          transportsFor)
-        self.verifier = ControlVerifier(config.stomp.control_secret,
+        self.verifier = ControlVerifier(config.stomp.control_secret.reveal(),
                                         config.stomp.control_window, self.clock)
 
     def startService(self):
         super().startService()
         self.queue.consume(self._wanted(), self._delivered, self._connectionLost)
-        self.queue.listenControl(self._control)
+        if isOpen(self.config.stomp):
+            self.queue.listenControl(self._control)
 
     def _wanted(self) -> list[str]:
         """The queues of the worker's groups (and site, if it has one)."""
@@ -240,7 +242,8 @@ class StompQueue(Queue):
 
     def describe(self) -> str:
         stomp = self.config.stomp
-        return (f"STOMP {', '.join(stomp.servers)} (login {stomp.login}, vhost "
+        servers = ", ".join(map(maskURL, stomp.servers))
+        return (f"STOMP {servers} (login {stomp.login}, vhost "
                 f"{stomp.vhost}), queues {self.destinations.basename}*")
 
     # -- connections --------------------------------------------------------
@@ -474,7 +477,8 @@ class StompQueue(Queue):
     def publishControl(self, command: str):
         """Publish C{command} on the control channel (signed if configured)."""
         headers = {"content-type": "text/plain", **controlHeaders(
-            command, self.clock.seconds(), self.config.stomp.control_secret)}
+            command, self.clock.seconds(),
+            self.config.stomp.control_secret.reveal())}
         return self._publish([(self.destinations.control,
                                command.encode("utf-8"), headers, 0)])
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
+
+from snq.secret import maskURL
 
 _PEM_CERTIFICATE = r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----"
 
@@ -44,12 +46,12 @@ class RedisAddress:
                    tls=parts.scheme == "rediss")
 
     def describe(self) -> str:
-        user = self.username or ""
-        auth = f"{user}:***@" if self.password is not None else (
-            f"{user}@" if user else "")
+        user = quote(self.username or "", safe="")
+        auth = (f"{user}:{quote(self.password, safe='')}@"
+                if self.password is not None else f"{user}@" if user else "")
         host = f"[{self.host}]" if ":" in self.host else self.host
         scheme = "rediss" if self.tls else "redis"
-        return f"{scheme}://{auth}{host}:{self.port}/{self.db}"
+        return maskURL(f"{scheme}://{auth}{host}:{self.port}/{self.db}")
 
 
 def tlsOptions(address: RedisAddress, config):

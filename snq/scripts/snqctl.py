@@ -22,6 +22,7 @@ from snq.item import DEFAULT_SITE, Item
 from snq.monitor import check as plugin
 from snq.monitor import snmp
 from snq.queues import makeQueue
+from snq.stomp import control as stompcontrol
 
 
 class CommandError(Exception):
@@ -220,8 +221,10 @@ def _broadcast(queue, config, args, out, stdin, reactor):
     if config.queue.backend != "stomp":
         raise CommandError("the control channel is STOMP's; [queue] backend is "
                            f"{config.queue.backend!r}")
+    if not stompcontrol.isOpen(config.stomp):
+        raise CommandError(stompcontrol.startWarning(config.stomp))
     command = f"update:{args.site}" if args.action == "update" else args.action
-    signed = " (signed)" if config.stomp.control_secret else ""
+    signed = " (signed)" if config.stomp.control_secret else " (unsigned)"
     d = queue.publishControl(command)
     d.addCallback(lambda _: print(f"published {command} on "
                                   f"{config.stomp.control_channel}{signed}",

@@ -282,7 +282,7 @@ class BrokerConnection:
     def _login(self, stomp):
         config = self.config
         beats = int(config.heartbeat * 1000)
-        yield stomp.connect(config.login, config.passcode, config.vhost,
+        yield stomp.connect(config.login, config.passcode.reveal(), config.vhost,
                             heartBeats=(beats, beats))
         if config.escape_slashes == "auto":
             self.escape = bool(stomp.server) and stomp.server.startswith("RabbitMQ/")

@@ -20,6 +20,7 @@ from wokkel import client
 from wokkel.subprotocols import StreamManager, XMPPHandler
 from wokkel.xmppim import AvailabilityPresence
 
+from snq.secret import reveal
 from snq.service import defaultReactor
 from snq.xmpp.ping import PingHandler
 
@@ -163,7 +164,7 @@ class XmppClient(client.XMPPClient):
                          if settings.ca_file else None)
             tlsOptions = ssl.optionsForClientTLS(jid.host, trustRoot=trustRoot)
         authenticator = PolicyAuthenticator(
-            jid, settings.password, settings.tls, tlsOptions)
+            jid, reveal(settings.password), settings.tls, tlsOptions)
         factory = AttemptReportingFactory(
             authenticator, self._attemptStarted, self._attemptFailed)
         factory.clock = reactor

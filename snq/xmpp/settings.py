@@ -33,6 +33,7 @@ class XmppSettings:
     """
 
     jid: str
+    #: Its password (a str, or a L{snq.secret.Secret} from the config).
     password: str = field(repr=False)
     #: Server to connect to; "" = the JID's domain (no SRV lookup: set host
     #: if the domain's server lives elsewhere).  The certificate is checked
