@@ -505,11 +505,11 @@ class LedgerConfig:
 
     #: A database or Redis every daemon on the backend shares; "" = the
     #: queue's own (a STOMP queue has none). May hold a password.
-    url: str = field(default="", repr=False, metadata=_check(
+    url: Secret = field(default=_NO_SECRET, metadata=_check(
         lambda v: v == "" or (v.split("://", 1)[0] in (
             "sqlite", "mysql", "postgresql", "redis", "rediss") and "://" in v),
         'a db URL (sqlite:///…, mysql://…, postgresql://…), a Redis URL '
-        '(redis://…, rediss://…), or "" for the queue\'s own'))
+        '(redis://…, rediss://…), or "" for the queue\'s own', url=True))
 
 
 @dataclass(frozen=True)

@@ -117,7 +117,7 @@ def makeLedger(config, queue, clock=None) -> Ledger:
     The ledger C{config} names (C{[ledger] url}), or the queue's own store;
     L{LedgerMissing} for a STOMP queue without one.
     """
-    url = config.ledger.url
+    url = config.ledger.url.reveal()
     backend = config.queue.backend
     if not url:
         if backend == "db":
@@ -133,15 +133,15 @@ def makeLedger(config, queue, clock=None) -> Ledger:
         from snq.ledger.redis import RedisLedger
         from snq.queues.redis import RedisQueue
 
-        if backend == "redis" and url == config.redis.url:
+        if backend == "redis" and config.ledger.url == config.redis.url:
             return RedisLedger(queue, shared=True, clock=clock)
         own = dataclasses.replace(config, redis=dataclasses.replace(
-            config.redis, url=url))
+            config.redis, url=config.ledger.url))
         return RedisLedger(RedisQueue(own, clock=clock), shared=False, clock=clock)
     from snq.ledger.sql import SqlLedger
     from snq.queues.db import DbQueue
 
-    if backend == "db" and url == config.db.url:
+    if backend == "db" and config.ledger.url == config.db.url:
         return SqlLedger(queue, shared=True, clock=clock)
     return SqlLedger(DbQueue(url, config.queue.lease, clock=clock), shared=False,
                      clock=clock)
@@ -150,7 +150,7 @@ def makeLedger(config, queue, clock=None) -> Ledger:
 def checkLedger(config) -> list[str]:
     """Why C{config} has no usable ledger, in words; [] when it has."""
     backend = config.queue.backend
-    if config.ledger.url or backend in ("db", "redis"):
+    if config.ledger.url.reveal() or backend in ("db", "redis"):
         return []
     return [f"[queue] backend = {backend!r} keeps nothing but messages, so "
             "daemons cannot agree through it on what happens once (schedule "
