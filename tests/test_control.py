@@ -22,7 +22,7 @@ from snq import config as snqconfig
 from snq.amp import JSON, ControlError, Report, Restart, Status, Stop
 from snq.control import ControlService, connect
 from snq.scripts import snqctl
-from tests.daemon import socketPath
+from tests.daemon import socketPath, waitFor
 
 
 class JSONArgumentTests(SynchronousTestCase):
@@ -121,7 +121,8 @@ class ControlServiceTests(ControlTestCase):
     def test_restartAnswersWhenOver(self):
         client = yield self.client()
         answer = client.callRemote(Restart)
-        yield deferLater(reactor, 0.05, lambda: None)
+        yield waitFor(lambda: self.pool.restarts, timeout=10, interval=0.01,
+                      what="the restart request")
         self.assertEqual(len(self.pool.restarts), 1)
         self.assertNoResult(answer)
         self.pool.restarts[0].callback([{"id": "generic.0", "old": 1, "new": 2}])
@@ -132,7 +133,8 @@ class ControlServiceTests(ControlTestCase):
     def test_restartRefusalReachesTheClient(self):
         client = yield self.client()
         answer = client.callRemote(Restart)
-        yield deferLater(reactor, 0.05, lambda: None)
+        yield waitFor(lambda: self.pool.restarts, timeout=10, interval=0.01,
+                      what="the restart request")
         self.pool.restarts[0].errback(ControlError("a rolling restart is in progress"))
         e = yield self.assertFailure(answer, ControlError)
         self.assertEqual(str(e), "a rolling restart is in progress")
@@ -140,12 +142,13 @@ class ControlServiceTests(ControlTestCase):
     @defer.inlineCallbacks
     def test_sigusr1RestartsAndIsRestoredOnStop(self):
         os.kill(os.getpid(), signal.SIGUSR1)
-        yield deferLater(reactor, 0.05, lambda: None)
+        yield waitFor(lambda: self.pool.restarts, timeout=10, interval=0.01,
+                      what="the restart SIGUSR1 asks for")
         self.assertEqual(len(self.pool.restarts), 1)
         self.pool.restarts[0].errback(ControlError("snq is stopping"))
         yield self.service.stopService()
         self.assertNotEqual(signal.getsignal(signal.SIGUSR1),
-                            self.service._sigusr1)
+                            self.service._sigusr1._handle)
 
     @defer.inlineCallbacks
     def test_stopAnswersThenStopsTheDaemon(self):
@@ -217,14 +220,16 @@ class SnqctlTests(ControlTestCase):
     @defer.inlineCallbacks
     def test_restart(self):
         d = self.command("restart")
-        yield deferLater(reactor, 0.05, lambda: None)
+        yield waitFor(lambda: self.pool.restarts, timeout=10, interval=0.01,
+                      what="the restart request")
         self.pool.restarts[0].callback([{"id": "generic.0", "old": 1, "new": 2}])
         self.assertEqual((yield d), "generic.0: pid 1 -> 2\n")
 
     @defer.inlineCallbacks
     def test_restartRefused(self):
         d = self.command("restart")
-        yield deferLater(reactor, 0.05, lambda: None)
+        yield waitFor(lambda: self.pool.restarts, timeout=10, interval=0.01,
+                      what="the restart request")
         self.pool.restarts[0].errback(ControlError("snq is stopping"))
         e = yield self.assertFailure(d, snqctl.CommandError)
         self.assertEqual(str(e), "restart: snq is stopping")

@@ -34,7 +34,7 @@ from snq.routing import groupsOf
 from snq.scripts import snqctl
 from snq.service import AsyncMultiService
 from snq.tap import Options, makeService
-from tests.daemon import socketPath
+from tests.daemon import socketPath, waitFor
 from tests.test_pool import FakeProcessReactor
 
 BASE = """
@@ -515,7 +515,8 @@ class ControlTestCase(TestCase):
     @defer.inlineCallbacks
     def answered(self, d, result):
         """The reloader answers C{result} (or fails with it)."""
-        yield deferLater(reactor, 0.05, lambda: None)
+        yield waitFor(lambda: self.reloader.answers, timeout=10, interval=0.01,
+                      what="the reload request")
         if isinstance(result, Exception):
             self.reloader.answers[-1].errback(result)
         else:
