@@ -1,16 +1,17 @@
 """
-Celery's side of C{bench.redis}: a Redis broker with Celery's at-least-once
-settings (C{acks_late}: acknowledged after the task returns; requeued when
-a worker process is lost), a no-op task and a probe that notes how long a
-message waited.
+Celery on Redis, a peer in L{bench.peers}, with its at-least-once settings
+(C{acks_late}: acknowledged after the task returns; requeued when a worker
+process is lost) and the jobs of L{bench.job} as tasks.
 
-Run by the benchmark as C{celery -A bench.redis_celery worker -P prefork -c 2}.
+Run by the benchmark as C{celery -A bench.redis_celery worker -P prefork
+-c 2 -O fair}, the broker's URL in C{$BENCH_REDIS_URL}.
 """
 
 import os
-import time
 
 from celery import Celery
+
+from bench import job
 
 app = Celery("bench", broker=os.environ["BENCH_REDIS_URL"])
 app.conf.update(
@@ -23,11 +24,14 @@ app.conf.update(
 
 @app.task(name="noop")
 def noop():
-    pass
+    job.noop()
+
+
+@app.task(name="incr")
+def incr():
+    job.incr()
 
 
 @app.task(name="probe")
 def probe(sent):
-    started = time.time()
-    with open(os.environ["BENCH_PROBE_FILE"], "a") as f:
-        f.write(f"{started - sent}\n")
+    job.probe(sent)

@@ -1,27 +1,33 @@
 """
-Dramatiq's side of C{bench.redis}: its Redis broker (at-least-once by
-default: a message is acknowledged after its actor returns) and two actors,
-a no-op and a probe that notes how long a message waited.
+Dramatiq on Redis, a peer in L{bench.peers}: its Redis broker (at least
+once by default: a message is acknowledged after its actor returns) and the
+jobs of L{bench.job} as actors.
 
-Run by the benchmark as C{dramatiq bench.redis_dramatiq --processes 2}.
+Run by the benchmark as C{dramatiq bench.redis_dramatiq --processes 2}, the
+broker's URL in C{$BENCH_REDIS_URL}.
 """
 
 import os
-import time
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 
-dramatiq.set_broker(RedisBroker(url=os.environ["BENCH_REDIS_URL"]))
+from bench import job
+
+broker = RedisBroker(url=os.environ["BENCH_REDIS_URL"])
+dramatiq.set_broker(broker)
 
 
-@dramatiq.actor(max_retries=0)
+@dramatiq.actor(max_retries=0, broker=broker)
 def noop():
-    pass
+    job.noop()
 
 
-@dramatiq.actor(max_retries=0)
+@dramatiq.actor(max_retries=0, broker=broker)
+def incr():
+    job.incr()
+
+
+@dramatiq.actor(max_retries=0, broker=broker)
 def probe(sent):
-    started = time.time()
-    with open(os.environ["BENCH_PROBE_FILE"], "a") as f:
-        f.write(f"{started - sent}\n")
+    job.probe(sent)
