@@ -135,12 +135,15 @@ class Timer:
 def table(rows, columns):
     """Print dicts as an aligned text table, columns in the given order."""
     cells = [[str(c) for c in columns]]
+    texts = [[True] * len(columns)]
     for row in rows:
         cells.append([_fmt(row.get(c, "")) for c in columns])
+        texts.append([isinstance(row.get(c, ""), str)
+                      and not row.get(c, "")[:1].isdigit() for c in columns])
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    for n, r in enumerate(cells):
-        line = (v.rjust(w) if n and i else v.ljust(w)
-                for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+    for n, (r, text) in enumerate(zip(cells, texts, strict=True)):
+        line = (v.ljust(w) if t else v.rjust(w)
+                for v, w, t in zip(r, widths, text, strict=True))
         print("  ".join(line))
         if n == 0:
             print("  ".join("-" * w for w in widths))
