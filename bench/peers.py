@@ -27,7 +27,7 @@ import sys
 import time
 
 from bench.common import percentile, pssBytes, rssBytes, save, table, treeCpu, waitUntil
-from bench.systems import SYSTEMS
+from bench.systems import SNQ, SYSTEMS
 
 MB = 2**20
 
@@ -99,7 +99,8 @@ def medians(runs):
 
 def show(rows, systems):
     """The table, each figure with its ratio to the Dramatiq row it is compared with."""
-    byKey = {s.key: r for s, r in zip(systems, rows, strict=True)}
+    byKey = {s.key: r for s, r in zip(systems, rows, strict=True)
+             if s.key not in SNQ}
     printed = []
     for system, row in zip(systems, rows, strict=True):
         peer = byKey.get(system.peer)
@@ -117,7 +118,15 @@ def show(rows, systems):
     table(printed, ["system", *COLUMNS])
 
 
-def main(argv=None):
+def systemsFrom(spec, job, workers):
+    """C{"snq-redis:1,celery"} → systems; C{:N} sets that one's workers."""
+    for entry in spec.split(","):
+        key, _, count = entry.partition(":")
+        yield SYSTEMS[key](job=job, workers=int(count) if count else workers)
+
+
+def main(argv=None, **defaults):
+    """Run, print and save; the median rows, by system.  C{defaults}: of the options."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--job", choices=("incr", "noop"), default="incr")
@@ -126,29 +135,29 @@ def main(argv=None):
     parser.add_argument("--probes", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--systems", default=",".join(SYSTEMS),
-                        help="comma-separated, of: " + ", ".join(SYSTEMS))
+                        help="comma-separated, of: " + ", ".join(SYSTEMS)
+                        + "; KEY:N runs N workers")
+    parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
-    systems = [SYSTEMS[k](job=args.job, workers=args.workers)
-               for k in args.systems.split(",")]
-    runs = {s.key: [] for s in systems}
+    systems = list(systemsFrom(args.systems, args.job, args.workers))
+    runs = [[] for _ in systems]
     try:
         for n in range(args.rounds):
-            for system in systems:
+            for system, results in zip(systems, runs, strict=True):
                 print(f"round {n + 1}: {system.label} ...", file=sys.stderr)
-                runs[system.key].append(measure(system, args.items, args.probes))
+                results.append(measure(system, args.items, args.probes))
     finally:
         for system in systems:
             system.close()
-    rows = [medians(runs[s.key]) for s in systems]
-    print(f"\n{args.items:,} '{args.job}' items drained by {args.workers} workers, "
-          f"median of {args.rounds}; {args.probes} probes one at a time on idle "
-          "workers; (x) = ratio to Dramatiq on the same broker (Redis for "
-          "SQLite, Huey, Celery)\n")
+    rows = [medians(r) for r in runs]
+    print(f"\n{args.items:,} '{args.job}' items drained, median of {args.rounds}; "
+          f"{args.probes} probes one at a time on idle workers; (x) = ratio to "
+          "Dramatiq on the same broker (Redis for SQLite, Huey, Celery)\n")
     show(rows, systems)
-    save(f"peers-{args.job}", {
-        "args": vars(args), "systems": {
-            s.key: {"label": s.label, "median": r, "runs": runs[s.key]}
-            for s, r in zip(systems, rows, strict=True)}})
+    save(f"peers-{args.job}", {"args": vars(args), "systems": [
+        {"key": s.key, "label": s.label, "workers": s.workers, "median": row,
+         "runs": r} for s, row, r in zip(systems, rows, runs, strict=True)]})
+    return list(zip(systems, rows, strict=True))
 
 
 if __name__ == "__main__":

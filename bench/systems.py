@@ -51,6 +51,8 @@ class System:
     def __init__(self, job="incr", workers=2):
         self.job = job
         self.workers = workers
+        if workers != 2:
+            self.label = f"{self.label}, {workers} worker{'s' if workers > 1 else ''}"
         self.dir = tempfile.mkdtemp(prefix=f"bench-{self.key}-")
         self.env = dict(
             os.environ, BENCH_DIR=self.dir, BENCH_JOB_REDIS=JOB_REDIS,
