@@ -34,19 +34,28 @@ _local = threading.local()
 _clients = {}
 
 
+def _forked():
+    # A forked child counts (and connects) on its own: no system call per
+    # item to find out whether this is still the same process.
+    _local.__dict__.clear()
+    _clients.clear()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def _counter():
-    pid = os.getpid()
-    if getattr(_local, "pid", None) != pid:  # first use, or a forked child
+    counter = getattr(_local, "map", None)
+    if counter is None:
         path = os.path.join(os.environ["BENCH_DIR"],
-                            f"count-{pid}-{threading.get_ident()}")
+                            f"count-{os.getpid()}-{threading.get_ident()}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             os.ftruncate(fd, 8)
-            _local.map = mmap.mmap(fd, 8)
+            counter = _local.map = mmap.mmap(fd, 8)
         finally:
             os.close(fd)
-        _local.pid = pid
-    return _local.map
+    return counter
 
 
 def count():
@@ -59,12 +68,12 @@ def noop():
 
 
 def incr():
-    pid = os.getpid()
-    client = _clients.get(pid)
+    client = _clients.get("redis")
     if client is None:
         import redis
 
-        client = _clients[pid] = redis.Redis.from_url(os.environ["BENCH_JOB_REDIS"])
+        client = _clients["redis"] = redis.Redis.from_url(
+            os.environ["BENCH_JOB_REDIS"])
     client.incr(INCR_KEY)
     count()
 
