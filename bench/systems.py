@@ -10,8 +10,9 @@ are the master and the workers.  Progress is read from the jobs' own counts
 asked how far a drain got.
 
 Servers used, all on 127.0.0.1: Redis (databases 11 for the job's
-C{INCR}, 12 snq, 13 Dramatiq, 14 Celery, 15 Huey: each emptied before and
-after a run), RabbitMQ (queues named C{snqbench-…}, deleted afterwards).
+C{INCR}; 12 snq, under a key prefix of its own; 13 Dramatiq, 14 Celery, 15
+Huey, each emptied before and after a run), RabbitMQ (queues named
+C{snqbench-…}, deleted afterwards).
 """
 
 import os
@@ -173,7 +174,16 @@ class SnqRedis(Snq):
     key = "snq-redis"
     label = "snq, Redis"
     db = 12
-    prefix = "snqbench:"
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        # Keys of this system alone: another benchmark may share the database.
+        self.prefix = f"{RUN}-{uuid.uuid4().hex[:4]}:"
+
+    def clear(self):
+        keys = list(self.redis.scan_iter(match=f"{self.prefix}*", count=1000))
+        for start in range(0, len(keys), 1000):
+            self.redis.delete(*keys[start:start + 1000])
 
     def section(self):
         return (f'[queue]\nbackend = "redis"\n\n'
