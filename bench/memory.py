@@ -3,7 +3,8 @@ Memory of snq per backend: the PSS (and RSS) of the master and of each
 worker at idle, after warm-up and after C{--items} items, and the growth
 from warm-up to the end.
 
-The daemon starts on an empty queue and idles for C{--idle} seconds; then
+The daemon starts on an empty queue, and once every worker reports that
+it is running, idles for C{--idle} seconds; then
 C{--items} jobs are fed in chunks (at most C{--backlog} waiting, so the
 broker's own memory stays small) and the processes' memory is read every
 tenth of the way; warm-up is the first tenth.  PSS (from
@@ -41,8 +42,8 @@ def run(system, items, idle, backlog):
     system.start()
     samples = []
     try:
-        waitUntil(lambda: len(system.workerPids()) >= system.workers, 60,
-                  f"{system.label} workers")
+        waitUntil(lambda: system.running() >= system.workers, 60,
+                  f"{system.label} workers", interval=0.2)
         time.sleep(idle)
         samples.append((0, snapshot(system)))
         sent, step = 0, max(1, items // 10)
@@ -110,6 +111,12 @@ def main(argv=None):
         started = time.monotonic()
         try:
             samples = run(system, args.items, args.idle, args.backlog)
+        except (Exception, SystemExit) as e:
+            # One backend's trouble (a broker restarted by another test
+            # suite) leaves the others' figures standing.
+            print(f"{system.label}: {type(e).__name__}: {e}", file=sys.stderr)
+            results[key] = {"error": f"{type(e).__name__}: {e}"}
+            continue
         finally:
             system.close()
         printed += rows(system, samples)

@@ -15,6 +15,7 @@ Huey, each emptied before and after a run), RabbitMQ (queues named
 C{snqbench-…}, deleted afterwards).
 """
 
+import json
 import os
 import shutil
 import signal
@@ -152,6 +153,16 @@ class Snq(System):
     def section(self) -> str:
         raise NotImplementedError
 
+    def running(self) -> int:
+        """Workers that told the master they are running (C{snqctl status})."""
+        result = subprocess.run(
+            [sys.executable, "-m", "snq.scripts.snqctl", "status", "--json"],
+            cwd=self.dir, env=self.env, capture_output=True, text=True)
+        if result.returncode:
+            return 0
+        return sum(w["state"] == "running"
+                   for w in json.loads(result.stdout)["workers"])
+
     def send(self, transport, frames):
         raise NotImplementedError
 
@@ -215,6 +226,18 @@ class SnqStomp(Snq):
         deleteQueues(self.name)
 
     def send(self, transport, frames):
+        from stompest.error import StompConnectionError
+
+        try:
+            self._send(frames)
+        except StompConnectionError:
+            # Other test suites on the shared broker close every connection
+            # now and then: connect again and send the batch again (at
+            # least once, like any producer).
+            self.client = None
+            self._send(frames)
+
+    def _send(self, frames):
         from tests.rabbitmq import producer
 
         if self.client is None:
@@ -228,9 +251,14 @@ class SnqStomp(Snq):
         assert received.command == "RECEIPT", received
 
     def close(self):
+        from stompest.error import StompConnectionError
+
         if self.client is not None:
-            self.client.disconnect()
-            self.client.close()
+            try:
+                self.client.disconnect()
+                self.client.close()
+            except StompConnectionError:
+                pass  # the broker closed it first
             self.client = None
         super().close()
 
