@@ -22,19 +22,19 @@ import argparse
 import sys
 import time
 
-from bench.common import pssBytes, rssBytes, save, table, waitUntil
+from bench.common import privateBytes, pssBytes, rssBytes, save, table, waitUntil
 from bench.systems import SNQ, SYSTEMS
 
 MB = 2**20
 
 
 def snapshot(system):
-    """C{{"master"|"worker N": (pid, PSS, RSS)}} now, in bytes."""
-    result = {"master": (system.master(), pssBytes(system.master()),
-                         rssBytes(system.master()))}
+    """C{{"master"|"worker N": (pid, PSS, RSS, private)}} now, in bytes."""
+    pids = {"master": system.master()}
     for n, pid in enumerate(sorted(system.workerPids()), 1):
-        result[f"worker {n}"] = (pid, pssBytes(pid), rssBytes(pid))
-    return result
+        pids[f"worker {n}"] = pid
+    return {name: (pid, pssBytes(pid), rssBytes(pid), privateBytes(pid))
+            for name, pid in pids.items()}
 
 
 def run(system, items, idle, backlog):
@@ -81,7 +81,10 @@ def rows(system, samples):
             row.update({"warm PSS MB": warm[name][1] / MB,
                         "end PSS MB": end[name][1] / MB,
                         "end RSS MB": end[name][2] / MB,
-                        "growth MB": (end[name][1] - warm[name][1]) / MB})
+                        "growth MB": (end[name][1] - warm[name][1]) / MB,
+                        # Private pages move only with this process, PSS
+                        # also with whatever else shares its libraries.
+                        "private growth MB": (end[name][3] - warm[name][3]) / MB})
         if len(pids) > 1:
             row["note"] = f"replaced ({len(pids)} pids)"
         result.append(row)
@@ -122,14 +125,15 @@ def main(argv=None):
         printed += rows(system, samples)
         results[key] = {"seconds": time.monotonic() - started, "samples": [
             {"handled": done, "processes": {
-                name: {"pid": pid, "pss": pss, "rss": rss}
-                for name, (pid, pss, rss) in snap.items()}}
+                name: {"pid": pid, "pss": pss, "rss": rss, "private": private}
+                for name, (pid, pss, rss, private) in snap.items()}}
             for done, snap in samples]}
     print(f"\nsnq with {args.workers} workers, {args.items:,} '{args.job}' items; "
           "warm = after the first tenth, end = after all and "
           f"{args.idle:g} s idle; growth = end - warm\n")
     table(printed, ["system", "process", "idle PSS MB", "idle RSS MB", "warm PSS MB",
-                    "end PSS MB", "end RSS MB", "growth MB", "note"])
+                    "end PSS MB", "end RSS MB", "growth MB", "private growth MB",
+                    "note"])
     print("\ntargets (issue 19): worker RSS <= 32 MB, PSS <= 22 MB; master RSS "
           "<= 35 MB; tree <= 60 MB PSS; growth after warm-up <= 1 MB")
     save("memory", {"args": vars(args), "systems": results})

@@ -22,11 +22,22 @@ Uses the Redis and RabbitMQ on 127.0.0.1 (see L{bench.systems}).
 """
 
 import argparse
+import os
+import shutil
 import statistics
 import sys
 import time
 
-from bench.common import percentile, pssBytes, rssBytes, save, table, treeCpu, waitUntil
+from bench.common import (
+    RESULTS,
+    percentile,
+    pssBytes,
+    rssBytes,
+    save,
+    table,
+    treeCpu,
+    waitUntil,
+)
 from bench.systems import SNQ, SYSTEMS
 
 MB = 2**20
@@ -89,8 +100,19 @@ COLUMNS = ["items/s", "boot s", "RSS master MB", "RSS worker MB", "PSS tree MB",
            "worker CPU ms/item", "tree CPU ms/item", "idle p50 ms", "idle p99 ms"]
 
 
+def keepLog(system):
+    """A failed run's log, copied where it outlives the run's directory."""
+    source = os.path.join(system.dir, "processes.log")
+    if not os.path.exists(source):
+        return None
+    os.makedirs(RESULTS, exist_ok=True)
+    target = os.path.join(RESULTS, f"failed-{system.key}-{time.strftime('%H%M%S')}.log")
+    shutil.copyfile(source, target)
+    return target
+
+
 def medians(runs):
-    row = {}
+    row = {"runs": sum("error" not in r for r in runs)}
     for column in COLUMNS:
         values = [r[column] for r in runs if r.get(column) is not None]
         row[column] = statistics.median(values) if values else None
@@ -104,7 +126,7 @@ def show(rows, systems):
     printed = []
     for system, row in zip(systems, rows, strict=True):
         peer = byKey.get(system.peer)
-        line = {"system": system.label}
+        line = {"system": system.label, "runs": row["runs"]}
         for column in COLUMNS:
             value = row[column]
             if value is None:
@@ -115,7 +137,7 @@ def show(rows, systems):
                 text += f" ({value / peer[column]:.2f}x)"
             line[column] = text
         printed.append(line)
-    table(printed, ["system", *COLUMNS])
+    table(printed, ["system", "runs", *COLUMNS])
 
 
 def systemsFrom(spec, job, workers):
@@ -145,7 +167,14 @@ def main(argv=None, **defaults):
         for n in range(args.rounds):
             for system, results in zip(systems, runs, strict=True):
                 print(f"round {n + 1}: {system.label} ...", file=sys.stderr)
-                results.append(measure(system, args.items, args.probes))
+                try:
+                    results.append(measure(system, args.items, args.probes))
+                except (Exception, SystemExit) as e:
+                    # A broker that another test suite restarted fails this
+                    # run, not the table: the other runs still count.
+                    results.append({"error": f"{type(e).__name__}: {e}",
+                                    "log": keepLog(system)})
+                    print(f"  failed: {results[-1]['error']}", file=sys.stderr)
     finally:
         for system in systems:
             system.close()
