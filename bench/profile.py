@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from bench.common import save, table, waitUntil
+from bench.common import save, table, treeCpu, waitUntil
 from bench.systems import SNQ, SYSTEMS
 
 FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^:]*)(?::(?P<line>\d+))?\)$")
@@ -75,10 +75,13 @@ def main(argv=None):
         system.enqueue(args.items)
         system.start()
         waitUntil(lambda: system.handled() > 1000, 60, "the worker to start")
-        before = system.handled()
+        worker = system.workerPids()[0]
+        before, cpuBefore = system.handled(), treeCpu(worker)[worker]
         started = time.monotonic()
         stacks = sample(system, args.seconds, args.rate)
-        speed = (system.handled() - before) / (time.monotonic() - started)
+        items = system.handled() - before
+        speed = items / (time.monotonic() - started)
+        cpuPerItem = (treeCpu(worker)[worker] - cpuBefore) / items * 1e6
     finally:
         system.stop()
         system.close()
@@ -88,16 +91,17 @@ def main(argv=None):
         own[stack[-1]] += n
         for function in set(stack[:-1]) | {stack[-1].rsplit(":", 1)[0]}:
             inclusive[function] += n
-    # A sample stands for 1/rate s of CPU; items handled while sampling:
-    # items/s * seconds.
-    perItem = 1e6 / args.rate / (speed * args.seconds) if speed else 0
+    # The shares are py-spy's; the CPU per item is the kernel's (utime +
+    # stime of the worker over the same seconds), split by those shares.
+    perItem = cpuPerItem / total
 
     def rows(counter):
         return [{"function": f, "share": f"{n / total:.1%}",
                  "us/item": n * perItem} for f, n in counter.most_common(args.top)]
 
     print(f"\n{system.label}, '{args.job}' items at {speed:,.0f} items/s "
-          f"while sampled; {total:,} samples of CPU\n\nown time by line:\n")
+          f"while sampled, {cpuPerItem:.1f} us of CPU per item (/proc); "
+          f"{total:,} samples\n\nown time by line:\n")
     table(rows(own), ["function", "share", "us/item"])
     print("\nown time by function (all its lines):\n")
     byFunction = collections.Counter()
@@ -112,6 +116,7 @@ def main(argv=None):
                           "twisted.internet.defer", "twisted.enterprise"))}))],
         ["function", "share", "us/item"])
     save(f"profile-{args.backend}", {"args": vars(args), "items/s": speed,
+                                     "CPU us/item": cpuPerItem,
                                      "samples": total,
                                      "own": dict(own.most_common(200)),
                                      "inclusive": dict(inclusive.most_common(200))})

@@ -10,9 +10,10 @@ are the master and the workers.  Progress is read from the jobs' own counts
 asked how far a drain got.
 
 Servers used, all on 127.0.0.1: Redis (databases 11 for the job's
-C{INCR}; 12 snq, under a key prefix of its own; 13 Dramatiq, 14 Celery, 15
-Huey, each emptied before and after a run), RabbitMQ (queues named
-C{snqbench-…}, deleted afterwards).
+C{INCR}; 12 snq, under a key prefix of its own; 13 Dramatiq, 14 Celery, 10
+Huey, each emptied before and after a run: databases no test suite or
+other benchmark here uses), RabbitMQ (queues named C{snqbench-…}, deleted
+afterwards).
 """
 
 import json
@@ -223,7 +224,12 @@ class SnqStomp(Snq):
     def clear(self):
         from tests.rabbitmq import deleteQueues
 
-        deleteQueues(self.name)
+        try:
+            deleteQueues(self.name)
+        except AssertionError as e:
+            # The broker is restarting under another test suite; the next
+            # clear (or the broker's own restart) empties the queue.
+            print(f"{self.label}: queues not deleted: {e}", file=sys.stderr)
 
     def send(self, transport, frames):
         from stompest.error import StompConnectionError
@@ -363,7 +369,7 @@ class Huey(Peer):
     key = "huey"
     label = "Huey, Redis, 2 processes"
     module = "redis_huey"
-    db = 15
+    db = 10
 
     def command(self):
         return [sys.executable, "-m", "huey.bin.huey_consumer",
