@@ -22,11 +22,13 @@ Uses the Redis and RabbitMQ on 127.0.0.1 (see L{bench.systems}).
 """
 
 import argparse
+import json
 import os
 import shutil
 import statistics
 import sys
 import time
+import types
 
 from bench.common import (
     RESULTS,
@@ -159,8 +161,19 @@ def main(argv=None, **defaults):
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help="comma-separated, of: " + ", ".join(SYSTEMS)
                         + "; KEY:N runs N workers")
+    parser.add_argument("--show", metavar="JSON",
+                        help="print the table of an earlier run's results file")
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    if args.show:
+        with open(args.show) as f:
+            saved = json.load(f)
+        print(f"{saved['machine']}\n")
+        show([s["median"] for s in saved["systems"]],
+             [types.SimpleNamespace(key=s["key"], label=s["label"],
+                                    peer=SYSTEMS[s["key"]].peer)
+              for s in saved["systems"]])
+        return None
     systems = list(systemsFrom(args.systems, args.job, args.workers))
     runs = [[] for _ in systems]
     try:

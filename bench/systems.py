@@ -352,6 +352,7 @@ class DramatiqRedis(Peer):
 class DramatiqRabbitmq(DramatiqRedis):
     key = "dramatiq-rabbitmq"
     label = "Dramatiq, RabbitMQ, 2 proc x 1 thread"
+    peer = key
     module = "rabbitmq_dramatiq"
     db = None
     threads = 1
