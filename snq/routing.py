@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from twisted.logger import Logger
-
-from snq.handlers import HandlerError, HandlerRegistry
+from snq.handlers import HandlerError, HandlerRegistry, handlerPaths
+from snq.handlers.source import Unreadable, sourceGroup
+from snq.logger import LazyLogger
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,10 @@ def consumedSpecs(groups, breakouts, site: str | None = None) -> list[str]:
     return [b for b in ours if b.count("/") == 2 and b.rsplit("/", 1)[1] == site]
 
 
+class RoutingError(ValueError):
+    """Where an item goes cannot be known here; the message says what to set."""
+
+
 class Routing:
     """
     Where an item goes on a broker (a STOMP queue, a Redis list), as a group
@@ -113,7 +117,7 @@ class Routing:
     handler's, else C{main}.
     """
 
-    log = Logger()
+    log = LazyLogger()
 
     def __init__(self, config):
         self.config = config
@@ -129,17 +133,70 @@ class Routing:
                 self.log.warn("routing without the configured handlers: {why}",
                               why=e)
                 self._registry = HandlerRegistry.load({})
+            self._compareSources(self._registry)
         return self._registry
 
+    def _compareSources(self, registry: HandlerRegistry):
+        """
+        Producers outside the daemon read handlers' groups from their source
+        (L{SourceRouting}): say where they would send items elsewhere.
+        """
+        paths = handlerPaths(self.config.handlers)
+        for name, cls in sorted(registry.classes.items()):
+            if self.config.transport(name).group:
+                continue
+            try:
+                read = sourceGroup(paths[name])
+            except Unreadable as e:
+                read = f"unreadable: {e}"
+            if read != cls.group:
+                self.log.warn(
+                    "handler {name} is in group {group}, but producers that do "
+                    "not import handlers (snq.client) read its source as "
+                    "{read}; set [transports.{name}] group = \"{group}\"",
+                    name=name, group=cls.group, read=read)
+
     def groupOf(self, transport: str) -> str:
-        return self.registry().groupOf(transport,
-                                       self.config.transport(transport).group)
+        return self.config.transport(transport).group or self.handlerGroup(
+            transport)
+
+    def handlerGroup(self, transport: str) -> str:
+        """The group of the transport's handler; C{main} if it has none."""
+        return self.registry().groupOf(transport)
 
     def route(self, transport: str, site: str) -> str:
         group = self.groupOf(transport)
         for spec in (f"{group}/{transport}/{site}", f"{group}/{transport}"):
             if spec in self.breakouts:
                 return spec
+        return group
+
+
+class SourceRouting(Routing):
+    """
+    L{Routing} for producers outside the daemon (L{snq.client}): handlers'
+    groups are read from their source (L{sourceGroup}), so that neither
+    they nor Twisted are imported into a web application.  A group that
+    cannot be read is a L{RoutingError}, never a guess.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._paths = handlerPaths(config.handlers)
+        self._groups: dict[str, str] = {}
+
+    def handlerGroup(self, transport: str) -> str:
+        group = self._groups.get(transport)
+        if group is None:
+            path = self._paths.get(transport)
+            try:
+                group = "main" if path is None else sourceGroup(path)
+            except Unreadable as e:
+                raise RoutingError(
+                    f"the group of transport {transport!r} (handler {path}) "
+                    f"cannot be read without importing the handler ({e}); set "
+                    f"[transports.{transport}] group in the config")
+            self._groups[transport] = group
         return group
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-from twisted.logger import Logger
+from snq.logger import LazyLogger
 
 ENTRY_POINT_GROUP = "snq.handlers"
 
@@ -117,7 +117,7 @@ def handlerPaths(configured: dict[str, str]) -> dict[str, str]:
 class HandlerRegistry:
     """Transport name → handler class, from entry points and config."""
 
-    log = Logger()
+    log = LazyLogger()
 
     def __init__(self, classes: dict[str, type[QueueHandler]]):
         self.classes = classes
