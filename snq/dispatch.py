@@ -87,6 +87,14 @@ class Dispatcher:
             self._settle(self._deadLetter(delivery, None, "baditem", str(e)),
                          delivery, done)
             return done
+        now = self.clock.seconds()
+        if item.dueAt(now) > now:
+            # Early: a producer pushed it straight onto a ready list, or a
+            # broker's delay queue let it out before its time.  It waits
+            # again, without an attempt charged.
+            self._settle(self.queue.retry(delivery, item, item.run_at - now,
+                                          "not due yet"), delivery, done)
+            return done
         sites = self.config.knownSites()
         if sites is not None and item.site not in sites:
             reason = f"unknown site {item.site!r} (not under [sites])"

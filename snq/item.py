@@ -3,6 +3,13 @@
 The envelope: the one JSON object every producer, in any language, puts on
 a queue.  Decoding is strict so that a bad frame is refused with a reason
 once, instead of failing a handler again and again.
+
+Version 1 has optional keys a producer writes only when it uses them
+(C{run_at}, C{key}): a daemon older than a key refuses a frame that has it
+(an unknown key is a C{baditem} dead letter, which C{snqctl dead retry}
+brings back after the upgrade) and handles every other frame as before, so
+producers and workers can be upgraded in any order.  C{v} changes only
+when the meaning of a key changes.
 """
 
 from __future__ import annotations
@@ -36,22 +43,33 @@ class Item:
     attempts: int = 0
     created: float = field(default_factory=time.time)
     priority: int = 0
+    #: UNIX seconds before which it must not run; None = as soon as possible.
+    run_at: float | None = None
+    #: The producer's key for it (unique items, issue 15); None = none.
+    key: str | None = None
 
     def toJSON(self) -> bytes:
-        return json.dumps(
-            {
-                "v": VERSION,
-                "id": self.id,
-                "site": self.site,
-                "transport": self.transport,
-                "payload": self.payload,
-                "attempts": self.attempts,
-                "created": self.created,
-                "priority": self.priority,
-            },
-            separators=(",", ":"),
-            ensure_ascii=False,
-        ).encode("utf-8")
+        envelope = {
+            "v": VERSION,
+            "id": self.id,
+            "site": self.site,
+            "transport": self.transport,
+            "payload": self.payload,
+            "attempts": self.attempts,
+            "created": self.created,
+            "priority": self.priority,
+        }
+        # Only when used: a frame without them is one every daemon takes.
+        if self.run_at is not None:
+            envelope["run_at"] = self.run_at
+        if self.key is not None:
+            envelope["key"] = self.key
+        return json.dumps(envelope, separators=(",", ":"),
+                          ensure_ascii=False).encode("utf-8")
+
+    def dueAt(self, now: float, delay: float = 0.0) -> float:
+        """When it may run: its C{run_at}, else C{delay} seconds from C{now}."""
+        return now + delay if self.run_at is None else self.run_at
 
     def retried(self) -> Item:
         return replace(self, attempts=self.attempts + 1)
@@ -92,12 +110,16 @@ class Item:
         if not _isInt(priority):
             raise BadItem("'priority' must be an integer")
         created = obj.get("created", time.time())
-        if (
-            isinstance(created, bool)
-            or not isinstance(created, (int, float))
-            or not math.isfinite(created)
-        ):
+        if not _isTime(created):
             raise BadItem("'created' must be UNIX seconds as a number")
+        runAt = obj.get("run_at")
+        if runAt is not None and not _isTime(runAt):
+            raise BadItem("'run_at' must be UNIX seconds as a number, or null")
+        key = obj.get("key")
+        if key is not None and (not isinstance(key, str) or not key
+                                or len(key) > MAX_KEY):
+            raise BadItem(f"'key' must be a non-empty string of at most "
+                          f"{MAX_KEY} characters, or null")
         return cls(
             transport=transport,
             payload=obj["payload"],
@@ -106,10 +128,20 @@ class Item:
             attempts=attempts,
             created=float(created),
             priority=priority,
+            run_at=None if runAt is None else float(runAt),
+            key=key,
         )
 
 
-_FIELDS = {"v", "id", "site", "transport", "payload", "attempts", "created", "priority"}
+_FIELDS = {"v", "id", "site", "transport", "payload", "attempts", "created",
+           "priority", "run_at", "key"}
+#: Longest C{key}: room for a hash or a URL, not for a payload.
+MAX_KEY = 255
+
+
+def _isTime(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def _isInt(value: Any) -> bool:
@@ -120,7 +152,12 @@ def _name(obj: dict, key: str, default: str | None) -> str:
     value = obj.get(key, default)
     if value is None:
         raise BadItem(f"envelope has no '{key}'")
+    checkName(key, value)
+    return value
+
+
+def checkName(key: str, value: Any) -> None:
+    """A transport or site name as the envelope takes it, else L{BadItem}."""
     if (not isinstance(value, str) or not value or "/" in value
             or value != value.strip()):
         raise BadItem(f"'{key}' must be a non-empty name without '/' or spaces")
-    return value

@@ -179,6 +179,27 @@ class DispatcherTests(SynchronousTestCase):
                          ("badhandler", "no handler for transport 'nosuch'"))
         self.assertEqual(h.stats.total("badhandler"), 1)
 
+    def test_earlyItemWaitsWithoutAnAttempt(self):
+        """
+        An item that arrives before its run_at (pushed straight onto a
+        ready list, or let out early by a broker) waits again, uncharged.
+        """
+        h = Harness(self)
+        item = Item(transport="rec", payload=1, created=0, run_at=50.0)
+        h.queue.put(item.toJSON(), "rec")
+        h.runAll()
+        [row] = h.queue.rows.values()
+        self.assertEqual((row["attempts"], row["run_at"], row["error"]),
+                         (0, 50.0, "not due yet"))
+        self.assertEqual(h.seen, [])
+        self.assertEqual(h.stats.total("error"), 0)
+        h.clock.advance(49.9)
+        self.assertEqual(h.runAll(), [])
+        h.clock.advance(0.1)
+        h.runAll()
+        self.assertEqual(h.seen, [item])
+        self.assertEqual(h.queue.rows, {})
+
     def test_leaseExpiredTooOften(self):
         """An item whose workers keep dying ends as a dead letter."""
         h = Harness(self, {"queue": {"max_retries": 1}})

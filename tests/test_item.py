@@ -13,6 +13,18 @@ class ItemTests(SynchronousTestCase):
         again = Item.fromJSON(item.toJSON())
         self.assertEqual(again, item)
 
+    def test_runAtAndKey(self):
+        item = Item(transport="log", payload=1, run_at=1e9, key="order-7")
+        self.assertEqual(Item.fromJSON(item.toJSON()), item)
+        self.assertEqual((item.dueAt(5.0), item.dueAt(5.0, delay=9)), (1e9, 1e9))
+
+    def test_optionalKeysOnlyWhenUsed(self):
+        """A frame without run_at or key is one any version-1 daemon takes."""
+        frame = json.loads(Item(transport="log", payload=1).toJSON())
+        self.assertNotIn("run_at", frame)
+        self.assertNotIn("key", frame)
+        self.assertEqual(Item(transport="log", payload=1).dueAt(5.0, 2.0), 7.0)
+
     def test_minimalProducerFrame(self):
         """A producer in another language needs only transport and payload."""
         item = Item.fromJSON(b'{"transport": "log", "payload": null}')
@@ -45,3 +57,11 @@ class ItemTests(SynchronousTestCase):
                                    "created": "yesterday"}), "'created'")
         self.assertBad(json.dumps({"transport": "log", "payload": 1,
                                    "priority": True}), "'priority'")
+        self.assertBad(json.dumps({"transport": "log", "payload": 1,
+                                   "run_at": "soon"}), "'run_at'")
+        self.assertBad(b'{"transport": "log", "payload": 1, "run_at": NaN}',
+                       "'run_at'")
+        self.assertBad(json.dumps({"transport": "log", "payload": 1,
+                                   "key": ""}), "'key'")
+        self.assertBad(json.dumps({"transport": "log", "payload": 1,
+                                   "key": "k" * 256}), "'key'")

@@ -367,6 +367,20 @@ class RedisQueueTests(RedisFixture, TestCase):
         self.assertEqual(self.payloads((yield a.claim(10))), [0, 1])
 
     @defer.inlineCallbacks
+    def test_eachItemAtItsRunAt(self):
+        """In one batch: now, at its own run_at, or after the batch's delay."""
+        a = yield self.open()
+        now = self.clock.seconds()
+        items = [Item(transport="t", payload=0),
+                 Item(transport="t", payload=1, run_at=now + 20),
+                 Item(transport="t", payload=2, run_at=now - 5)]
+        yield a.enqueue(items)
+        self.assertEqual(self.payloads((yield a.claim(10))), [0, 2])
+        self.assertEqual(a.nextDue, now + 20)
+        self.clock.advance(20)
+        self.assertEqual(self.payloads((yield a.claim(10))), [1])
+
+    @defer.inlineCallbacks
     def test_releaseGivesBackUnchangedInOrder(self):
         a = yield self.open("a")
         b = yield self.open("b")

@@ -143,6 +143,15 @@ class DestinationsTests(SynchronousTestCase):
         distinct = {retryBucket(0.5 + n / 100) for n in range(51)}
         self.assertEqual(len(distinct), 5, "0.5 to 1 s: five queues")
 
+    def test_earlyBucketsAreNeverLate(self):
+        """For a run_at: at most 16% early (and sent round again), never late."""
+        self.assertEqual(retryBucket(1.0, early=True), 861)
+        self.assertEqual(retryBucket(0.512, early=True), 512)
+        for delay in (0.0004, 0.3, 0.77, 1.5, 9.9, 60, 123.4, 3600, 86400):
+            ms = retryBucket(delay, early=True)
+            self.assertLessEqual(ms, max(delay * 1000, 1))
+            self.assertGreater(ms, delay * 1000 * 0.84)
+
     def test_delayedOnRabbitMQ(self):
         d = Destinations(stompConfig())
         destination, headers = d.delayed("/queue/snq/main", 1.0, rabbitmq=True)
@@ -676,6 +685,27 @@ class StompQueueTests(QueueTestCase):
                          "/queue/snq%2Fmain.retry-4871ms")
         self.assertEqual(Item.fromJSON(send.body).attempts, 2)
         self.assertEqual(self.acks(), [ackId])
+        self.closeQueue()
+
+    def test_earlyItemWaitsForItsRunAt(self):
+        """An item that came before its run_at goes to a bucket never late."""
+        got = self.consume()
+        self.broker.last.deliver("/queue/snq%2Fmain", b"{}")
+        item = Item(transport="t", payload=0, run_at=self.clock.seconds() + 1.0)
+        self.settled(self.queue.retry(got[0], item, 1.0, "not due yet"))
+        [send] = self.broker.sent(StompSpec.SEND)
+        self.assertEqual(send.headers["destination"],
+                         "/queue/snq%2Fmain.retry-861ms")
+        self.closeQueue()
+
+    def test_enqueueWithRunAt(self):
+        run_at = self.clock.seconds() + 60
+        self.settled(self.queue.enqueue([Item(transport="t", payload=0,
+                                              run_at=run_at)]))
+        [send] = self.broker.sent(StompSpec.SEND)
+        self.assertEqual(send.headers["destination"],
+                         "/queue/snq%2Fmain.retry-55109ms")
+        self.assertEqual(Item.fromJSON(send.body).run_at, run_at)
         self.closeQueue()
 
     def test_retryGoesBackToItsBreakout(self):

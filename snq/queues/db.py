@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from snq.item import Item
 from snq.queues.dialects import DIALECTS
 from snq.queues.interface import DeadLetter, Delivery, Depth, Queue, TransportDepth
+from snq.queues.sqlitems import insertStatement, itemRow
 from snq.routing import TransportFilter
 from snq.secret import maskURL
 from snq.service import defaultReactor
@@ -182,11 +183,9 @@ class DbQueue(Queue):
     def insertItems(self, txn, items, delay=0.0):
         """Insert C{items} within C{txn} (also the ledger's, L{transaction})."""
         now = self.clock.seconds()
-        rows = [(i.toJSON().decode("utf-8"), i.transport, i.site, i.priority,
-                 i.created, now + delay, i.attempts) for i in items]
-        txn.executemany(
-            "INSERT INTO queue_item (frame, transport, site, priority,"
-            f" created, run_at, attempts) VALUES ({self.dialect.params(7)})", rows)
+        style = self.dialect.paramstyle
+        txn.executemany(insertStatement(style),
+                        [itemRow(i, i.dueAt(now, delay), style) for i in items])
 
     def transaction(self, interaction, *args):
         """
@@ -409,13 +408,9 @@ class DbQueue(Queue):
                                   now, now, 0))
                     continue
                 item = dataclasses.replace(item, attempts=0)
-                items.append((item.toJSON().decode("utf-8"), item.transport,
-                              item.site, item.priority, item.created, now, 0))
+                items.append(itemRow(item, now, self.dialect.paramstyle))
             if items:
-                txn.executemany(
-                    "INSERT INTO queue_item (frame, transport, site, priority,"
-                    f" created, run_at, attempts) VALUES ({self.dialect.params(7)})",
-                    items)
+                txn.executemany(insertStatement(self.dialect.paramstyle), items)
             self._deleteIds(txn, "queue_dead", [r[0] for r in rows])
             return len(rows)
 

@@ -6,10 +6,9 @@ the rest.
 """
 
 import contextlib
+import importlib
 import os
 from urllib.parse import parse_qsl, unquote
-
-from twisted.enterprise import adbapi
 
 from snq.files import createPrivate, privateDirectory
 
@@ -22,9 +21,18 @@ POOL_SIZE = 4
 
 
 class Dialect:
-    """What differs between servers."""
+    """
+    What differs between servers.  Importable without Twisted: producers
+    outside the daemon (L{snq.client}) connect the same way.
+    """
 
     placeholder = "?"
+    #: The same, as DB-API names it (for L{snq.queues.sqlitems}).
+    paramstyle = "qmark"
+    #: Connections a worker keeps.
+    poolSize = POOL_SIZE
+    #: The driver's keyword for a connect timeout in seconds; None = none.
+    connectTimeout: str | None = None
     #: One tuple of statements per schema version, oldest first.  Each
     #: statement is idempotent, so a step interrupted half-way (MySQL cannot
     #: roll DDL back) simply runs again.
@@ -35,8 +43,35 @@ class Dialect:
     #: Ends the claim's inner SELECT.
     lockRows = ""
 
-    def connectionPool(self, url) -> adbapi.ConnectionPool:
+    def connectArgs(self, url) -> tuple[str, tuple, dict]:
+        """The DB-API module's name, and what its C{connect} takes."""
         raise NotImplementedError
+
+    def prepare(self, conn):
+        """Set up a new connection (pragmas and the like)."""
+
+    def connectionPool(self, url):
+        """The worker's pool of connections, on its own threads."""
+        from twisted.enterprise import adbapi
+
+        module, args, kwargs = self.connectArgs(url)
+        return adbapi.ConnectionPool(
+            module, *args, cp_min=1, cp_max=self.poolSize, cp_reconnect=True,
+            cp_openfun=self.prepare, **kwargs)
+
+    def connect(self, url, timeout: float | None = None):
+        """
+        One connection of one's own, outside any pool; C{timeout} bounds
+        connecting where the driver can, unless the URL sets it.
+        """
+        module, args, kwargs = self.connectArgs(url)
+        option = self.connectTimeout
+        if (timeout is not None and option is not None
+                and option not in dict(parse_qsl(url.query))):
+            kwargs[option] = max(1, round(timeout))
+        conn = importlib.import_module(module).connect(*args, **kwargs)
+        self.prepare(conn)
+        return conn
 
     def begin(self, txn):
         """Start a transaction that will write."""
@@ -80,6 +115,9 @@ class Dialect:
 
 
 class Sqlite(Dialect):
+    #: One connection: SQLite has one writer at a time anyway, and a single
+    #: thread keeps its transactions from waiting on each other.
+    poolSize = 1
     schema = ((
         """CREATE TABLE IF NOT EXISTS queue_item (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -120,23 +158,18 @@ class Sqlite(Dialect):
             raise ValueError(f"{url.geturl()}: no database file")
         return path
 
-    def connectionPool(self, url):
+    def connectArgs(self, url):
         path = self.path(url)
         privateDirectory(os.path.dirname(os.path.abspath(path)))
         # SQLite makes its -wal and -shm files with the database's mode.
         createPrivate(path)
+        return "sqlite3", (path,), dict(check_same_thread=False,
+                                        isolation_level=None, timeout=30)
 
-        def prepare(conn):
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=30000")
-
-        # One connection: SQLite has one writer at a time anyway, and a
-        # single thread keeps its transactions from waiting on each other.
-        return adbapi.ConnectionPool(
-            "sqlite3", path, check_same_thread=False, isolation_level=None,
-            timeout=30, cp_min=1, cp_max=1, cp_openfun=prepare,
-            cp_reconnect=True)
+    def prepare(self, conn):
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=30000")
 
     def columns(self, txn, table):
         txn.execute(f"PRAGMA table_info({table})")
@@ -159,6 +192,8 @@ class Mysql(Dialect):
     """
 
     placeholder = "%s"
+    paramstyle = "format"
+    connectTimeout = "connect_timeout"
     lockRows = " FOR UPDATE SKIP LOCKED"
     schema = ((
         """CREATE TABLE IF NOT EXISTS queue_item (
@@ -201,7 +236,7 @@ class Mysql(Dialect):
 
         self.retryable = (pymysql.OperationalError, pymysql.InterfaceError)
 
-    def connectionPool(self, url):
+    def connectArgs(self, url):
         database = unquote(url.path.lstrip("/"))
         if not database:
             raise ValueError("mysql://USER:PASS@HOST:PORT/DB: no database name")
@@ -210,14 +245,14 @@ class Mysql(Dialect):
         if unknown:
             raise ValueError(f"mysql URL: unknown parameters {sorted(unknown)}"
                              f" (known: {', '.join(self.OPTIONS)})")
-        return adbapi.ConnectionPool(
-            "pymysql", host=url.hostname or "localhost", port=url.port or 3306,
+        return "pymysql", (), dict(
+            host=url.hostname or "localhost", port=url.port or 3306,
             user=unquote(url.username or ""), password=unquote(url.password or ""),
             database=database, charset="utf8mb4", autocommit=False,
             # REPEATABLE READ would take gap locks while claiming, making
             # producers' INSERTs wait for claims to commit.
             init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
-            cp_min=1, cp_max=POOL_SIZE, cp_reconnect=True, **options)
+            **options)
 
     @contextlib.contextmanager
     def schemaLock(self, txn):
@@ -252,6 +287,8 @@ class Postgres(Dialect):
     """PostgreSQL ≥ 11, over psycopg 3; wakes workers with LISTEN/NOTIFY."""
 
     placeholder = "%s"
+    paramstyle = "format"
+    connectTimeout = "connect_timeout"
     lockRows = " FOR UPDATE SKIP LOCKED"
     #: Every INSERT into queue_item, by snq or by anyone's plain SQL,
     #: notifies this channel when it commits.
@@ -317,11 +354,9 @@ class Postgres(Dialect):
         given = dict(parse_qsl(url.query))
         return {k: v for k, v in self.KEEPALIVES.items() if k not in given}
 
-    def connectionPool(self, url):
+    def connectArgs(self, url):
         # libpq reads the URL itself, query parameters (sslmode=…) included.
-        return adbapi.ConnectionPool(
-            "psycopg", url.geturl(), cp_min=1, cp_max=POOL_SIZE,
-            cp_reconnect=True, **self.options(url))
+        return "psycopg", (url.geturl(),), self.options(url)
 
     @contextlib.contextmanager
     def schemaLock(self, txn):

@@ -129,6 +129,7 @@ class Queue:
         return None
 
     def enqueue(self, items: list[Item], delay: float = 0.0):
+        """Store new items, each due at its C{run_at}, else in C{delay} s."""
         raise NotImplementedError
 
     def claim(self, limit: int, transports: TransportFilter):
@@ -139,7 +140,10 @@ class Queue:
         raise NotImplementedError
 
     def retry(self, delivery: Delivery, item: Item, delay: float, error: str):
-        """Put C{item} (attempts already raised) back, due in C{delay} s."""
+        """
+        Put C{item} back, due in C{delay} s: with its attempts raised after
+        a failure, as they were when it came before its C{run_at}.
+        """
         raise NotImplementedError
 
     def release(self, deliveries: list[Delivery]):

@@ -46,9 +46,10 @@ class MemoryQueue(Queue):
         return rowId
 
     def enqueue(self, items, delay=0.0):
+        now = self.clock.seconds()
         for item in items:
             self.put(item.toJSON(), item.transport, item.site, item.priority,
-                     item.attempts, delay)
+                     item.attempts, item.dueAt(now, delay) - now)
         return defer.succeed(None)
 
     def claim(self, limit, transports):

@@ -37,6 +37,7 @@ from snq.redis import scripts
 from snq.redis.address import RedisAddress, tlsOptions
 from snq.redis.connection import CONNECTION_ERRORS, RedisConnection
 from snq.redis.doorbell import Doorbell, Listener
+from snq.redis.keys import delayedKey, delayedMember, enqueueCall, listKey
 from snq.routing import Routing, consumedSpecs
 from snq.service import defaultReactor
 
@@ -210,10 +211,10 @@ class RedisQueue(Queue):
     # -- keys and routing ---------------------------------------------------
 
     def listKey(self, spec: str) -> str:
-        return f"{self.prefix}q:{spec}"
+        return listKey(self.prefix, spec)
 
     def delayedKey(self, spec: str) -> str:
-        return f"{self.prefix}delayed:{spec}"
+        return delayedKey(self.prefix, spec)
 
     def _spec(self, listKey: str) -> str:
         return listKey[len(self.prefix) + 2:]
@@ -304,18 +305,8 @@ class RedisQueue(Queue):
         The KEYS and ARGV of C{enqueue.lua} for C{items}, which the
         ledger's C{once_enqueue.lua} takes too (L{snq.ledger.redis}).
         """
-        due = f"{self.clock.seconds() + delay:.6f}" if delay > 0 else ""
-        pairs: dict[str, int] = {}
-        args = [due]
-        for item in items:
-            index = pairs.setdefault(self.route(item), len(pairs) + 1)
-            frame = item.toJSON()
-            if due:
-                frame = self._token().encode() + b"\n" + frame
-            args += [index, frame]
-        keys = [k for spec in pairs
-                for k in (self.listKey(spec), self.delayedKey(spec))]
-        return keys, args
+        return enqueueCall(items, self.route, self.prefix, self.clock.seconds(),
+                           delay, lambda item: self._token())
 
     def claim(self, limit, transports=None):
         """C{transports} is SQL's filter; here the consumed lists are."""
@@ -380,7 +371,7 @@ class RedisQueue(Queue):
         d = self._eval(scripts.RETRY,
                        [self.processing, self.delayedKey(self._spec(lease.origin))],
                        [lease.member, f"{due:.6f}",
-                        self._token().encode() + b"\n" + item.toJSON()], again=True)
+                        delayedMember(self._token(), item.toJSON())], again=True)
 
         def moved(_):
             if self.nextDue is None or due < self.nextDue:

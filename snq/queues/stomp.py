@@ -376,9 +376,10 @@ class StompQueue(Queue):
     @defer.inlineCallbacks
     def _publish(self, messages):
         """
-        SEND each C{(destination, body, headers, delay)} with a receipt on
-        the sending server; what a lost connection leaves unconfirmed goes
-        again, on the next server up (at least once: maybe twice).
+        SEND each C{(destination, body, headers, delay[, early])} (see
+        L{Destinations.delayed}) with a receipt on the sending server; what
+        a lost connection leaves unconfirmed goes again, on the next server
+        up (at least once: maybe twice).
         """
         for _ in range(len(self.connections) + 1):
             connection = yield self._sender()
@@ -402,18 +403,21 @@ class StompQueue(Queue):
         raise NoBrokerError(f"{len(messages)} messages could not be sent: "
                             "every STOMP server went away")
 
-    def _send(self, connection, destination, body, headers, delay):
+    def _send(self, connection, destination, body, headers, delay,
+              early=False):
         if delay > 0:
             destination, wait = self.destinations.delayed(
-                destination, delay, connection.rabbitmq)
+                destination, delay, connection.rabbitmq, early)
             headers = {**headers, **wait}
         return defer.maybeDeferred(connection.send, destination, body, headers)
 
     # -- the Queue interface --------------------------------------------------
 
     def enqueue(self, items, delay=0.0):
+        now = self.clock.seconds()
         return self._publish([
-            (self.destinations.route(i.transport, i.site), i.toJSON(), JSON, delay)
+            (self.destinations.route(i.transport, i.site), i.toJSON(), JSON,
+             i.dueAt(now, delay) - now, i.run_at is not None)
             for i in items])
 
     def claim(self, limit, transports):
@@ -429,7 +433,11 @@ class StompQueue(Queue):
 
     @defer.inlineCallbacks
     def retry(self, delivery, item, delay, error):
-        yield self._publish([(delivery.token.origin, item.toJSON(), JSON, delay)])
+        # Waiting for its run_at (not a failure's backoff): never late.
+        now = self.clock.seconds()
+        early = item.dueAt(now) > now
+        yield self._publish([(delivery.token.origin, item.toJSON(), JSON, delay,
+                              early)])
         yield self.ack(delivery)
 
     def release(self, deliveries):

@@ -19,8 +19,6 @@ from __future__ import annotations
 import math
 from urllib.parse import unquote
 
-from twisted.logger import Logger
-
 from snq.routing import Routing, consumedSpecs
 
 #: Prefixes after which RabbitMQ reads the rest as one name.
@@ -50,22 +48,23 @@ def onTheWire(destination: str, escape: bool) -> str:
     return destination
 
 
-def retryBucket(delay: float) -> int:
+def retryBucket(delay: float, early: bool = False) -> int:
     """
     C{delay} (s) as a TTL in ms, rounded to the nearest of
-    L{STEPS_PER_DOUBLING} steps per doubling (at most 9% off).
+    L{STEPS_PER_DOUBLING} steps per doubling (at most 9% off), or with
+    C{early} to the one below (at most 16% short, never late: an item
+    waiting for its C{run_at} that comes early waits again for the rest).
     """
     ms = max(delay * 1000, 1.0)
-    step = round(STEPS_PER_DOUBLING * math.log2(ms))
+    exact = STEPS_PER_DOUBLING * math.log2(ms)
+    step = math.floor(exact + 1e-9) if early else round(exact)
     return min(round(2 ** (step / STEPS_PER_DOUBLING)), MAX_TTL)
 
 
 class Destinations:
     """The destinations of one config: queues by group, breakouts, dead letters."""
 
-    log = Logger()
-
-    def __init__(self, config):
+    def __init__(self, config, routing: Routing | None = None):
         self.config = config
         self.basename = config.queue.basename
         if not self.basename.startswith("/queue/"):
@@ -75,7 +74,7 @@ class Destinations:
         self.breakouts = frozenset(config.queue.breakout)
         self.dead = self.basename + "dead"
         self.control = config.stomp.control_channel
-        self.routing = Routing(config)
+        self.routing = routing or Routing(config)
 
     def consumed(self, groups, site=None) -> list[str]:
         """
@@ -89,11 +88,12 @@ class Destinations:
         """An item's queue: the most specific breakout, else its group's."""
         return self.basename + self.routing.route(transport, site)
 
-    def delayed(self, destination: str, delay: float,
-                rabbitmq: bool) -> tuple[str, dict]:
+    def delayed(self, destination: str, delay: float, rabbitmq: bool,
+                early: bool = False) -> tuple[str, dict]:
         """
         Where to send a message for C{destination} that may arrive only in
-        C{delay} seconds, and the headers that make it wait.
+        C{delay} seconds (rounded as L{retryBucket} does, C{early} or not),
+        and the headers that make it wait.
 
         On RabbitMQ: a durable queue per origin and rounded delay, with that
         delay as its message TTL, dead-lettering through the default
@@ -102,7 +102,7 @@ class Destinations:
         Elsewhere: the origin itself with ActiveMQ's C{AMQ_SCHEDULED_DELAY}
         (honoured where the broker's scheduler is on; otherwise at once).
         """
-        ttl = retryBucket(delay)
+        ttl = retryBucket(delay, early)
         if not rabbitmq:
             return destination, {"AMQ_SCHEDULED_DELAY": str(ttl)}
         return f"{destination}.retry-{ttl}ms", {
