@@ -2,10 +2,11 @@
 Handlers for tests that run a real daemon.  C{Record} appends
 C{"ITEM_ID PID ATTEMPTS"} to the file named by the site config's
 C{record_file}, so a test can check from outside who handled what, and how
-often.
+often; C{Stamp} adds when it started.
 """
 
 import os
+import time
 
 from twisted.internet import defer
 from twisted.internet.task import deferLater
@@ -13,8 +14,9 @@ from twisted.internet.task import deferLater
 from snq.handlers import QueueHandler
 
 
-def record(path, item):
-    line = f"{item.id} {os.getpid()} {item.attempts}\n".encode()
+def record(path, item, *extra):
+    line = " ".join([item.id, str(os.getpid()), str(item.attempts), *extra])
+    line = (line + "\n").encode()
     # One write with O_APPEND: lines from several processes never mix.
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -24,7 +26,10 @@ def record(path, item):
 
 
 def recorded(path):
-    """[(item id, pid, attempts)] from a record file, in the order written."""
+    """
+    [(item id, pid, attempts[, started])] from a record file, in the order
+    written.
+    """
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -41,6 +46,14 @@ class Record(QueueHandler):
             return deferLater(self.context.clock, pause, record, path, item)
         record(path, item)
         return None
+
+
+class Stamp(QueueHandler):
+    """Records the item and the time it started (UNIX seconds)."""
+
+    def handle(self, item):
+        record(self.context.siteConfig(item.site)["record_file"], item,
+               f"{time.time():.6f}")
 
 
 class Leak(QueueHandler):

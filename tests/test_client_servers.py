@@ -1,0 +1,344 @@
+# -*- test-case-name: tests.test_client_servers -*-
+"""
+L{snq.client.Producer} on every backend against the real servers, each
+item handled by a running daemon: from a web application's process (no
+Twisted imported, threads, a fork), after the server dropped its
+connections, with the server down, and in the application's own
+transaction on SQLite, PostgreSQL and MariaDB.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import psycopg
+import pymysql
+import redis
+import sqlalchemy
+from sqlalchemy.orm import Session
+from twisted.internet import defer, threads
+from twisted.trial.unittest import TestCase
+
+from snq import config as snqconfig
+from snq.client import EnqueueError, Producer
+from snq.client.stomp import BrokerError
+from snq.item import Item
+from tests import rabbitmq, sqlservers
+from tests.daemon import Daemon, environ, freePort, snqctl, waitFor
+from tests.recorder import recorded
+
+REDIS_URL = "redis://127.0.0.1:6379/1"
+
+CONFIG = """
+[daemon]
+workers = 1
+kill_time = 5
+
+[queue]
+backend = "{backend}"
+poll_interval = 0.2
+basename = "/queue/{name}/"
+breakout = ["main/stamp"]
+
+[db]
+url = "{dbUrl}"
+
+[redis]
+url = "{redisUrl}"
+prefix = "{name}:"
+
+[stomp]
+control_channel = "/topic/{name}/control"
+
+[handlers]
+stamp = "tests.recorder:Stamp"
+
+[sites.default]
+record_file = "{dir}/handled.txt"
+"""
+
+
+class ProducerOnServer:
+    """
+    Mixin for a TestCase per backend: C{backend}, and C{setUpServer}
+    setting C{self.dbUrl} where the backend is SQL.
+    """
+
+    backend = ""
+    timeout = 120
+
+    def setUp(self):
+        self.name = rabbitmq.uniqueName()
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.dbUrl = f"sqlite:///{self.dir}/unused.sqlite"
+        self.setUpServer()
+        self.configPath = os.path.join(self.dir, "snq.toml")
+        with open(self.configPath, "w") as f:
+            f.write(CONFIG.format(backend=self.backend, name=self.name,
+                                  dbUrl=self.dbUrl, redisUrl=REDIS_URL,
+                                  dir=self.dir))
+        self.config = snqconfig.load(self.configPath)
+        self.record = os.path.join(self.dir, "handled.txt")
+
+    def setUpServer(self):
+        pass
+
+    def createStore(self):
+        """What the daemon makes as it starts (SQL's schema)."""
+
+    def producer(self, config=None):
+        producer = Producer(config=config or self.config)
+        self.addCleanup(producer.close)
+        return producer
+
+    @defer.inlineCallbacks
+    def daemon(self):
+        daemon = Daemon(self, self.dir, "-c", self.configPath, "--inline")
+        yield waitFor(lambda: "consuming groups" in daemon.output(),
+                      what="the daemon to start")
+        return daemon
+
+    def handled(self):
+        """Item id → (attempts, started) of what the daemon handled."""
+        return {itemId: (int(attempts), float(started))
+                for itemId, _, attempts, started in recorded(self.record)}
+
+    def waitHandled(self, ids):
+        return waitFor(lambda: set(ids) <= self.handled().keys(), timeout=60,
+                       what=f"{len(ids)} items handled")
+
+    @defer.inlineCallbacks
+    def test_webApplicationProcess(self):
+        """
+        In a process of its own, a producer enqueues single, batched,
+        delayed, threaded and forked items without importing Twisted; the
+        daemon handles each once, the delayed one not before its time and
+        without an attempt charged.
+
+        So does a frame with a later run_at that a producer of any language
+        put straight on the ready queue.
+        """
+        yield self.daemon()
+        early = Item(transport="stamp", payload={}, run_at=time.time() + 1.5)
+        yield threads.deferToThread(self.pushRaw, early.toJSON())
+        result = yield threads.deferToThread(
+            subprocess.run,
+            [sys.executable, "-m", "tests.client_script", self.configPath,
+             "stamp"], capture_output=True, text=True, env=environ(),
+            cwd=self.dir, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        report = json.loads(result.stdout)
+        self.assertFalse(report["twisted"], "snq.client imported Twisted")
+        self.assertEqual(report["childStatus"], 0)
+        ids = [i for kind in report["ids"].values() for i in kind]
+        self.assertEqual(len(ids), 1 + 50 + 1 + 80 + 2)
+        yield self.waitHandled([*ids, early.id])
+        lines = [line[0] for line in recorded(self.record)]
+        self.assertEqual(sorted(lines), sorted([*ids, early.id]),
+                         "each handled once")
+        [delayed] = report["ids"]["delayed"]
+        for itemId, notBefore in [(delayed, report["notBefore"]),
+                                  (early.id, early.run_at)]:
+            attempts, started = self.handled()[itemId]
+            self.assertEqual(attempts, 0)
+            self.assertGreaterEqual(started, notBefore)
+
+    def test_serverDown(self):
+        """A backend that does not answer: EnqueueError, the cause attached."""
+        producer = self.producer(self.downConfig())
+        e = self.assertRaises(EnqueueError, producer.enqueue, "stamp", {})
+        self.assertIsInstance(e.__cause__, self.downError)
+        self.assertIn(self.downWhere, str(e))
+
+
+class ReconnectTests:
+    """Mixin: C{dropConnections()} ends the producer's connections server-side."""
+
+    def test_reconnectsAfterTheServerDroppedIt(self):
+        """Stored (committed, confirmed) on a new connection."""
+        self.createStore()
+        producer = self.producer()
+        producer.enqueue("stamp", {"n": 1})
+        self.dropConnections(producer)
+        producer.enqueue("stamp", {"n": 2})
+
+
+class TransactionalTests:
+    """
+    Mixin for SQL servers: C{self.server} (L{tests.sqlservers}) and
+    C{sqlalchemyUrl}.
+    """
+
+    def count(self):
+        return self.server.count()
+
+    @defer.inlineCallbacks
+    def test_applicationTransaction(self):
+        """
+        Rolled back, the item never existed; committed, the daemon handles
+        it: on the application's DB-API connection, an SQLAlchemy
+        Connection and an SQLAlchemy Session.
+        """
+        yield self.daemon()
+        producer = self.producer()
+        conn = self.server.connect()
+        self.addCleanup(conn.close)
+        engine = sqlalchemy.create_engine(self.sqlalchemyUrl())
+        self.addCleanup(engine.dispose)
+
+        producer.enqueue("stamp", {"undone": 1}, connection=conn)
+        conn.rollback()
+        with engine.connect() as sa:
+            producer.enqueue_many("stamp", [{"undone": 2}, {"undone": 3}],
+                                  connection=sa)
+            sa.rollback()
+        with Session(engine) as session:
+            producer.enqueue("stamp", {"undone": 4}, connection=session)
+            session.rollback()
+        self.assertEqual(self.server.count(), 0)
+
+        ids = [producer.enqueue("stamp", {"done": 1}, connection=conn)]
+        self.assertEqual(self.server.count(), 0, "visible before the commit")
+        conn.commit()
+        with engine.begin() as sa:
+            ids += producer.enqueue_many("stamp", [{"done": 2}, {"done": 3}],
+                                         connection=sa)
+        with Session(engine) as session, session.begin():
+            ids.append(producer.enqueue("stamp", {"done": 4}, connection=session))
+        yield self.waitHandled(ids)
+
+
+class SqlServer:
+    def createStore(self):
+        snqctl("-c", self.configPath, "db", "init", cwd=self.dir)
+
+    def pushRaw(self, frame):
+        now = time.time()
+        self.server.insertMany([(frame.decode(), "stamp", "default", now, now)])
+
+
+class SqliteTests(SqlServer, ProducerOnServer, TransactionalTests, TestCase):
+    backend = "db"
+    downError = OSError
+    downWhere = "sqlite:////proc/"
+
+    def setUpServer(self):
+        self.server = sqlservers.Sqlite(self.dir)
+        self.dbUrl = self.server.url()
+
+    def sqlalchemyUrl(self):
+        return self.server.url()
+
+    def downConfig(self):
+        return snqconfig.parse({"db": {"url": "sqlite:////proc/no/such/dir/x"}})
+
+
+class PostgresTests(SqlServer, ProducerOnServer, ReconnectTests,
+                    TransactionalTests, TestCase):
+    backend = "db"
+    downError = psycopg.OperationalError
+    downWhere = "postgresql://postgres:***@127.0.0.1"
+
+    def setUpServer(self):
+        self.server = sqlservers.forTest(self, sqlservers.Postgres)
+        self.dbUrl = self.server.url()
+
+    def sqlalchemyUrl(self):
+        return self.server.url().replace("postgresql://", "postgresql+psycopg://")
+
+    def downConfig(self):
+        return snqconfig.parse({"db": {
+            "url": f"postgresql://postgres:secret@127.0.0.1:{freePort()}/x"}})
+
+    def dropConnections(self, producer):
+        self.assertGreater(self.server.killSessions(), 0)
+
+
+class MariaDbTests(SqlServer, ProducerOnServer, ReconnectTests,
+                   TransactionalTests, TestCase):
+    backend = "db"
+    downError = pymysql.OperationalError
+    downWhere = "mysql://root:***@127.0.0.1"
+
+    def setUpServer(self):
+        self.server = sqlservers.forTest(self, sqlservers.MariaDb)
+        self.dbUrl = self.server.url()
+
+    def sqlalchemyUrl(self):
+        return self.server.url().replace("mysql://", "mysql+pymysql://")
+
+    def downConfig(self):
+        return snqconfig.parse({"db": {
+            "url": f"mysql://root:secret@127.0.0.1:{freePort()}/x"}})
+
+    def dropConnections(self, producer):
+        self.assertGreater(self.server.killSessions(), 0)
+
+
+class RedisTests(ProducerOnServer, ReconnectTests, TestCase):
+    backend = "redis"
+    downError = redis.ConnectionError
+    downWhere = "redis://:***@127.0.0.1"
+
+    def setUpServer(self):
+        self.redis = redis.Redis.from_url(REDIS_URL)
+        self.addCleanup(self.redis.close)
+        self.addCleanup(self.deleteKeys)
+
+    def pushRaw(self, frame):
+        self.redis.lpush(f"{self.name}:q:main/stamp", frame)
+
+    def deleteKeys(self):
+        keys = list(self.redis.scan_iter(f"{self.name}:*", count=1000))
+        if keys:
+            self.redis.delete(*keys)
+
+    def downConfig(self):
+        return snqconfig.parse({"queue": {"backend": "redis"}, "redis": {
+            "url": f"redis://:secret@127.0.0.1:{freePort()}/0", "timeout": 2}})
+
+    def dropConnections(self, producer):
+        name = producer._backend.client.client_getname()
+        killed = 0
+        for client in self.redis.client_list():
+            if client["name"] == name:
+                killed += self.redis.client_kill_filter(_id=client["id"])
+        self.assertGreater(killed, 0)
+
+    def test_routesAsTheDaemon(self):
+        """A breakout's items go to its own list; others to their group's."""
+        producer = self.producer()
+        producer.enqueue("stamp", {})
+        producer.enqueue("log", {}, run_at=4e9)
+        self.assertEqual(self.redis.llen(f"{self.name}:q:main/stamp"), 1)
+        self.assertEqual(self.redis.zcard(f"{self.name}:delayed:main"), 1)
+
+
+class StompTests(ProducerOnServer, ReconnectTests, TestCase):
+    backend = "stomp"
+    downError = BrokerError
+    downWhere = "tcp://127.0.0.1:"
+
+    def setUpServer(self):
+        rabbitmq.requireRabbitMQ()
+        self.addCleanup(rabbitmq.deleteQueues, self.name)
+
+    def pushRaw(self, frame):
+        rabbitmq.produce(f"/queue/{self.name}%2Fmain%2Fstamp", [frame])
+
+    def downConfig(self):
+        return snqconfig.parse({"queue": {"backend": "stomp"}, "stomp": {
+            "servers": [f"tcp://127.0.0.1:{freePort()}",
+                        f"tcp://127.0.0.1:{freePort()}"],
+            "connect_timeout": 2}})
+
+    def dropConnections(self, producer):
+        [conn] = producer._backend.pool._idle
+        port = conn.client._transport._socket.getsockname()[1]
+        killed = rabbitmq.rabbitmqctl("eval", f"""
+            [exit(P, kill) || P <- rabbit_stomp:list(),
+             rabbit_stomp_reader:info(P, [peer_port]) =:= [{{peer_port, {port}}}]].""")
+        self.assertEqual(killed.strip(), "[true]")
