@@ -43,13 +43,18 @@ class Dispatcher:
 
     def __init__(self, queue: Queue, registry: HandlerRegistry, config,
                  stats: Stats | None = None, clock=None, rng=random,
-                 onSettled=None):
+                 onSettled=None, runBlocking=None):
+        """
+        C{runBlocking(f, item)} runs a C{blocking} handler's C{handle} and
+        returns a Deferred: by default in the reactor's thread pool.
+        """
         clock = defaultReactor(clock)
         self.queue = queue
         self.config = config
         self.stats = stats or Stats()
         self.clock = clock
         self.rng = rng
+        self.runBlocking = runBlocking or threads.deferToThread
         self.context = HandlerContext(config, queue, self.stats, clock)
         self.registry = registry
         self.handlers = {name: cls(self.context)
@@ -267,7 +272,7 @@ class Dispatcher:
 
     def _call(self, item: Item, handler) -> defer.Deferred:
         if handler.blocking:
-            return threads.deferToThread(handler.handle, item)
+            return self.runBlocking(handler.handle, item)
         try:
             result = handler.handle(item)
         except BaseException:
