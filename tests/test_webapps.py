@@ -1,0 +1,117 @@
+# -*- test-case-name: tests.test_webapps -*-
+"""
+A Django project and a Flask app (L{tests.webapps}) enqueue from a view,
+each in a process of its own that imports no Twisted, and a running daemon
+handles the items: Django's in the view's own transaction (a view that
+fails after enqueueing leaves neither its row nor its item), Flask's on
+Redis.
+"""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+
+import redis
+from twisted.internet import defer, threads
+from twisted.trial.unittest import TestCase
+
+from tests.daemon import Daemon, environ, waitFor
+from tests.rabbitmq import uniqueName
+from tests.recorder import recorded
+
+CONFIG = """
+[daemon]
+workers = 1
+
+[queue]
+backend = "{backend}"
+poll_interval = 0.2
+
+[db]
+url = "sqlite:///{db}"
+
+[redis]
+url = "redis://127.0.0.1:6379/1"
+prefix = "{prefix}:"
+
+[handlers]
+stamp = "tests.recorder:Stamp"
+
+[sites.default]
+record_file = "{dir}/handled.txt"
+"""
+
+
+class WebAppTests(TestCase):
+    timeout = 120
+
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.db = os.path.join(self.dir, "app.sqlite")
+        self.prefix = uniqueName()
+        self.record = os.path.join(self.dir, "handled.txt")
+
+    @defer.inlineCallbacks
+    def serve(self, backend):
+        """The daemon for C{backend}, started; → the config's path."""
+        path = os.path.join(self.dir, "snq.toml")
+        with open(path, "w") as f:
+            f.write(CONFIG.format(backend=backend, db=self.db, dir=self.dir,
+                                  prefix=self.prefix))
+        daemon = Daemon(self, self.dir, "-c", path, "--inline")
+        yield waitFor(lambda: "consuming groups" in daemon.output(),
+                      what="the daemon to start")
+        return path
+
+    @defer.inlineCallbacks
+    def request(self, app, config):
+        result = yield threads.deferToThread(
+            subprocess.run, [sys.executable, "-m", "tests.webapps.run", app],
+            capture_output=True, text=True, cwd=self.dir, timeout=60,
+            env=environ(SNQ_CONFIG=config, SNQ_WEBAPP_DB=self.db))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        report = json.loads(result.stdout)
+        self.assertFalse(report["twisted"], f"{app} imported Twisted")
+        return report["answers"]
+
+    def handled(self):
+        return [line[0] for line in recorded(self.record)]
+
+    def sql(self, statement):
+        conn = sqlite3.connect(self.db)
+        try:
+            rows = conn.execute(statement).fetchall()
+            conn.commit()
+            return rows
+        finally:
+            conn.close()
+
+    @defer.inlineCallbacks
+    def test_djangoViewInItsTransaction(self):
+        config = yield self.serve("db")
+        self.sql("CREATE TABLE signup (name TEXT)")
+        [(ok, body), (failed, _)] = yield self.request("django", config)
+        self.assertEqual((ok, failed), (200, 500))
+        yield waitFor(lambda: self.handled() == [body["id"]],
+                      what="the signup's item handled")
+        self.assertEqual(self.sql("SELECT name FROM signup"), [("alice",)])
+        self.assertEqual(self.sql("SELECT count(*) FROM queue_item"), [(0,)])
+
+    @defer.inlineCallbacks
+    def test_flaskView(self):
+        self.addCleanup(self.deleteKeys)
+        config = yield self.serve("redis")
+        [(status, body)] = yield self.request("flask", config)
+        self.assertEqual(status, 200)
+        yield waitFor(lambda: self.handled() == [body["id"]],
+                      what="the item handled")
+
+    def deleteKeys(self):
+        client = redis.Redis.from_url("redis://127.0.0.1:6379/1")
+        keys = list(client.scan_iter(f"{self.prefix}:*"))
+        if keys:
+            client.delete(*keys)
+        client.close()

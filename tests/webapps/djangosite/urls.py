@@ -1,0 +1,5 @@
+from django.urls import path
+
+from tests.webapps.djangosite import views
+
+urlpatterns = [path("signup", views.signup)]
