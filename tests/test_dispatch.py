@@ -200,6 +200,16 @@ class DispatcherTests(SynchronousTestCase):
         self.assertEqual(h.seen, [item])
         self.assertEqual(h.queue.rows, {})
 
+    def test_handlersEnqueueForLater(self):
+        h = Harness(self)
+        h.dispatcher.context.enqueue("rec", 1, run_at=100.0)
+        h.dispatcher.context.enqueue("rec", 2, delay=30)
+        first, second = h.queue.rows.values()
+        self.assertEqual((first["run_at"], Item.fromJSON(first["frame"]).run_at),
+                         (100.0, 100.0))
+        self.assertEqual((second["run_at"], Item.fromJSON(second["frame"]).run_at),
+                         (30.0, None))
+
     def test_leaseExpiredTooOften(self):
         """An item whose workers keep dying ends as a dead letter."""
         h = Harness(self, {"queue": {"max_retries": 1}})

@@ -48,6 +48,20 @@ class SnqctlTests(TestCase):
         self.assertTrue(59 <= delay <= 61, delay)
 
     @defer.inlineCallbacks
+    def test_enqueueRunAt(self):
+        yield self.ctl("enqueue", "log", "1", "--run-at", "2031-01-01T08:00:00Z")
+        yield self.ctl("enqueue", "log", "2", "--run-at", "1925020800.5")
+        rows = self.rows("SELECT frame, run_at FROM queue_item ORDER BY id")
+        self.assertEqual([(json.loads(f)["run_at"], r) for f, r in rows],
+                         [(1925020800.0, 1925020800.0),
+                          (1925020800.5, 1925020800.5)])
+        for bad in ("2031-01-01T08:00:00", "soon"):
+            self.assertRaises(SystemExit, snqctl.parser().parse_args,
+                              ["enqueue", "log", "1", "--run-at", bad])
+        self.assertRaises(SystemExit, snqctl.parser().parse_args,
+                          ["enqueue", "log", "1", "--run-at", "1", "--delay", "1"])
+
+    @defer.inlineCallbacks
     def test_enqueueFromStandardInput(self):
         lines = "".join(f'{{"n": {i}}}\n' for i in range(2500)) + "\n"
         out = yield self.ctl("enqueue", "log", "-", "--priority", "2", stdin=lines)

@@ -40,17 +40,22 @@ class HandlerContext:
         return self.xmppManagers.get(self.config.xmppSite(site))
 
     def item(self, transport: str, payload, site: str = DEFAULT_SITE,
-             priority: int | None = None) -> Item:
+             priority: int | None = None, run_at: float | None = None) -> Item:
         if priority is None:
             priority = self.config.transport(transport).priority
         return Item(transport=transport, payload=payload, site=site,
-                    priority=priority, created=self.clock.seconds())
+                    priority=priority, created=self.clock.seconds(),
+                    run_at=run_at)
 
     def enqueue(self, transport: str, payload, site: str = DEFAULT_SITE,
-                priority: int | None = None, delay: float = 0.0):
-        """Put a new item on the queue; fires when it is stored."""
-        return self.enqueueItems([self.item(transport, payload, site, priority)],
-                                 delay)
+                priority: int | None = None, delay: float = 0.0,
+                run_at: float | None = None):
+        """
+        Put a new item on the queue, due in C{delay} seconds or at
+        C{run_at} (UNIX seconds); fires when it is stored.
+        """
+        return self.enqueueItems(
+            [self.item(transport, payload, site, priority, run_at)], delay)
 
     def enqueueItems(self, items: list[Item], delay: float = 0.0):
         """Store several items at once (in one transaction where there is one)."""

@@ -46,8 +46,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--site", default=DEFAULT_SITE)
     e.add_argument("--priority", type=int, default=None,
                    help="higher runs first (default: the transport's priority)")
-    e.add_argument("--delay", type=float, default=0.0,
-                   help="seconds before the item may run")
+    when = e.add_mutually_exclusive_group()
+    when.add_argument("--delay", type=float, default=0.0,
+                      help="seconds before the item may run")
+    when.add_argument("--run-at", type=_runAt, default=None, metavar="TIME",
+                      help="not before TIME: UNIX seconds, or ISO 8601 with a "
+                           "timezone (2031-01-01T08:00:00+00:00)")
 
     d = sub.add_parser("dead", help="inspect and handle dead letters")
     dsub = d.add_subparsers(dest="action", required=True)
@@ -169,7 +173,8 @@ def _enqueue(queue, config, args, out, stdin, reactor):
     if priority is None:
         priority = config.transport(args.transport).priority
     items = [Item(transport=args.transport, payload=p, site=args.site,
-                  priority=priority, created=reactor.seconds())
+                  priority=priority, created=reactor.seconds(),
+                  run_at=args.run_at)
              for p in _payloads(args.payload, stdin)]
     # Large batches go in chunks: one transaction each, bounded memory.
     for start in range(0, len(items), 1000):
@@ -178,6 +183,23 @@ def _enqueue(queue, config, args, out, stdin, reactor):
         print(f"enqueued {len(items)} items on {args.transport}", file=out)
     else:
         print(items[0].id, file=out)
+
+
+def _runAt(text: str) -> float:
+    """C{--run-at}: UNIX seconds, or an ISO 8601 time with its timezone."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither UNIX seconds nor "
+                                         "an ISO 8601 time")
+    if when.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no timezone (add +00:00 "
+                                         "or Z)")
+    return when.timestamp()
 
 
 @defer.inlineCallbacks
