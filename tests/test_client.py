@@ -9,6 +9,8 @@ are L{tests.test_client_servers}'.
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -18,7 +20,7 @@ from snq import config as snqconfig
 from snq.client import EnqueueError, Producer, configFor
 from snq.client.pool import Pool
 from snq.item import BadItem, Item
-from tests.daemon import snqctl
+from tests.daemon import environ, snqctl
 
 
 class ConfigForTests(SynchronousTestCase):
@@ -192,6 +194,31 @@ class SqliteProducerTests(SynchronousTestCase):
         self.assertEqual(errors, [])
         self.assertEqual(sorted(Item.fromJSON(r[0]).id for r in self.rows()),
                          sorted(ids))
+
+
+class NoTwistedTests(SynchronousTestCase):
+    def test_importAndUse(self):
+        """
+        Making a producer for every backend and enqueueing imports nothing
+        of Twisted (the servers' own runs: L{tests.test_client_servers}).
+        """
+        path = os.path.abspath(self.mktemp())
+        code = (
+            "import sys\n"
+            "from snq.client import Producer, EnqueueError\n"
+            "for url in ['redis://127.0.0.1:1/0', 'stomp://127.0.0.1:1',\n"
+            "            'postgresql://x@127.0.0.1:1/x', 'mysql://x@127.0.0.1:1/x']:\n"
+            "    Producer(url).close()\n"
+            f"p = Producer('sqlite:///{path}')\n"
+            "try:\n"
+            "    p.enqueue('xmppout', {})\n"
+            "except EnqueueError:\n"
+            "    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('twisted')))\n")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                text=True, env=environ(), timeout=60)
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, "[]"),
+                         result.stderr)
 
 
 class PoolTests(SynchronousTestCase):
