@@ -337,7 +337,7 @@ class StompTests(ProducerOnServer, ReconnectTests, TestCase):
 
     def dropConnections(self, producer):
         [conn] = producer._backend.pool._idle
-        port = conn.client._transport._socket.getsockname()[1]
+        port = conn.sock.getsockname()[1]
         killed = rabbitmq.rabbitmqctl("eval", f"""
             [exit(P, kill) || P <- rabbit_stomp:list(),
              rabbit_stomp_reader:info(P, [peer_port]) =:= [{{peer_port, {port}}}]].""")
