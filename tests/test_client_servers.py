@@ -8,7 +8,6 @@ transaction on SQLite, PostgreSQL and MariaDB.
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -26,65 +25,19 @@ from snq.client import EnqueueError, Producer
 from snq.client.stomp import BrokerError
 from snq.item import Item
 from tests import rabbitmq, sqlservers
-from tests.daemon import Daemon, environ, freePort, snqctl, waitFor
-from tests.recorder import recorded
-
-REDIS_URL = "redis://127.0.0.1:6379/1"
-
-CONFIG = """
-[daemon]
-workers = 1
-kill_time = 5
-
-[queue]
-backend = "{backend}"
-poll_interval = 0.2
-basename = "/queue/{name}/"
-breakout = ["main/stamp"]
-
-[db]
-url = "{dbUrl}"
-
-[redis]
-url = "{redisUrl}"
-prefix = "{name}:"
-
-[stomp]
-control_channel = "/topic/{name}/control"
-
-[handlers]
-stamp = "tests.recorder:Stamp"
-
-[sites.default]
-record_file = "{dir}/handled.txt"
-"""
+from tests.daemon import environ, freePort, snqctl
+from tests.stampdaemon import REDIS_URL, OnServer, deleteRedisKeys
 
 
-class ProducerOnServer:
-    """
-    Mixin for a TestCase per backend: C{backend}, and C{setUpServer}
-    setting C{self.dbUrl} where the backend is SQL.
-    """
+class ProducerOnServer(OnServer):
+    """Mixin for a TestCase per backend: see L{OnServer}."""
 
-    backend = ""
-    timeout = 120
+    breakouts = ("main/stamp",)
 
     def setUp(self):
-        self.name = rabbitmq.uniqueName()
-        self.dir = os.path.abspath(self.mktemp())
-        os.makedirs(self.dir)
-        self.dbUrl = f"sqlite:///{self.dir}/unused.sqlite"
-        self.setUpServer()
-        self.configPath = os.path.join(self.dir, "snq.toml")
-        with open(self.configPath, "w") as f:
-            f.write(CONFIG.format(backend=self.backend, name=self.name,
-                                  dbUrl=self.dbUrl, redisUrl=REDIS_URL,
-                                  dir=self.dir))
+        super().setUp()
+        self.configPath = self.stamps.config
         self.config = snqconfig.load(self.configPath)
-        self.record = os.path.join(self.dir, "handled.txt")
-
-    def setUpServer(self):
-        pass
 
     def createStore(self):
         """What the daemon makes as it starts (SQL's schema)."""
@@ -94,21 +47,11 @@ class ProducerOnServer:
         self.addCleanup(producer.close)
         return producer
 
-    @defer.inlineCallbacks
     def daemon(self):
-        daemon = Daemon(self, self.dir, "-c", self.configPath, "--inline")
-        yield waitFor(lambda: "consuming groups" in daemon.output(),
-                      what="the daemon to start")
-        return daemon
-
-    def handled(self):
-        """Item id → (attempts, started) of what the daemon handled."""
-        return {itemId: (int(attempts), float(started))
-                for itemId, _, attempts, started in recorded(self.record)}
+        return self.stamps.start()
 
     def waitHandled(self, ids):
-        return waitFor(lambda: set(ids) <= self.handled().keys(), timeout=60,
-                       what=f"{len(ids)} items handled")
+        return self.stamps.waitHandled(ids)
 
     @defer.inlineCallbacks
     def test_webApplicationProcess(self):
@@ -136,8 +79,7 @@ class ProducerOnServer:
         ids = [i for kind in report["ids"].values() for i in kind]
         self.assertEqual(len(ids), 1 + 50 + 1 + 80 + 2)
         yield self.waitHandled([*ids, early.id])
-        lines = [line[0] for line in recorded(self.record)]
-        self.assertEqual(sorted(lines), sorted([*ids, early.id]),
+        self.assertEqual(sorted(self.stamps.handledIds()), sorted([*ids, early.id]),
                          "each handled once")
         [delayed] = report["ids"]["delayed"]
         for itemId, notBefore in [(delayed, report["notBefore"]),
@@ -286,15 +228,10 @@ class RedisTests(ProducerOnServer, ReconnectTests, TestCase):
     def setUpServer(self):
         self.redis = redis.Redis.from_url(REDIS_URL)
         self.addCleanup(self.redis.close)
-        self.addCleanup(self.deleteKeys)
+        self.addCleanup(deleteRedisKeys, f"{self.name}:")
 
     def pushRaw(self, frame):
         self.redis.lpush(f"{self.name}:q:main/stamp", frame)
-
-    def deleteKeys(self):
-        keys = list(self.redis.scan_iter(f"{self.name}:*", count=1000))
-        if keys:
-            self.redis.delete(*keys)
 
     def downConfig(self):
         return snqconfig.parse({"queue": {"backend": "redis"}, "redis": {

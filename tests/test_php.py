@@ -12,91 +12,42 @@ import os
 import shutil
 import subprocess
 
-import redis
 from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
 from tests import rabbitmq, sqlservers
-from tests.daemon import ROOT, Daemon, freePort, waitFor
-from tests.recorder import recorded
+from tests.daemon import ROOT, freePort, waitFor
+from tests.stampdaemon import REDIS_URL, OnServer, deleteRedisKeys
 
 EXAMPLES = os.path.join(ROOT, "contrib", "php", "examples")
 NO_PHP = ("php (Debian's php-cli, with php-pgsql, php-mysql and php-sqlite3) "
           "must be installed for this test: run scripts/setup-services as root")
 SECRET = "php-test-secret"
 
-CONFIG = """
-[daemon]
-workers = 1
-kill_time = 5
+class PhpExamples(OnServer):
+    """Mixin: C{backend}, C{example}, C{environ()}; see L{OnServer}."""
 
-[queue]
-backend = "{backend}"
-poll_interval = 0.2
-basename = "/queue/{name}/"
-breakout = ["main/webhook"]
-
-[db]
-url = "{dbUrl}"
-
-[redis]
-url = "redis://127.0.0.1:6379/1"
-prefix = "{name}:"
-
-[stomp]
-control_channel = "/topic/{name}/control"
-control_secret = "{secret}"
-
-[handlers]
-# The examples enqueue webhooks: here they are only recorded.
-webhook = "tests.recorder:Stamp"
-
-[sites.default]
-record_file = "{dir}/handled.txt"
-"""
-
-
-class PhpExamples:
-    """Mixin: C{backend}, C{example}, C{environ()}, and C{dbUrl} for SQL."""
-
-    timeout = 120
-    backend = ""
     example = ""
-    dbUrl = "sqlite:///unused.sqlite"
+    # The examples enqueue webhooks: here they are only stamped.
+    transport = "webhook"
+    breakouts = ("main/webhook",)
+    secret = SECRET
 
     def setUp(self):
         if shutil.which("php") is None:
             self.fail(NO_PHP)
-        self.name = rabbitmq.uniqueName()
-        self.dir = os.path.abspath(self.mktemp())
-        os.makedirs(self.dir)
-        self.setUpServer()
-        self.config = os.path.join(self.dir, "snq.toml")
-        with open(self.config, "w") as f:
-            f.write(CONFIG.format(backend=self.backend, name=self.name,
-                                  dbUrl=self.dbUrl, dir=self.dir, secret=SECRET))
-        self.record = os.path.join(self.dir, "handled.txt")
-
-    def setUpServer(self):
-        pass
-
-    def handled(self):
-        return {itemId: (int(attempts), float(started))
-                for itemId, _, attempts, started in recorded(self.record)}
+        super().setUp()
 
     @defer.inlineCallbacks
     def test_example(self):
-        daemon = Daemon(self, self.dir, "-c", self.config, "--inline")
-        yield waitFor(lambda: "consuming groups" in daemon.output(),
-                      what="the daemon to start")
+        daemon = yield self.stamps.start()
         result = yield threads.deferToThread(
             subprocess.run, ["php", os.path.join(EXAMPLES, self.example)],
             capture_output=True, text=True, timeout=60,
             env=dict(os.environ, **self.environ()))
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         report = json.loads(result.stdout)
-        yield waitFor(lambda: set(report["handled"]) <= self.handled().keys(),
-                      timeout=30, what="the PHP producer's items handled")
+        yield self.stamps.waitHandled(report["handled"], timeout=30)
         handled = self.handled()
         self.assertEqual(sorted(handled), sorted(report["handled"]))
         for itemId in report["delayed"]:
@@ -154,17 +105,10 @@ class RedisPhpTests(PhpExamples, TestCase):
     example = "redis.php"
 
     def setUpServer(self):
-        self.addCleanup(self.deleteKeys)
-
-    def deleteKeys(self):
-        client = redis.Redis.from_url("redis://127.0.0.1:6379/1")
-        keys = list(client.scan_iter(f"{self.name}:*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        self.addCleanup(deleteRedisKeys, f"{self.name}:")
 
     def environ(self):
-        return {"REDIS_URL": "redis://127.0.0.1:6379/1",
+        return {"REDIS_URL": REDIS_URL,
                 "SNQ_PREFIX": f"{self.name}:"}
 
 

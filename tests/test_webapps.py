@@ -13,35 +13,12 @@ import sqlite3
 import subprocess
 import sys
 
-import redis
 from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
-from tests.daemon import Daemon, environ, waitFor
+from tests.daemon import environ, waitFor
 from tests.rabbitmq import uniqueName
-from tests.recorder import recorded
-
-CONFIG = """
-[daemon]
-workers = 1
-
-[queue]
-backend = "{backend}"
-poll_interval = 0.2
-
-[db]
-url = "sqlite:///{db}"
-
-[redis]
-url = "redis://127.0.0.1:6379/1"
-prefix = "{prefix}:"
-
-[handlers]
-stamp = "tests.recorder:Stamp"
-
-[sites.default]
-record_file = "{dir}/handled.txt"
-"""
+from tests.stampdaemon import StampDaemon, deleteRedisKeys
 
 
 class WebAppTests(TestCase):
@@ -51,20 +28,15 @@ class WebAppTests(TestCase):
         self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
         self.db = os.path.join(self.dir, "app.sqlite")
-        self.prefix = uniqueName()
-        self.record = os.path.join(self.dir, "handled.txt")
+        self.name = uniqueName()
 
     @defer.inlineCallbacks
     def serve(self, backend):
         """The daemon for C{backend}, started; → the config's path."""
-        path = os.path.join(self.dir, "snq.toml")
-        with open(path, "w") as f:
-            f.write(CONFIG.format(backend=backend, db=self.db, dir=self.dir,
-                                  prefix=self.prefix))
-        daemon = Daemon(self, self.dir, "-c", path, "--inline")
-        yield waitFor(lambda: "consuming groups" in daemon.output(),
-                      what="the daemon to start")
-        return path
+        self.stamps = StampDaemon(self, self.dir, backend, self.name,
+                                  dbUrl=f"sqlite:///{self.db}")
+        yield self.stamps.start()
+        return self.stamps.config
 
     @defer.inlineCallbacks
     def request(self, app, config):
@@ -78,7 +50,7 @@ class WebAppTests(TestCase):
         return report["answers"]
 
     def handled(self):
-        return [line[0] for line in recorded(self.record)]
+        return self.stamps.handledIds()
 
     def sql(self, statement):
         conn = sqlite3.connect(self.db)
@@ -102,16 +74,9 @@ class WebAppTests(TestCase):
 
     @defer.inlineCallbacks
     def test_flaskView(self):
-        self.addCleanup(self.deleteKeys)
+        self.addCleanup(deleteRedisKeys, f"{self.name}:")
         config = yield self.serve("redis")
         [(status, body)] = yield self.request("flask", config)
         self.assertEqual(status, 200)
         yield waitFor(lambda: self.handled() == [body["id"]],
                       what="the item handled")
-
-    def deleteKeys(self):
-        client = redis.Redis.from_url("redis://127.0.0.1:6379/1")
-        keys = list(client.scan_iter(f"{self.prefix}:*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
