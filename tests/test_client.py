@@ -26,19 +26,20 @@ from tests.daemon import environ, snqctl
 class ConfigForTests(SynchronousTestCase):
     def test_sql(self):
         config = configFor("postgresql://u:p@db:5432/app")
-        self.assertEqual((config.queue.backend, config.db.url),
+        self.assertEqual((config.queue.backend, config.db.url.reveal()),
                          ("db", "postgresql://u:p@db:5432/app"))
         self.assertEqual(configFor("sqlite:////var/snq.sqlite").queue.backend,
                          "db")
 
     def test_redis(self):
         config = configFor("rediss://:pw@cache:6380/2")
-        self.assertEqual((config.queue.backend, config.redis.url),
+        self.assertEqual((config.queue.backend, config.redis.url.reveal()),
                          ("redis", "rediss://:pw@cache:6380/2"))
 
     def test_stomp(self):
         stomp = configFor("stomp://app:s%40cret@mq.example:61614/prod").stomp
-        self.assertEqual((stomp.servers, stomp.login, stomp.passcode, stomp.vhost),
+        self.assertEqual((stomp.servers, stomp.login, stomp.passcode.reveal(),
+                          stomp.vhost),
                          (["tcp://mq.example:61614"], "app", "s@cret", "prod"))
         stomp = configFor("stomp+ssl://mq.example").stomp
         self.assertEqual((stomp.servers, stomp.login, stomp.vhost),
@@ -48,6 +49,13 @@ class ConfigForTests(SynchronousTestCase):
         e = self.assertRaises(ValueError, configFor, "amqp://guest@mq/")
         self.assertIn("'amqp': not a URL snq knows", str(e))
         self.assertRaises(ValueError, configFor, "snq.sqlite")
+
+    def test_passwordsNeverShown(self):
+        producer = Producer("redis://:hunter2@127.0.0.1:1/0")
+        self.addCleanup(producer.close)
+        self.assertNotIn("hunter2", repr(producer))
+        e = self.assertRaises(EnqueueError, producer.enqueue, "log", 1)
+        self.assertNotIn("hunter2", str(e))
 
     def test_oneOfUrlOrConfig(self):
         self.assertRaises(TypeError, Producer)

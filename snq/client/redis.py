@@ -24,7 +24,7 @@ from snq.redis.keys import enqueueCall
 
 class RedisBackend:
     def __init__(self, config, routing):
-        address = RedisAddress.fromURL(config.redis.url)
+        address = RedisAddress.fromURL(config.redis.url.reveal())
         self.where = address.describe()
         self.prefix = config.redis.prefix
         self.routing = routing

@@ -12,8 +12,9 @@ from urllib.parse import urlsplit
 
 from snq.client.errors import EnqueueError
 from snq.client.pool import Pool
-from snq.queues.dialects import DIALECTS, describeURL
+from snq.queues.dialects import DIALECTS
 from snq.queues.sqlitems import insertStatement, itemRow
+from snq.secret import maskURL
 
 #: Seconds to connect to a server before giving up.
 CONNECT_TIMEOUT = 10.0
@@ -21,8 +22,9 @@ CONNECT_TIMEOUT = 10.0
 
 class SqlBackend:
     def __init__(self, config):
-        self.where = describeURL(config.db.url)
-        self.url = urlsplit(config.db.url)
+        url = config.db.url.reveal()
+        self.where = maskURL(url)
+        self.url = urlsplit(url)
         self.dialect = DIALECTS[self.url.scheme]()
         self.statement = insertStatement(self.dialect.paramstyle)
         self.pool = Pool(lambda: self.dialect.connect(self.url, CONNECT_TIMEOUT),

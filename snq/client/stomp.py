@@ -120,8 +120,9 @@ class _Connection:
     def _login(self, config):
         session = StompSession(StompSpec.VERSION_1_2)
         self.sock.sendall(bytes(session.connect(
-            config.login, config.passcode, {StompSpec.HOST_HEADER: config.vhost},
-            [StompSpec.VERSION_1_2], config.vhost, None)))
+            config.login, config.passcode.reveal(),
+            {StompSpec.HOST_HEADER: config.vhost}, [StompSpec.VERSION_1_2],
+            config.vhost, None)))
         deadline = time.monotonic() + self.timeout
         frames = []
         while not frames:
