@@ -21,7 +21,8 @@ L{tests.sqlservers} and L{tests.rabbitmq}; C{pip install -e .[bench]}):
 
 Every contender runs once per round, the rounds one after another, and the
 median of its rounds is shown, so that a burst of load elsewhere on the
-machine does not fall on one contender alone.
+machine does not fall on one contender alone; every round's figure, with
+the machine and its load, goes to C{bench/results/enqueue-TIME.json}.
 
 Uses a database of its own on PostgreSQL and MariaDB (dropped
 afterwards), database 15 of the Redis on 127.0.0.1:6379 (emptied before
@@ -38,7 +39,7 @@ import time
 
 import redis
 
-from bench.common import table
+from bench.common import save, table
 from snq import config as snqconfig
 from snq.client import Producer
 from tests import rabbitmq, sqlservers
@@ -217,7 +218,8 @@ def main():
         client.flushdb()
         client.close()
         rabbitmq.deleteQueues(name)
-    report(running, args.items)
+    rows = report(running, args.items)
+    save("enqueue", {"args": vars(args), "rows": rows})
 
 
 def report(contenders, items):
@@ -231,8 +233,11 @@ def report(contenders, items):
         single, batched = (r["items/s"] for r in mine)
         row["snq single: x"] = single / row["items/s"]
         row["snq batched: x"] = batched / row["items/s"]
+    for row in rows:
+        row["rounds"] = row.pop("of").rates
     table(rows, ["broker", "system", "items", "items/s", "snq single: x",
                  "snq batched: x"])
+    return rows
 
 
 if __name__ == "__main__":
