@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,18 @@ from typing import Any
 
 VERSION = 1
 DEFAULT_SITE = "default"
+#: Deepest nesting of arrays and objects: far below where Python's JSON
+#: modules give up (about 1,000 levels, less the caller's stack), so an item
+#: that decodes always encodes again, for a retry or a dead letter.
+MAX_DEPTH = 100
+#: Longest id, transport or site, in characters (the SQL tables' columns).
+MAX_NAME = 64
+
+#: A JSON escape of a UTF-16 surrogate, the only way a frame can carry one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+#: Characters no id or name may hold: a NUL cuts a STOMP header, a newline
+#: a log line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class BadItem(ValueError):
@@ -84,8 +97,18 @@ class Item:
             raise BadItem(f"frame is not UTF-8: {e}")
         except ValueError as e:
             raise BadItem(f"frame is not JSON: {e}")
+        except RecursionError:
+            raise BadItem("frame is nested deeper than JSON can be decoded "
+                          f"(limit {MAX_DEPTH} levels)")
         if not isinstance(obj, dict):
             raise BadItem(f"frame is a JSON {type(obj).__name__}, not an object")
+        # Cheap tests first: few frames have that many brackets or escapes.
+        if (frame.count("[") + frame.count("{") > MAX_DEPTH
+                and _deeperThan(obj, MAX_DEPTH)):
+            raise BadItem(f"frame is nested more than {MAX_DEPTH} levels deep")
+        if _SURROGATE_ESCAPE.search(frame) and not _encodable(obj):
+            raise BadItem("frame holds a lone UTF-16 surrogate (a \\udXXX "
+                          "escape without its pair), which UTF-8 cannot carry")
         return cls.fromDict(obj)
 
     @classmethod
@@ -94,15 +117,22 @@ class Item:
         if unknown:
             raise BadItem(f"unknown envelope keys: {', '.join(sorted(unknown))}")
         v = obj.get("v", VERSION)
-        if v != VERSION:
+        if not _isInt(v) or v != VERSION:
             raise BadItem(f"envelope version {v!r} is not supported (expected 1)")
         if "payload" not in obj:
             raise BadItem("envelope has no 'payload'")
         transport = _name(obj, "transport", None)
         site = _name(obj, "site", DEFAULT_SITE)
-        itemId = obj.get("id") or uuid.uuid4().hex
-        if not isinstance(itemId, str):
-            raise BadItem("'id' must be a string")
+        itemId = obj.get("id")
+        if itemId is None:
+            itemId = uuid.uuid4().hex
+        elif not isinstance(itemId, str) or not itemId:
+            raise BadItem("'id' must be a non-empty string (or left out)")
+        for name, value in (("id", itemId), ("transport", transport),
+                            ("site", site)):
+            if len(value) > MAX_NAME or _CONTROL.search(value):
+                raise BadItem(f"'{name}' must be at most {MAX_NAME} characters, "
+                              "none of them a control character")
         attempts = obj.get("attempts", 0)
         if not _isInt(attempts) or attempts < 0:
             raise BadItem("'attempts' must be a non-negative integer")
@@ -142,6 +172,28 @@ MAX_KEY = 255
 def _isTime(value: Any) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value))
+
+
+def _deeperThan(obj: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than C{limit} levels in C{obj}."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children
+                     if isinstance(c, (dict, list)))
+    return False
+
+
+def _encodable(obj: Any) -> bool:
+    """Whether C{obj} has no lone surrogate, so that L{Item.toJSON} works."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _isInt(value: Any) -> bool:
