@@ -108,6 +108,18 @@ class RequestReload(amp.Command):
     requiresAnswer = False
 
 
+class Deaths(amp.Command):
+    """
+    Worker → master: how many workers on this host died while running the
+    message whose journal key (L{snq.journal}) is C{key}?  Asked for a
+    message a broker delivers again; the answer is that message's to carry
+    (the master forgets it).
+    """
+
+    arguments = [(b"key", amp.String())]
+    response = [(b"deaths", amp.Integer())]
+
+
 class Channel(amp.AMP):
     """
     AMP without AMP's connection log lines, which ask the transport for

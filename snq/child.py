@@ -2,9 +2,10 @@
 """
 A worker process, started by the master's L{snq.pool.WorkerPool} as
 C{python -m snq.child [--config PATH [--stdin-config]] --id ID [--role
-ROLE] [--site NICK] [--generation N --loaded T]}; not meant to be run by
-hand.  With C{--stdin-config} the config's text comes on stdin (the master
-read and validated it; C{--config} only names it).
+ROLE] [--site NICK] [--generation N --loaded T] [--claimant NAME
+--journal-fd FD]}; not meant to be run by hand.  With C{--stdin-config}
+the config's text comes on stdin (the master read and validated it;
+C{--config} only names it).
 
 It runs one L{IoMaster}, reports to the master over AMP on fds 3 (in) and
 4 (out) once a second, writes its log to stderr as C{"level text"} lines
@@ -37,6 +38,7 @@ from snq.amp import (
     EXIT_SHUTDOWN,
     Channel,
     ControlError,
+    Deaths,
     Reconfigure,
     Report,
     RequestReload,
@@ -45,6 +47,7 @@ from snq.handlers import HandlerError, HandlerRegistry
 from snq.iomanager import PollingManager
 from snq.iomanagers import checkPlugins
 from snq.iomaster import IoMaster, residentMemory
+from snq.journal import Journal
 from snq.queues import makeQueue
 from snq.routing import ROLES
 
@@ -78,7 +81,7 @@ class Worker:
     log = Logger()
 
     def __init__(self, config, workerId: str, reactor, iomasterFactory=IoMaster,
-                 role="queues", site=None):
+                 role="queues", site=None, claimant=None, journal=None):
         #: Its C{generation} and C{loaded} say which of the master's configs
         #: it runs, and when that was loaded.
         self.config = config
@@ -87,6 +90,10 @@ class Worker:
         self.role = role
         #: Only this site's items (C{twistd snq --site}); None: every site.
         self.site = site
+        #: What its leases say, and where it notes what it runs, both given
+        #: by the master (L{snq.pool}), which reads them after its death.
+        self.claimant = claimant
+        self.journal = journal
         self.reactor = reactor
         self.iomasterFactory = iomasterFactory
         self.exitCode = 0
@@ -111,7 +118,9 @@ class Worker:
             self.config, workerId=self.workerId, clock=self.reactor,
             recycle=lambda reason: self.exit(EXIT_RECYCLE, reason),
             shutdown=lambda reason: self.exit(EXIT_SHUTDOWN, reason),
-            reload=self.requestReload, role=self.role, site=self.site)
+            reload=self.requestReload, role=self.role, site=self.site,
+            claimant=self.claimant, journal=self.journal,
+            deaths=self.deaths if self.journal is not None else None)
 
     def _running(self, _):
         if self.state == "starting":
@@ -139,6 +148,13 @@ class Worker:
     def masterGone(self):
         if self.state != "stopping":
             self.exit(0, "the master has gone")
+
+    def deaths(self, key: bytes) -> defer.Deferred:
+        """How often a redelivered message killed a worker (L{Deaths})."""
+        if self.channel.transport is None:
+            return defer.succeed(0)
+        d = self.channel.callRemote(Deaths, key=key)
+        return d.addCallback(lambda answer: answer["deaths"])
 
     def requestReload(self, reason: str):
         """Ask the master to reload the config file (and so every worker)."""
@@ -224,6 +240,8 @@ class Worker:
                 handled=stats.total("handled"), errors=stats.total("error"),
                 items=master.watch.items,
                 inflight=dispatcher.running, held=len(dispatcher.held),
+                threads=dispatcher.threadStats(),
+                claims=master.manager.claimTrouble,
                 counts=[[*key, n] for key, n in stats.counts.items()],
                 timings=stats.timings, buckets=stats.buckets,
                 iomanagers=master.plugins.status())
@@ -309,6 +327,10 @@ def main(argv=None) -> int:
                         help="the master's number for this config")
     parser.add_argument("--loaded", type=float, default=None,
                         help="when the master loaded this config")
+    parser.add_argument("--claimant", help="the name in this worker's leases")
+    parser.add_argument("--journal-fd", type=int, default=None,
+                        help="the descriptor of the journal the master reads "
+                        "after a death")
     args = parser.parse_args(argv)
     stdin = sys.stdin.buffer
     if args.check:
@@ -332,7 +354,9 @@ def main(argv=None) -> int:
 
     config = dataclasses.replace(config, generation=args.generation,
                                  loaded=args.loaded)
-    worker = Worker(config, args.id, reactor, role=args.role, site=args.site)
+    journal = None if args.journal_fd is None else Journal.attach(args.journal_fd)
+    worker = Worker(config, args.id, reactor, role=args.role, site=args.site,
+                    claimant=args.claimant, journal=journal)
     stdio.StandardIO(worker.channel, stdin=FROM_MASTER, stdout=TO_MASTER,
                      reactor=reactor)
     reactor.addSystemEventTrigger("before", "shutdown", worker.stop)

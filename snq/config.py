@@ -223,6 +223,15 @@ class QueueConfig:
     max_items: int = field(default=0, metadata=_notNegative)
     #: Seconds between starting two workers.
     spawndelay: float = field(default=0.2, metadata=_notNegative)
+    #: Largest frame a worker takes: a bigger one is a baditem dead letter
+    #: (on SQL its body is not even read); "" or 0 = no limit.
+    max_frame: str | int = field(default="1m", metadata=_size)
+    #: Threads for blocking handlers (blocking = True) in each worker, apart
+    #: from the reactor's own (where name resolution runs).
+    threads: int = field(default=10, metadata=_positive)
+
+    def maxFrameBytes(self) -> int | None:
+        return parseSize(self.max_frame)
 
     def softLimitBytes(self) -> int | None:
         """The soft limit in bytes, or None when neither key gives one."""

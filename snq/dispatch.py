@@ -3,21 +3,30 @@
 An item's life: the L{Dispatcher} decodes a claimed delivery, routes it to
 its handler, runs it within the limits, and settles it exactly once.
 The rules live here, once for every backend.
+
+Whatever a delivery holds, it is settled: a row or frame that cannot become
+an item is a C{baditem} dead letter with the reason, and anything
+unexpected while decoding or routing it makes it one too, with the
+exception's type in the error, rather than leaving it held for ever.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import inspect
 import json
 import os
 import random
+import re
+import threading
 import time
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from snq.backoff import backoff
 from snq.files import privateDirectory, writePrivate
@@ -28,6 +37,19 @@ from snq.queues.interface import Delivery, Queue
 from snq.service import defaultReactor
 from snq.stats import Stats
 
+#: Longest error kept with a dead letter or a retry, in characters.
+ERROR_LENGTH = 4000
+
+
+def printable(text: str) -> str:
+    """
+    C{text} as every store takes it: no lone surrogate (SQLite and Redis
+    refuse them), no NUL (PostgreSQL and STOMP headers do), bounded.
+    """
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    text = text.replace("\x00", "\\x00")
+    return text if len(text) <= ERROR_LENGTH else text[:ERROR_LENGTH - 1] + "…"
+
 
 class Dispatcher:
     """
@@ -37,16 +59,31 @@ class Dispatcher:
     At most C{concurrency} items run at once, and at most a transport's own
     C{concurrency} of that transport, so one slow remote cannot take every
     slot; the rest wait in arrival order.
+
+    Blocking handlers run in a thread pool of the dispatcher's own
+    (C{[queue] threads}), apart from the reactor's, where name resolution
+    runs: busy handlers cannot starve DNS.  A blocking call that times out
+    cannot be stopped, so it keeps its slot until its thread returns, and
+    only then is it settled (as timed out): the same item never runs twice
+    at once in one worker.
+
+    C{journal} (L{snq.journal.Journal}, in a worker of the pool) records
+    which items are running, for the master after a death; C{deaths(key)},
+    when given, asks the master how often a redelivered message killed the
+    worker running it (L{snq.reaper}), so that such a message is charged as
+    leased items are.
     """
 
     log = Logger()
 
     def __init__(self, queue: Queue, registry: HandlerRegistry, config,
                  stats: Stats | None = None, clock=None, rng=random,
-                 onSettled=None, runBlocking=None):
+                 onSettled=None, runBlocking=None, journal=None,
+                 deaths=None):
         """
-        C{runBlocking(f, item)} runs a C{blocking} handler's C{handle} and
-        returns a Deferred: by default in the reactor's thread pool.
+        C{runBlocking(f, item)}, when given, runs a C{blocking} handler's
+        C{handle} and returns a Deferred (L{snq.testing} calls it at once);
+        by default it runs in the dispatcher's thread pool.
         """
         clock = defaultReactor(clock)
         self.queue = queue
@@ -54,7 +91,9 @@ class Dispatcher:
         self.stats = stats or Stats()
         self.clock = clock
         self.rng = rng
-        self.runBlocking = runBlocking or threads.deferToThread
+        self.runBlocking = runBlocking
+        self.journal = journal
+        self.deaths = deaths
         self.context = HandlerContext(config, queue, self.stats, clock)
         self.registry = registry
         self.handlers = {name: cls(self.context)
@@ -73,6 +112,10 @@ class Dispatcher:
         self._waiting: collections.deque = collections.deque()
         self._running: collections.Counter = collections.Counter()
         self._drained: list[defer.Deferred] = []
+        #: The blocking handlers' threads, started with the first such item.
+        self._threads: ThreadPool | None = None
+        #: Blocking calls waiting for a thread, and running in one.
+        self.threadsQueued = self.threadsBusy = 0
 
     @property
     def running(self) -> int:
@@ -82,51 +125,108 @@ class Dispatcher:
         """The transports of the items running now, for monitors."""
         return sorted(t for t, n in self._running.items() if n)
 
+    def threadStats(self) -> dict:
+        """The blocking handlers' thread pool, for monitors."""
+        return {"max": self.config.queue.threads, "busy": self.threadsBusy,
+                "queued": self.threadsQueued}
+
     def dispatch(self, delivery: Delivery) -> defer.Deferred:
         """Fires (never fails) once the delivery has been settled."""
         self.held.add(delivery)
         done = defer.Deferred()
         try:
+            accepted = self._accept(delivery, done)
+        except Exception as e:
+            self.log.failure("decoding or routing a delivery failed: it goes to "
+                             "the dead letters")
+            self._settle(defer.maybeDeferred(
+                self._deadLetter, delivery, None, "baditem",
+                f"{type(e).__name__} while decoding or routing it: {e}"),
+                delivery, done)
+            return done
+        if accepted is not None:
+            self._queue(*accepted, done)
+        return done
+
+    def _accept(self, delivery: Delivery, done: defer.Deferred):
+        """
+        Decode and route C{delivery} → C{(delivery, item, handler)} to run,
+        or None when it is settled (or being charged) already.
+        """
+        def settle(outcome, *args):
+            self._settle(defer.maybeDeferred(outcome, delivery, *args),
+                         delivery, done)
+
+        if delivery.problem is not None:
+            return settle(self._deadLetter, None, "baditem", delivery.problem)
+        limit = self.config.queue.maxFrameBytes()
+        if limit and len(delivery.frame) > limit:
+            return settle(self._deadLetter, None, "baditem",
+                          f"frame is {len(delivery.frame)} bytes, over [queue] "
+                          f"max_frame ({limit} bytes)")
+        try:
             item = self._decode(delivery)
         except BadItem as e:
-            self._settle(self._deadLetter(delivery, None, "baditem", str(e)),
-                         delivery, done)
-            return done
+            return settle(self._deadLetter, None, "baditem", str(e))
         now = self.clock.seconds()
         if item.dueAt(now) > now:
             # Early: a producer pushed it straight onto a ready list, or a
             # broker's delay queue let it out before its time.  It waits
             # again, without an attempt charged.
-            self._settle(self.queue.retry(delivery, item, item.run_at - now,
-                                          "not due yet"), delivery, done)
-            return done
+            return settle(self.queue.retry, item, item.run_at - now,
+                          "not due yet")
         sites = self.config.knownSites()
         if sites is not None and item.site not in sites:
-            reason = f"unknown site {item.site!r} (not under [sites])"
-            self._settle(self._deadLetter(delivery, item, "badsite", reason),
-                         delivery, done)
-            return done
+            # Usual while a reload that adds the site spreads over the
+            # workers (and hosts): wait for it, within the item's retries.
+            error = f"unknown site {item.site!r} (not under [sites])"
+            self.log.warn("{transport} item {id}: {error}; retried later",
+                          transport=item.transport, id=item.id, error=error)
+            return settle(self._failed, item, error, "badsite")
         handler = self.handlers.get(item.transport)
         if handler is None:
             reason = f"no handler for transport {item.transport!r}"
-            self._settle(self._deadLetter(delivery, item, "badhandler", reason),
-                         delivery, done)
-            return done
+            return settle(self._deadLetter, item, "badhandler", reason)
         limit = self.config.maxRetries(item.transport)
         if item.attempts > limit:
             # A lease that expired too often: the item keeps killing its
             # workers, so it must not come round again.
-            error = f"{item.attempts} attempts, limit {limit} (leases expired)"
-            self._settle(self._deadLetter(delivery, item, "retries", error),
-                         delivery, done)
-            return done
+            error = f"{item.attempts} attempts, limit {limit} (its workers died)"
+            return settle(self._deadLetter, item, "retries", error)
+        if delivery.redelivered and self.deaths is not None:
+            d = defer.maybeDeferred(self.deaths, self.queue.journalKey(delivery))
+            d.addErrback(self._noDeaths, item)
+            d.addCallback(self._charge, delivery, item, handler, done)
+            return None
+        return delivery, item, handler
+
+    def _noDeaths(self, failure, item):
+        self.log.failure("cannot ask the master whether {id} killed a worker; "
+                         "running it", failure, id=item.id)
+        return 0
+
+    def _charge(self, deaths: int, delivery, item, handler, done):
+        """
+        A redelivered message, which killed C{deaths} workers on this host:
+        charged one attempt per death, like a leased item (it keeps its
+        place if it killed none: its worker held it without running it).
+        """
+        if not deaths:
+            self._queue(delivery, item, handler, done)
+            return
+        item = dataclasses.replace(item, attempts=item.attempts + deaths - 1)
+        times = "" if deaths == 1 else f" ({deaths} times)"
+        self._settle(defer.maybeDeferred(
+            self._failed, delivery, item,
+            f"its worker died while running it{times}"), delivery, done)
+
+    def _queue(self, delivery, item, handler, done):
         # The handler it was accepted for runs it, even if a reconfiguration
         # replaces that handler meanwhile.
         self._uses[handler] += 1
         done.addBoth(self._used, handler)
         self._waiting.append((delivery, item, done, handler))
         self._pump()
-        return done
 
     def reconfigService(self, config) -> list[str]:
         """
@@ -137,10 +237,15 @@ class Dispatcher:
         gone is stopped once its items are done.  → what changed, in words.
         """
         registry = HandlerRegistry.load(config.handlers)
-        self.config = config
+        old, self.config = self.config, config
         self.context.config = config
         self.registry = registry
         applied = []
+        if config.queue.threads != old.queue.threads:
+            if self._threads is not None:
+                self._threads.adjustPoolsize(0, config.queue.threads)
+            applied.append(f"{config.queue.threads} threads for blocking "
+                           "handlers")
         for name in sorted(self.handlers.keys() | registry.classes.keys()):
             old, cls = self.handlers.get(name), registry.classes.get(name)
             if old is not None and type(old) is cls:
@@ -216,8 +321,21 @@ class Dispatcher:
     def stopHandlers(self) -> defer.Deferred:
         handlers = [*self.handlers.values(), *self._retired]
         self._retired.clear()
+        self._stopThreads()
         return defer.gatherResults(
             [defer.maybeDeferred(h.stop) for h in handlers])
+
+    def _stopThreads(self):
+        pool, self._threads = self._threads, None
+        if pool is None:
+            return
+        if self.threadsBusy or self.threadsQueued:
+            # Joining would wait for calls that may never return: their
+            # threads are daemons, and end with the process.
+            self.log.warn("{n} blocking handler calls still running as the "
+                          "worker stops", n=self.threadsBusy + self.threadsQueued)
+            return
+        pool.stop()
 
     def _decode(self, delivery: Delivery) -> Item:
         item = Item.fromJSON(delivery.frame)
@@ -238,41 +356,75 @@ class Dispatcher:
                 index += 1
                 continue
             del self._waiting[index]
-            self._start(delivery, item, done, handler)
+            try:
+                self._start(delivery, item, done, handler)
+            except Exception as e:
+                self.log.failure("starting {transport} item {id} failed",
+                                 transport=item.transport, id=item.id)
+                self._settle(defer.maybeDeferred(
+                    self._failed, delivery, item,
+                    f"{type(e).__name__} while starting it: {e}"), delivery, done)
 
     def _start(self, delivery: Delivery, item: Item, done: defer.Deferred,
                handler):
+        timeout = self._timeout(item.transport, handler)
+        # Marked before the handler is called: if this process dies now,
+        # the master charges the item an attempt (and only this one).
+        slot = (None if self.journal is None
+                else self.journal.start(self.queue.journalKey(delivery)))
         self._running[item.transport] += 1
         started = self.clock.seconds()
-        d = self._call(item, handler)
-        timeout = self._timeout(item.transport, handler)
         timer = None
-        if timeout:
-            # Cancelling surfaces as whatever the handler's library raises
-            # (twisted.web's client: ResponseNeverReceived), so remember
-            # that we did it.
-            timer = self.clock.callLater(timeout, d.cancel)
+
+        def expired():
+            if handler.blocking:
+                # A thread cannot be stopped: its slot stays taken until it
+                # returns, and the item is settled only then.
+                self.log.warn("{transport} item {id} timed out after {t:g} s; "
+                              "its thread still runs, and keeps its slot",
+                              transport=item.transport, id=item.id, t=timeout)
+            else:
+                # Cancelling surfaces as whatever the handler's library
+                # raises (twisted.web's client: ResponseNeverReceived), so
+                # remember that we did it.
+                d.cancel()
+
+        def startTimer():
+            nonlocal timer
+            if timeout:
+                timer = self.clock.callLater(timeout, expired)
 
         def finished(result):
             # The slot is free once the handler is; settling needs none.
             timedOut = timer is not None and not timer.active()
             if timer is not None and not timedOut:
                 timer.cancel()
+            if self.journal is not None:
+                self.journal.finish(slot)
             self._running[item.transport] -= 1
             self.stats.timing(item.transport, self.clock.seconds() - started)
             self._pump()
             return self._outcome(result, delivery, item,
                                  timeout if timedOut else None)
 
+        d = self._call(item, handler, startTimer)
         d.addBoth(finished)
         self._settle(d, delivery, done)
 
     def _timeout(self, transport: str, handler) -> float:
         return self.config.transport(transport).timeout or handler.timeout
 
-    def _call(self, item: Item, handler) -> defer.Deferred:
+    def _call(self, item: Item, handler, started) -> defer.Deferred:
+        """Run the handler; C{started()} once it runs (a thread may wait)."""
         if handler.blocking:
-            return self.runBlocking(handler.handle, item)
+            if self.runBlocking is not None:
+                started()
+                return self.runBlocking(handler.handle, item)
+            self.threadsQueued += 1
+            return threads.deferToThreadPool(
+                self.clock, self._threadPool(), self._inThread, handler, item,
+                started)
+        started()
         try:
             result = handler.handle(item)
         except BaseException:
@@ -280,6 +432,31 @@ class Dispatcher:
         if inspect.iscoroutine(result):
             return defer.Deferred.fromCoroutine(result)
         return defer.maybeDeferred(lambda: result)
+
+    def _threadPool(self) -> ThreadPool:
+        if self._threads is None:
+            self._threads = ThreadPool(0, self.config.queue.threads,
+                                       name="snq-handlers")
+            self._threads.threadFactory = functools.partial(threading.Thread,
+                                                            daemon=True)
+            self._threads.start()
+        return self._threads
+
+    def _inThread(self, handler, item: Item, started):
+        """In a handler thread: the call's timeout runs from here."""
+        self.clock.callFromThread(self._threadStarted, started)
+        try:
+            return handler.handle(item)
+        finally:
+            self.clock.callFromThread(self._threadReturned)
+
+    def _threadStarted(self, started):
+        self.threadsQueued -= 1
+        self.threadsBusy += 1
+        started()
+
+    def _threadReturned(self):
+        self.threadsBusy -= 1
 
     def _outcome(self, result, delivery: Delivery, item: Item,
                  timedOut: float | None):
@@ -304,18 +481,25 @@ class Dispatcher:
                              n=item.attempts + 1)
         return self._failed(delivery, item, error)
 
-    def _failed(self, delivery: Delivery, item: Item, error: str):
-        self.stats.count("error", item.transport, item.site)
+    def _failed(self, delivery: Delivery, item: Item, error: str,
+                kind: str = "retries"):
+        """
+        Retry C{item} after a backoff, or dead-letter it as C{kind} once
+        its retries are spent.  A handler's failure counts as an error; an
+        item waiting for its site's settings (C{badsite}) does not.
+        """
+        if kind == "retries":
+            self.stats.count("error", item.transport, item.site)
         retried = item.retried()
         limit = self.config.maxRetries(item.transport)
         if retried.attempts > limit:
             return self._deadLetter(
-                delivery, retried, "retries",
+                delivery, retried, kind,
                 f"gave up after {retried.attempts} attempts; last error: {error}")
         delay = backoff(retried.attempts, self.config.queue.retry_delay,
                         self.config.queue.retry_max_delay, self.rng)
         self.stats.count("requeued", item.transport, item.site)
-        return self.queue.retry(delivery, retried, delay, error)
+        return self.queue.retry(delivery, retried, delay, printable(error))
 
     def _deadLetter(self, delivery: Delivery, item: Item | None, kind: str,
                     error: str):
@@ -324,6 +508,7 @@ class Dispatcher:
         C{badhandler} and C{badsite}, the counter bumped; every dead letter
         counts as C{deadletter} too.
         """
+        error = printable(error)
         transport = item.transport if item else delivery.transport
         site = item.site if item else delivery.site
         attempts = item.attempts if item else (delivery.attempts or 0)
@@ -341,7 +526,9 @@ class Dispatcher:
         directory = self.config.queue.dead_letter_dir
         if not directory:
             return
-        name = f"{time.time():.6f}-{item.id if item else os.urandom(6).hex()}.json"
+        # An id is the producer's: only its harmless characters name a file.
+        name = re.sub(r"[^\w.-]", "_", item.id) if item else os.urandom(6).hex()
+        name = f"{time.time():.6f}-{name}.json"
         record = {"reason": kind, "error": error, "attempts": attempts,
                   "frame": delivery.frame.decode("utf-8", "replace")}
         try:
@@ -356,6 +543,8 @@ class Dispatcher:
         def failed(failure):
             # The store refused the outcome (connection lost, …).  The lease
             # will expire and the item come back: at least once, not lost.
+            self.stats.count("settle_failed", delivery.transport or "",
+                             delivery.site or "")
             self.log.failure("settling an item failed; its lease will expire",
                              failure)
 

@@ -149,13 +149,18 @@ class IoMaster(AsyncMultiService):
     also what its managers call when asked from outside (the STOMP control
     channel), as is C{reload} (asks the master to reload the config file);
     None where nothing can carry them out.
+
+    In a worker of the pool, C{claimant} names its leases, C{journal}
+    records what runs and C{deaths} asks the master about redelivered
+    messages (L{snq.reaper}).
     """
 
     log = Logger()
 
     def __init__(self, config, workerId="inline", clock=None, queue=None,
                  registry=None, recycle=None, role="all", shutdown=None,
-                 site=None, reload=None):
+                 site=None, reload=None, claimant=None, journal=None,
+                 deaths=None):
         super().__init__()
         clock = defaultReactor(clock)
         self.config = config
@@ -167,10 +172,11 @@ class IoMaster(AsyncMultiService):
         self.recycle = recycle
         self.shutdown = shutdown
         self.reload = reload
-        self.queue = queue if queue is not None else makeQueue(config, clock)
+        self.queue = (queue if queue is not None
+                      else makeQueue(config, clock, claimant=claimant))
         self.dispatcher = Dispatcher(
             self.queue, registry or HandlerRegistry.load(config.handlers),
-            config, self.stats, clock)
+            config, self.stats, clock, journal=journal, deaths=deaths)
         self.watch = None
         if recycle is not None:
             self.watch = MemoryWatch(config.queue.softLimitBytes(),

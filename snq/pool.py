@@ -18,15 +18,23 @@ tagged with the worker's id and pid.  Its stdin carries the config's text,
 as the master validated it, so every worker runs the same config whatever
 the file says by then; a reload (L{snq.reload}) sends running workers the
 new text over AMP, and the pool's slots follow C{workers} and the groups.
+
+Each process also gets its claimant name (what its leases say) and, as fd
+5, its journal (L{snq.journal}): when it dies, the master's
+L{snq.reaper.Reaper} gives back what it held at once.
 """
 
 import contextlib
 import dataclasses
 import os
+import re
+import socket
 import sys
+import uuid
 
 from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger, LogLevel
 
 from snq.amp import (
@@ -34,15 +42,17 @@ from snq.amp import (
     EXIT_SHUTDOWN,
     Channel,
     ControlError,
+    Deaths,
     Reconfigure,
     Report,
     RequestReload,
 )
+from snq.journal import Journal
 from snq.reconfig import diff, needsRollingRestart
 from snq.routing import dedicatedRoles, groupsOf
 from snq.service import PartlyApplied, defaultReactor
 
-TO_CHILD, FROM_CHILD = 3, 4
+TO_CHILD, FROM_CHILD, JOURNAL = 3, 4, 5
 CHILD_FDS = {0: "w", 1: "r", 2: "r", TO_CHILD: "w", FROM_CHILD: "r"}
 _LEVELS = {level.name: level for level in LogLevel.iterconstants()}
 
@@ -70,6 +80,16 @@ class _ChildPipe:
 
     def loseConnection(self):
         self.process.closeChildFD(TO_CHILD)
+
+
+def claimantName(wid: str) -> str:
+    """
+    A worker process's name in its leases: unique per process (a respawned
+    worker never renews its predecessor's leases), and saying which host
+    and worker it was, within the 80 characters SQL keeps.
+    """
+    host = socket.gethostname().split(".")[0][:24]
+    return re.sub(r"[^\w.-]", "_", f"{host}-{wid[:40]}-{uuid.uuid4().hex[:8]}")
 
 
 def _slots(config, count: int) -> list[tuple[object, str, str]]:
@@ -105,6 +125,14 @@ class _MasterChannel(Channel):
         pool.requestReload(f"{reason} (worker {self.process.worker.wid})")
         return {}
 
+    @Deaths.responder
+    def deaths(self, key):
+        pool = self.process.worker.pool
+        if pool.reaper is None:
+            return {"deaths": 0}
+        d = pool.reaper.deathsOf(key, self.process)
+        return d.addCallback(lambda n: {"deaths": n})
+
 
 class WorkerProtocol(protocol.ProcessProtocol):
     """One child process of a slot, from spawn to exit."""
@@ -114,6 +142,11 @@ class WorkerProtocol(protocol.ProcessProtocol):
     def __init__(self, worker, clock, config):
         self.worker = worker
         self.clock = clock
+        #: What its leases say (L{claimantName}).
+        self.claimant = claimantName(worker.wid)
+        #: Which items it runs (L{snq.journal}), for after its death; None
+        #: until spawned.
+        self.journal: Journal | None = None
         #: The pool's config generation it runs: spawned with, or applied.
         self.generation = config.generation
         self._configText = config.text
@@ -178,6 +211,8 @@ class WorkerProtocol(protocol.ProcessProtocol):
         if self._killCall is not None and self._killCall.active():
             self._killCall.cancel()
         self.worker.pool._processEnded(self, reason.value)
+        if self.journal is not None:
+            self.journal.close()
         self._fire(self._readyWaiters, False)
         self._fire(self._endWaiters, None)
 
@@ -323,6 +358,9 @@ class WorkerPool(Service):
         #: Called with a reason when a worker asks for a reload (the STOMP
         #: control channel's C{update:<site>}).
         self._requestReload = requestReload
+        #: Answers a worker's L{Deaths} (L{snq.reaper.Reaper}); None: no
+        #: message is charged for its deaths.
+        self.reaper = None
 
     def count(self) -> int:
         """How many numbered workers the config (or C{--workers}) wants."""
@@ -343,8 +381,7 @@ class WorkerPool(Service):
         for worker in self.workers:
             if worker.waiting:
                 worker.respawnCall.cancel()
-        processes = [p for w in self.workers for p in (w.process, w.replacement)
-                     if p is not None] + list(self.retiring)
+        processes = self.processes()
         if processes:
             self.log.info("stopping {n} workers", n=len(processes))
         killTime = self.config.daemon.kill_time
@@ -352,25 +389,34 @@ class WorkerPool(Service):
         d.addCallback(lambda _: self.log.info("all workers stopped"))
         return d
 
+    def processes(self) -> list[WorkerProtocol]:
+        """Every worker process there is: current, replacements, retiring."""
+        return [p for w in self.workers for p in (w.process, w.replacement)
+                if p is not None] + list(self.retiring)
+
     def _spawn(self, worker) -> WorkerProtocol | None:
         config = self.config
         process = WorkerProtocol(worker, self.reactor, config)
         # Generation and load time even without a file (the embedded
         # default), so snqctl status shows what every worker runs.
         args = ["--generation", str(config.generation),
-                "--loaded", repr(config.loaded), "--role", worker.role,
-                "--id", worker.wid]
+                "--loaded", repr(config.loaded),
+                "--claimant", process.claimant, "--journal-fd", str(JOURNAL),
+                "--role", worker.role, "--id", worker.wid]
         if self.site is not None:
             args += ["--site", self.site]
         if config.text is not None:
             args.append("--stdin-config")
         try:
+            process.journal = Journal.create(config.queue.concurrency)
             self.reactor.spawnProcess(
-                process, self.command[0], [*self.command, *args],
-                env=None, childFDs=CHILD_FDS)
+                process, self.command[0], [*self.command, *args], env=None,
+                childFDs={**CHILD_FDS, JOURNAL: process.journal.fd})
         except Exception:
             self.log.failure("cannot start a process for worker {wid}",
                              wid=worker.wid)
+            if process.journal is not None:
+                process.journal.close()
             return None
         self.log.info("worker {wid} started as pid {pid}", wid=worker.wid,
                       pid=process.pid)
@@ -536,13 +582,17 @@ class WorkerPool(Service):
         workers follow: in place (they get the same text over AMP), or, where
         only new processes can (another backend, other handler code), by a
         rolling restart.  A rolling restart in progress finishes first, on
-        the config it began with.  → what changed, in words; what did not
-        comes as L{PartlyApplied}.
+        the config it began with.  It is over once every slot runs a ready
+        process on C{new} (at most C{start_timeout} for the new ones).
+        → what changed, in words; what did not comes as L{PartlyApplied},
+        naming each worker that does not run C{new}.
         """
         yield self.whenRestarted()
         old, self.config = self.config, new
         changes = diff(old, new)
         applied, failed = [], []
+        #: Processes already named, by pid.
+        named = set()
         if self.override is not None and any(
                 c.key == "daemon.workers" for c in changes):
             applied.append(f"daemon.workers: --workers {self.override} on the "
@@ -556,18 +606,67 @@ class WorkerPool(Service):
             else:
                 applied += [f"{r['id']}: restarted on the new config, pid "
                             f"{r['old']} -> {r['new']}" for r in restarted]
+                named.update(r["new"] for r in restarted)
         else:
             for row in (yield self._reconfigureChildren()):
                 worker = f"{row['id']} (pid {row['pid']})"
+                named.add(row["pid"])
                 if "error" in row:
                     failed.append(f"{worker}: {row['error']}")
                 else:
                     applied.append(f"{worker}: applied in place: "
                                    + ("; ".join(row["applied"])
                                       or "nothing to change there"))
+        started, behind = yield self._onGeneration(new.generation, named)
+        applied += started
+        failed += behind
         if failed:
             raise PartlyApplied(applied, failed)
         return applied
+
+    @defer.inlineCallbacks
+    def _onGeneration(self, generation: int, named: set):
+        """
+        Wait until no slot is still starting a process on C{generation}, at
+        most C{start_timeout} → lines for the processes that started on it,
+        and for the slots that do not run it; a process named already (by
+        pid: it applied the config, or said why not) is not named twice.
+        """
+        deadline = self.reactor.seconds() + self.config.daemon.start_timeout
+
+        def starting(worker):
+            process = worker.process
+            if worker.waiting:
+                return worker.respawnCall.getTime() < deadline
+            return not worker.done and (process is None or (
+                not process.ready and process.generation >= generation))
+
+        while (self.running and self.reactor.seconds() < deadline
+               and any(starting(w) for w in self.workers)):
+            yield deferLater(self.reactor, 0.1, lambda: None)
+        started, failed = [], []
+        for worker in self.workers:
+            process = worker.process
+            if worker.done or (process is not None and process.pid in named):
+                continue
+            if process is None:
+                why = "not running"
+                if worker.waiting:
+                    wait = worker.respawnCall.getTime() - self.reactor.seconds()
+                    why += (f" (it died young; it starts on config generation "
+                            f"{generation} in {wait:.1f} s)")
+                failed.append(f"{worker.wid}: {why}")
+            elif process.generation < generation:
+                failed.append(f"{worker.wid} (pid {process.pid}): runs config "
+                              f"generation {process.generation}")
+            elif not process.ready:
+                failed.append(f"{worker.wid} (pid {process.pid}): not ready on "
+                              f"config generation {generation} within "
+                              f"{self.config.daemon.start_timeout:g} s")
+            else:
+                started.append(f"{worker.wid} (pid {process.pid}): started on "
+                               f"config generation {generation}")
+        return started, failed
 
     def resize(self) -> list[str]:
         """

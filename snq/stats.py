@@ -9,7 +9,7 @@ import collections
 
 COUNTERS = ("enqueued", "handled", "error", "requeued", "deadletter",
             "baditem", "badhandler", "badsite", "switch", "siteupdate",
-            "xmpp_process")
+            "xmpp_process", "claim_failed", "settle_failed")
 
 #: Upper bounds (seconds) of the handle-time histogram; one more bucket
 #: counts everything slower.  Prometheus' defaults, plus two for slow remotes.

@@ -154,6 +154,7 @@ def makeService(options):
     from snq.control import ControlService
     from snq.monitor.service import MonitorService
     from snq.pool import WorkerPool
+    from snq.reaper import Reaper
 
     pool = WorkerPool(config, options["workers"], site=site,
                       requestReload=reloader.requested)
@@ -167,6 +168,9 @@ def makeService(options):
     # Before the pool, so it stops after it: the last counts and states of
     # the stopping workers still reach the monitors.
     monitor.setServiceParent(daemon)
+    # Before the pool, so it stops after it: claims left by the workers'
+    # last deaths go back.
+    Reaper(config, pool).setServiceParent(daemon)
     pool.setServiceParent(daemon)
     reloader.setServiceParent(daemon)
     return daemon

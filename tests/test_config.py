@@ -35,7 +35,8 @@ class ConfigTests(SynchronousTestCase):
             f"{path}: queue.typo: unknown key (known: backend, groups, "
             "max_retries, retry_delay, retry_max_delay, prefetch, concurrency, "
             "poll_interval, lease, dead_letter_dir, basename, breakout, "
-            "memory_limit, softlimit, max_items, spawndelay)",
+            "memory_limit, softlimit, max_items, spawndelay, max_frame, "
+            "threads)",
             f"{path}: queue.backend: expected db | stomp | redis, got 'kafka'",
             f"{path}: queue.max_retries: expected an integer, got string 'ten'",
             f"{path}: transports.webhook.concurrency: expected a number from "

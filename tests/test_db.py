@@ -212,3 +212,115 @@ class DbQueueTests(TestCase):
     def test_describeHidesPassword(self):
         q = DbQueue("sqlite:///x.sqlite", 60)
         self.assertEqual(q.describe(), "sqlite:///x.sqlite")
+
+
+class AnyRowTests(TestCase):
+    """
+    SQLite stores anything in any column: a claim reads frames as bytes and
+    takes each row on its own, so no row can fail a claim or its batch.
+    """
+
+    def setUp(self):
+        self.path = self.mktemp()
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.queue = DbQueue(f"sqlite:///{self.path}", 60, clock=self.clock,
+                             claimant="a", maxFrame=1024)
+        self.addCleanup(self.queue.close)
+        return self.queue.open()
+
+    def insert(self, frame, attempts=0, runAt=0, priority=0):
+        with sqlite3.connect(self.path) as conn:
+            conn.execute("INSERT INTO queue_item (frame, transport, site, created,"
+                         " run_at, attempts, priority) VALUES (?, 'log', 'ex', 0,"
+                         " ?, ?, ?)", (frame, runAt, attempts, priority))
+            return conn.execute("SELECT max(id) FROM queue_item").fetchone()[0]
+
+    @defer.inlineCallbacks
+    def test_eachBadRowAloneTheBatchRuns(self):
+        good = Item(transport="log", payload=1).toJSON()
+        with sqlite3.connect(self.path) as conn:
+            conn.execute("INSERT INTO queue_item (frame, transport, site, created,"
+                         " run_at) VALUES (CAST(X'7B22FF' AS TEXT), 'log', 'ex',"
+                         " 0, 0)")
+        rows = {
+            "notUtf8": 1,
+            "blob": self.insert(good),
+            "textAttempts": self.insert(good.decode(), attempts="abc"),
+            "notUtf8Attempts": self.insert(good.decode(), attempts=b"\xff"),
+            "textPriority": self.insert(good.decode(), priority="high"),
+            "runAtSoon": self.insert(good.decode(), runAt="soon"),
+            "huge": self.insert("x" * 2000),
+            "number": self.insert(42),
+            "good": self.insert(good.decode()),
+        }
+        deliveries = yield self.queue.claim(100, ALL)
+        byRow = {d.token: d for d in deliveries}
+        self.assertEqual(sorted(byRow), sorted(rows.values()),
+                         "one claim took every row, the odd run_at too")
+        problems = {name: byRow[rowId].problem for name, rowId in rows.items()}
+        self.assertEqual(problems, {
+            "notUtf8": None, "blob": None, "textPriority": None, "good": None,
+            "number": None,
+            "textAttempts": "attempts column holds b'abc', not a non-negative "
+                            "integer",
+            "notUtf8Attempts": "attempts column holds b'\\xff', not a "
+                               "non-negative integer",
+            "runAtSoon": "run_at column holds b'soon', not UNIX seconds",
+            "huge": "frame is 2000 bytes, over [queue] max_frame (1024 bytes); "
+                    "left unread",
+        })
+        self.assertEqual(byRow[rows["notUtf8"]].frame, b'{"\xff')
+        self.assertEqual(byRow[rows["blob"]].frame, good)
+        self.assertEqual(byRow[rows["huge"]].frame, b"")
+        self.assertEqual(byRow[rows["number"]].frame, b"42", "TEXT affinity")
+        self.assertEqual(self.queue.journalKey(byRow[rows["good"]]),
+                         b"%d" % rows["good"])
+
+    @defer.inlineCallbacks
+    def test_deadLetterKeepsTheRowByteForByte(self):
+        with sqlite3.connect(self.path) as conn:
+            conn.execute("INSERT INTO queue_item (frame, transport, site, created,"
+                         " run_at) VALUES (CAST(X'7B22FF' AS TEXT), CAST(X'6CFF'"
+                         " AS TEXT), 'ex', 0, 0)")
+        huge = self.insert("y" * 5000)
+        deliveries = yield self.queue.claim(10, ALL)
+        for d in deliveries:
+            yield self.queue.deadLetter(d, "baditem", "why", 0)
+        letters = yield self.queue.deadList()
+        self.assertEqual(sorted((d.frame, d.transport) for d in letters),
+                         [(b"y" * 5000, "log"),
+                          (b'{"\xff', "l\N{REPLACEMENT CHARACTER}")])
+        shown = yield self.queue.deadShow(letters[0].id)
+        self.assertEqual(shown.frame, letters[0].frame)
+        with sqlite3.connect(self.path) as conn:
+            self.assertEqual(conn.execute(
+                "SELECT count(*) FROM queue_item").fetchone()[0], 0)
+        self.assertTrue(huge)
+        # Back as they were: they die again the same way, nothing is lost.
+        self.assertEqual((yield self.queue.deadRetry()), 2)
+        again = yield self.queue.claim(10, ALL)
+        self.assertEqual(sorted(d.frame for d in again),
+                         [b"", b'{"\xff'])
+
+    @defer.inlineCallbacks
+    def test_deadWorkersClaimsBackChargingOnlyTheRunning(self):
+        frames = [Item(transport="log", payload=n).toJSON().decode()
+                  for n in range(4)]
+        ids = [self.insert(f) for f in frames]
+        deliveries = yield self.queue.claim(3, ALL)
+        other = DbQueue(f"sqlite:///{self.path}", 60, clock=self.clock,
+                        claimant="b")
+        self.addCleanup(other.close)
+        yield other.open()
+        [theirs] = yield other.claim(10, ALL)
+        returned = yield other.returnClaims(
+            "a", {self.queue.journalKey(deliveries[0]), b"999"})
+        self.assertEqual(returned, (3, 1))
+        with sqlite3.connect(self.path) as conn:
+            rows = conn.execute("SELECT id, attempts, claimed_by, lease_until"
+                                " FROM queue_item ORDER BY id").fetchall()
+        self.assertEqual(rows, [(ids[0], 1, None, None), (ids[1], 0, None, None),
+                                (ids[2], 0, None, None),
+                                (ids[3], 0, "b", 1060.0)])
+        self.assertEqual(theirs.token, ids[3])

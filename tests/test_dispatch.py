@@ -3,9 +3,10 @@ import json
 import os
 import random
 import threading
+import time
 
 from twisted.internet import defer
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from snq import config as snqconfig
@@ -14,6 +15,8 @@ from snq.dispatch import Dispatcher
 from snq.handlers import HandlerRegistry, QueueHandler, Reject, Retry
 from snq.handlers.builtin import FanoutHandler, NoopHandler
 from snq.item import Item
+from snq.journal import Journal
+from snq.queues.interface import Delivery
 from snq.queues.manager import QueueManager
 from snq.queues.memory import MemoryQueue
 from snq.routing import TransportFilter
@@ -309,6 +312,154 @@ class DispatcherTests(SynchronousTestCase):
                 self.assertTrue(low <= delay <= high, (attempts, delay))
 
 
+class NothingEscapesTests(SynchronousTestCase):
+    """Whatever a delivery holds, it is settled: no exception escapes."""
+
+    def assertDead(self, h, reason, error):
+        [dead] = h.queue.dead.values()
+        self.assertEqual(dead.reason, reason)
+        self.assertIn(error, dead.error)
+        self.assertEqual(h.dispatcher.held, set())
+
+    def test_unexpectedErrorWhileDecoding(self):
+        h = Harness(self)
+
+        def decode(delivery):
+            raise RecursionError("maximum recursion depth exceeded")
+
+        h.dispatcher._decode = decode
+        h.queue.put(b"{}", transport="rec")
+        [done] = h.runAll()
+        self.successResultOf(done)
+        self.assertDead(h, "baditem", "RecursionError while decoding or routing "
+                                      "it: maximum recursion depth exceeded")
+        self.assertEqual(len(self.flushLoggedErrors(RecursionError)), 1,
+                         "one traceback")
+
+    def test_hostileFramesEachADeadLetterTheRestRuns(self):
+        h = Harness(self, {"queue": {"max_frame": "3k"}})
+        frames = [
+            b'{"transport": "rec", "payload": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+            b'{"transport": "rec", "payload": "\ud800"}',
+            b'{"v": true, "transport": "rec", "payload": 1}',
+            b'{"id": 0, "transport": "rec", "payload": 1}',
+            b'{"transport": "rec", "payload": "' + b"x" * 4000 + b'"}',
+            b"\xff\xfe{",
+        ]
+        for frame in frames:
+            h.queue.put(frame, transport="rec")
+        good = h.put("rec", 1)
+        h.runAll()
+        self.assertEqual(h.seen, [good])
+        errors = [d.error for d in h.queue.dead.values()]
+        self.assertEqual([d.reason for d in h.queue.dead.values()],
+                         ["baditem"] * len(frames))
+        for error, expected in zip(errors, [
+                "nested deeper", "lone UTF-16 surrogate", "version True",
+                "'id' must be a non-empty string", "frame is 4035 bytes, over "
+                "[queue] max_frame (3072 bytes)", "not UTF-8"], strict=True):
+            self.assertIn(expected, error)
+        self.assertEqual(h.queue.rows, {})
+
+    def test_whatTheBackendFoundWrong(self):
+        h = Harness(self)
+        rowId = h.queue.put(b"", transport="rec")
+        delivery = Delivery(frame=b"", token=rowId, transport="rec",
+                            problem="attempts column holds b'abc'")
+        self.successResultOf(h.dispatcher.dispatch(delivery))
+        self.assertDead(h, "baditem", "attempts column holds b'abc'")
+
+    def test_errorsAreStoredAsEveryStoreTakesThem(self):
+        h = Harness(self, {"handlers": {}}, handlers={"rej": Rejecting})
+        h.put("rej", "bad SURROGATE and \x00 there")
+        h.runAll()
+        [dead] = h.queue.dead.values()
+        self.assertEqual(dead.error, "bad \\ud800 and \\x00 there")
+        dead.error.encode("utf-8")
+
+    def test_deadLetterFileNamedSafely(self):
+        directory = self.mktemp()
+        h = Harness(self, {"queue": {"dead_letter_dir": directory}})
+        h.queue.put(json.dumps({"id": "../../x y", "transport": "nosuch",
+                                "payload": 1}).encode(), transport="nosuch")
+        h.runAll()
+        [name] = os.listdir(directory)
+        self.assertTrue(name.endswith("-.._.._x_y.json"), name)
+
+    def test_settleRefusedIsCountedAndLetGo(self):
+        h = Harness(self)
+        h.queue.ack = lambda delivery: defer.fail(ConnectionError("gone"))
+        h.put("rec", 1)
+        [done] = h.runAll()
+        self.successResultOf(done)
+        self.assertEqual(h.dispatcher.held, set(), "its lease is not renewed")
+        self.assertEqual(h.stats.total("settle_failed"), 1)
+        self.assertEqual(len(self.flushLoggedErrors(ConnectionError)), 1)
+
+
+class Rejecting(QueueHandler):
+    """Rejects with its payload as the reason, SURROGATE made a lone one."""
+
+    def handle(self, item):
+        raise Reject(item.payload.replace("SURROGATE", "\ud800"))
+
+
+class JournalTests(SynchronousTestCase):
+    """What the master reads after a worker's death."""
+
+    def harness(self, data=None, deaths=None):
+        h = Harness(self, data)
+        master = Journal.create(2)
+        self.addCleanup(master.close)
+        h.dispatcher.journal = Journal.attach(master.fd)
+        h.dispatcher.deaths = deaths
+        return h, master
+
+    def test_onlyRunningItemsAreMarked(self):
+        h, master = self.harness({"queue": {"concurrency": 1}})
+        h.put("gated")
+        h.put("gated")
+        h.runAll()
+        [first, second] = sorted(h.queue.rows)
+        self.assertEqual(master.running(), {b"%d" % first}, "not the waiting one")
+        h.gates[0].callback(None)
+        self.assertEqual(master.running(), {b"%d" % second})
+        h.gates[1].callback(None)
+        self.assertEqual(master.running(), set())
+
+    def test_redeliveredChargedPerDeath(self):
+        asked = []
+
+        def deaths(key):
+            asked.append(key)
+            return defer.succeed({b"1": 2}.get(key, 0))
+
+        h, _ = self.harness({"queue": {"retry_delay": 10}}, deaths)
+        killer, innocent = h.put("rec", "killer"), h.put("rec", "innocent")
+        deliveries = h.queue.claim(10, TransportFilter()).result
+        for delivery in deliveries:
+            delivery.redelivered = True
+            h.dispatcher.dispatch(delivery)
+        self.assertEqual(asked, [b"1", b"2"])
+        self.assertEqual(h.seen, [innocent], "held, not started: not charged")
+        [row] = h.queue.rows.values()
+        self.assertEqual((row["attempts"], row["error"]),
+                         (2, "its worker died while running it (2 times)"))
+        self.assertEqual(json.loads(row["frame"])["id"], killer.id)
+        self.assertGreater(row["run_at"], h.clock.seconds(), "after a backoff")
+
+    def test_redeliveredKillerEndsInTheDeadLetters(self):
+        h, _ = self.harness({"queue": {"max_retries": 2}},
+                            lambda key: defer.succeed(1))
+        h.put("rec", "killer", attempts=2)
+        [delivery] = h.queue.claim(10, TransportFilter()).result
+        delivery.redelivered = True
+        h.dispatcher.dispatch(delivery)
+        [dead] = h.queue.dead.values()
+        self.assertEqual((dead.reason, dead.attempts), ("retries", 3))
+        self.assertEqual(h.seen, [])
+
+
 class QueueManagerTests(SynchronousTestCase):
     def manager(self, data=None):
         h = Harness(self, data)
@@ -338,6 +489,36 @@ class QueueManagerTests(SynchronousTestCase):
         [row] = h.queue.rows.values()
         self.assertGreater(row["lease_until"], h.clock.seconds())
         self.assertEqual(row["attempts"], 0)
+
+    def test_failingClaimsAreVisible(self):
+        h, m = self.manager({"queue": {"poll_interval": 1}})
+        claim = h.queue.claim
+        h.queue.claim = lambda limit, transports: defer.fail(
+            RuntimeError("no such table: queue_item"))
+        m.startService()
+        h.clock.pump([0, 1, 1])
+        self.assertEqual(m.claimTrouble, {
+            "since": 0, "failures": 3,
+            "error": "RuntimeError: no such table: queue_item"})
+        self.assertEqual(h.stats.total("claim_failed"), 3)
+        self.flushLoggedErrors(RuntimeError)
+        h.queue.claim = claim
+        h.clock.advance(1)
+        self.assertIsNone(m.claimTrouble)
+        m.stopService()
+
+    def test_expiredLeasesReturnedAsItStarts(self):
+        """Not only after lease/3: workers may not live that long."""
+        h, m = self.manager({"queue": {"lease": 30}})
+        h.put("gated")
+        h.queue.claim(10, TransportFilter())
+        h.clock.advance(61)
+        m.startService()
+        self.assertEqual([r["attempts"] for r in h.queue.rows.values()], [1])
+        h.clock.advance(0)
+        self.assertEqual(len(h.gates), 1)
+        h.gates[0].callback(None)
+        m.stopService()
 
     def test_stopReleasesWaitingAndWaitsForRunning(self):
         h, m = self.manager({"queue": {"concurrency": 1}})
@@ -378,14 +559,19 @@ class Blocking(QueueHandler):
 class BlockingHandlerTests(TestCase):
     """Runs on the real reactor: threads cannot be driven by a Clock."""
 
-    @defer.inlineCallbacks
-    def test_runsInAThread(self):
+    def dispatcher(self, data=None, handlers=None):
         from twisted.internet import reactor
 
-        config = snqconfig.parse({})
+        config = snqconfig.parse(data or {})
         queue = MemoryQueue(reactor)
-        dispatcher = Dispatcher(queue, HandlerRegistry({"b": Blocking}), config,
+        dispatcher = Dispatcher(queue, HandlerRegistry(handlers or {}), config,
                                 clock=reactor)
+        self.addCleanup(dispatcher.stopHandlers)
+        return queue, dispatcher
+
+    @defer.inlineCallbacks
+    def test_runsInAThread(self):
+        queue, dispatcher = self.dispatcher(handlers={"b": Blocking})
         dispatcher.context.threads = []
         queue.enqueue([Item(transport="b", payload=1)])
         [delivery] = queue.claim(1, TransportFilter()).result
@@ -393,3 +579,89 @@ class BlockingHandlerTests(TestCase):
         self.assertEqual(len(dispatcher.context.threads), 1)
         self.assertIsNot(dispatcher.context.threads[0], threading.current_thread())
         self.assertEqual(queue.rows, {})
+
+    @defer.inlineCallbacks
+    def test_timedOutCallKeepsItsSlotAndNeverRunsTwice(self):
+        """
+        The thread cannot be stopped: the item is settled (as timed out)
+        only once it returns, and its slot stays taken until then.
+        """
+        from twisted.internet import reactor
+
+        queue, dispatcher = self.dispatcher(
+            {"transports": {"slow": {"timeout": 0.2}},
+             "queue": {"retry_delay": 0.05, "max_retries": 1}},
+            {"slow": Sleeping})
+        Sleeping.log = []
+        queue.enqueue([Item(transport="slow", payload=0.6)])
+        done = []
+        for _ in range(2):
+            [delivery] = queue.claim(1, TransportFilter()).result
+            d = dispatcher.dispatch(delivery)
+            yield deferLater(reactor, 0.4, lambda: None)
+            self.assertEqual(dispatcher.running, 1, "past its timeout, it runs")
+            self.assertEqual(dispatcher.threadStats()["busy"], 1)
+            self.assertEqual(queue.claim(1, TransportFilter()).result, [],
+                             "not settled (so not claimable) while it runs")
+            yield d
+            done.append(reactor.seconds())
+            yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(dispatcher.running, 0)
+        [dead] = queue.dead.values()
+        self.assertEqual((dead.reason, dead.attempts), ("retries", 2))
+        self.assertIn("timed out after 0.2 s", dead.error)
+        starts = [t for what, t in Sleeping.log if what == "start"]
+        ends = [t for what, t in Sleeping.log if what == "end"]
+        self.assertEqual(len(starts), 2)
+        self.assertGreaterEqual(starts[1], ends[0], "never two at once")
+        self.assertGreaterEqual(done[0], ends[0], "settled after it returned")
+
+    @defer.inlineCallbacks
+    def test_busyHandlerThreadsDoNotStarveNameResolution(self):
+        from twisted.internet import reactor
+
+        queue, dispatcher = self.dispatcher({"queue": {"threads": 3}},
+                                            {"slow": Sleeping})
+        Sleeping.log = []
+        queue.enqueue([Item(transport="slow", payload=0.3) for _ in range(9)])
+        running = [dispatcher.dispatch(d)
+                   for d in queue.claim(100, TransportFilter()).result]
+        yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(dispatcher.threadStats(),
+                         {"max": 3, "busy": 3, "queued": 6})
+        # The reactor's pool (which resolves names) is not the handlers'.
+        for _ in range(reactor.getThreadPool().max):
+            reactor.callInThread(lambda: None)
+        started = reactor.seconds()
+        yield reactor.resolve("localhost")
+        self.assertLess(reactor.seconds() - started, 0.5)
+        yield defer.gatherResults(running)
+        self.assertEqual(dispatcher.threadStats(),
+                         {"max": 3, "busy": 0, "queued": 0})
+
+    @defer.inlineCallbacks
+    def test_timeoutStartsWhenItsThreadDoes(self):
+        """A call waiting for a thread has not used any of its time."""
+        queue, dispatcher = self.dispatcher(
+            {"queue": {"threads": 1}, "transports": {"slow": {"timeout": 0.5}}},
+            {"slow": Sleeping})
+        Sleeping.log = []
+        queue.enqueue([Item(transport="slow", payload=0.3) for _ in range(3)])
+        yield defer.gatherResults([dispatcher.dispatch(d) for d in
+                                   queue.claim(10, TransportFilter()).result])
+        self.assertEqual(queue.dead, {})
+        self.assertEqual(queue.rows, {}, "none timed out while it waited")
+
+
+class Sleeping(QueueHandler):
+    """Sleeps C{payload} seconds in its thread; logs its start and end."""
+
+    blocking = True
+    log: list = []
+
+    def handle(self, item):
+        from twisted.internet import reactor
+
+        self.log.append(("start", reactor.seconds()))
+        time.sleep(item.payload)
+        self.log.append(("end", reactor.seconds()))

@@ -32,12 +32,14 @@ class FakePool:
     loaded = 0.0
     config = snqconfig.Config()
 
-    def __init__(self, states):
+    def __init__(self, states, reports=None):
         self.states = states
+        self.reports = reports or {}
 
     def status(self):
         return [{"id": f"generic.{n}", "role": "current", "state": state,
-                 "restarts": 0, "last_exit": None}
+                 "restarts": 0, "last_exit": None,
+                 "report": self.reports.get(n, {})}
                 for n, state in enumerate(self.states)]
 
 
@@ -58,8 +60,8 @@ class CheckTests(TestCase):
             f.write(f'[daemon]\ncontrol_socket = "{self.socket}"\n' + text)
         return path
 
-    def daemon(self, *states):
-        control = ControlService(FakePool(states), self.socket, reactor)
+    def daemon(self, *states, reports=None):
+        control = ControlService(FakePool(states, reports), self.socket, reactor)
         control.startService()
         self.addCleanup(control.stopService)
 
@@ -103,6 +105,25 @@ class CheckTests(TestCase):
         self.assertEqual(fields["dead"], "0;;;0;")
         self.assertEqual(fields["workers"], "2;;2:;0;2")
         self.assertTrue(fields["age"].split(";")[0].endswith("s"))
+
+    @defer.inlineCallbacks
+    def test_criticalWhileTheQueueCannotBeClaimed(self):
+        """A wedged queue: the depth answers, but a worker cannot claim."""
+        trouble = {"since": reactor.seconds() - 12, "failures": 20,
+                   "error": "OperationalError: database disk image is\nmalformed"}
+        self.daemon("running", "running", reports={1: {"claims": trouble}})
+        yield self.fill(ready=3)
+        code, line = yield self.check()
+        self.assertEqual(code, 2)
+        text, perfdata = line.split(" | ")
+        self.assertTrue(text.startswith(
+            "SNQ CRITICAL - generic.1 cannot claim for 12 s, 20 failures in a "
+            "row: OperationalError: database disk image is malformed "
+            "(CRITICAL); backlog 3 "), text)
+        self.assertIn("claim_failing=1;;1;0;", perfdata.split())
+        code, line = yield self.check("--claim-crit", "30")
+        self.assertEqual(code, 0, "failing for less than --claim-crit")
+        self.assertIn("claim_failing=0;;1;0;", line.split(" | ")[1].split())
 
     @defer.inlineCallbacks
     def test_warning(self):

@@ -136,10 +136,14 @@ class SpawnTests(PoolTestCase):
         self.makePool(1, daemon={"id": "web"})
         process = self.reactor.processes[0]
         self.assertEqual(process.executable, sys.executable)
+        claimant = self.pool.workers[0].process.claimant
         self.assertEqual(process.args,
                          [sys.executable, "-m", "snq.child", "--generation", "1",
-                          "--loaded", "0.0", "--role", "first", "--id", "web.0"])
-        self.assertEqual(process.childFDs, CHILD_FDS)
+                          "--loaded", "0.0", "--claimant", claimant,
+                          "--journal-fd", "5", "--role", "first", "--id", "web.0"])
+        self.assertRegex(claimant, r"^[\w.-]+-web\.0-[0-9a-f]{8}$")
+        journal = self.pool.workers[0].process.journal
+        self.assertEqual(process.childFDs, {**CHILD_FDS, 5: journal.fd})
         self.assertEqual(CHILD_FDS, {0: "w", 1: "r", 2: "r", 3: "w", 4: "r"})
         self.assertIsNone(process.env, "inherits the master's environment")
         self.assertIn(0, process.closed, "stdin is closed at once")
@@ -150,10 +154,11 @@ class SpawnTests(PoolTestCase):
         pool = WorkerPool(config, 1, reactor=reactor)
         pool.startService()
         reactor.advance(0)
-        self.assertEqual(reactor.processes[0].args[3:],
+        args = reactor.processes[0].args
+        self.assertEqual(args[3:9],
                          ["--config", os.path.abspath("conf/snq.toml"),
-                          "--generation", "1", "--loaded", "0.0",
-                          "--role", "first", "--id", "generic.0"])
+                          "--generation", "1", "--loaded", "0.0"])
+        self.assertEqual(args[-4:], ["--role", "first", "--id", "generic.0"])
 
 
 class RespawnTests(PoolTestCase):

@@ -410,6 +410,7 @@ class RedisQueueTests(RedisFixture, TestCase):
         self.assertEqual(oldest.frame, good.frame)
         self.assertEqual((newest.id, newest.item_id, newest.reason),
                          (2, None, "baditem"))
+        self.assertEqual(newest.frame, b"\xffbad", "kept byte for byte")
         self.assertEqual((yield a.deadShow(1)), oldest)
         self.assertIsNone((yield a.deadShow(99)))
         self.assertEqual([d.id for d in (yield a.deadList(1))], [2])
@@ -421,6 +422,25 @@ class RedisQueueTests(RedisFixture, TestCase):
         self.assertEqual((yield a.deadRetry([1])), 0, "already gone")
         self.assertEqual((yield a.deadPurge(None)), 1)
         self.assertEqual((yield a.deadList()), [])
+
+    @defer.inlineCallbacks
+    def test_deadWorkersClaimsBackChargingOnlyTheRunning(self):
+        a = yield self.open("host-w.0-1a2b3c4d")
+        b = yield self.open("host-w.1-5e6f7a8b")
+        yield a.enqueue(self.items(4))
+        mine = yield a.claim(3)
+        [theirs] = yield b.claim(10)
+        returned = yield b.returnClaims(
+            "host-w.0-1a2b3c4d", {a.journalKey(mine[0]), b"unknown/1.1"})
+        self.assertEqual(returned, (3, 1))
+        self.assertEqual((yield self.zcard("processing")), 1, "b's alone")
+        again = yield b.claim(10)
+        self.assertEqual([(i.payload, i.attempts) for i in
+                          (Item.fromJSON(d.frame) for d in again)],
+                         [(0, 1), (1, 0), (2, 0)],
+                         "in their order; the running one charged")
+        self.assertEqual(Item.fromJSON(theirs.frame).payload, 3)
+        self.assertEqual((yield b.returnClaims("nobody", set())), (0, 0))
 
     @defer.inlineCallbacks
     def test_deadRetryAllAndPurgeSome(self):

@@ -259,6 +259,27 @@ class LiveTests(ReloadTestCase):
                          [f"generic.{n} (pid {1000 + n}): no answer within 40 s"
                           for n in range(2)])
 
+    def test_overOnceEveryWorkerRunsIt(self):
+        """A worker respawning meanwhile is waited for, and named if late."""
+        self.write(sites="[sites.new]")
+        second = self.reactor.processes[1]
+        with capturedLogs():
+            second.exit(1)
+        d = self.reload()
+        self.answerAll()
+        self.assertNoResult(d)
+        self.reactor.advance(1)
+        respawned = self.reactor.processes[2]
+        self.assertEqual(respawned.proto.generation, 2)
+        self.reactor.advance(28.9)
+        self.assertNoResult(d)
+        with capturedLogs():
+            self.reactor.advance(0.2)
+        result = self.successResultOf(d)
+        self.assertEqual(result["failed"], [
+            f"generic.1 (pid {respawned.pid}): not ready on config generation 2 "
+            "within 30 s"])
+
     def test_timingKeysForTheNextDecision(self):
         self.write(daemon="min_restart_delay = 3.0\nthreshold = 9")
         d = self.reload()
@@ -315,15 +336,20 @@ class PoolSizeTests(ReloadTestCase):
         self.write(workers=3)
         d = self.reload()
         self.answerAll()
-        result = self.successResultOf(d)
-        self.assertIn("generic.2: added", result["applied"])
-        self.assertFalse([line for line in result["applied"] if "removed" in line])
         self.reactor.advance(1)
+        self.assertNoResult(d)
         third = self.reactor.processes[2]
         self.assertEqual(wid(third), "generic.2")
         self.assertEqual(third.proto.generation, 2)
         self.assertEqual(reconfigureRequests(third), [], "it starts on it")
         third.ready()
+        self.reactor.advance(0.1)
+        result = self.successResultOf(d)
+        self.assertIn("generic.2: added", result["applied"])
+        self.assertEqual(result["applied"][-1], f"generic.2 (pid {third.pid}): "
+                         "started on config generation 2",
+                         "over once every worker runs it")
+        self.assertFalse([line for line in result["applied"] if "removed" in line])
 
         self.write(workers=1)
         d = self.reload()
@@ -369,12 +395,13 @@ class PoolSizeTests(ReloadTestCase):
         self.assertEqual(groupsOf(self.pool.config, "queues"), ["main"],
                          "they leave xmpp to it")
         self.answerAll()
-        self.assertIn("generic.xmpp: added", self.successResultOf(d)["applied"])
         self.reactor.advance(1)
         xmpp = self.reactor.processes[2]
         self.assertEqual(xmpp.args[xmpp.args.index("--role") + 1], "xmpp")
         self.assertEqual(first.args[first.args.index("--role") + 1], "first")
         xmpp.ready()
+        self.reactor.advance(0.1)
+        self.assertIn("generic.xmpp: added", self.successResultOf(d)["applied"])
         self.write()
         d = self.reload()
         self.answerAll()
@@ -436,10 +463,13 @@ class RollingTests(ReloadTestCase):
         self.reactor.processes[2].ready()
         self.assertEqual(wid(self.reactor.processes[4]), "generic.1")
         self.reactor.processes[4].ready()
+        self.reactor.advance(0.1)
         result = self.successResultOf(d)
         self.assertEqual([line.split(":")[0] for line in result["applied"]],
-                         ["generic.2", "generic.0", "generic.1"])
+                         ["generic.2", "generic.0", "generic.1",
+                          f"generic.2 (pid {added.pid})"])
         self.assertIn("restarted", result["applied"][1])
+        self.assertIn("started on config generation 2", result["applied"][3])
         self.assertEqual(added.signals, [])
         self.assertEqual(len(self.reactor.processes), 5)
 
@@ -461,9 +491,12 @@ class RollingTests(ReloadTestCase):
         with capturedLogs():
             self.reactor.processes[2].exit(1)
         result = self.successResultOf(d)
-        [failed] = result["failed"]
+        failed, *behind = result["failed"]
         self.assertIn("the rolling restart stopped: the replacement for "
                       "generic.0 exited before it was ready", failed)
+        self.assertEqual(behind, [
+            "generic.0 (pid 1000): runs config generation 1",
+            "generic.1 (pid 1001): runs config generation 1"])
         self.assertEqual(self.pool.config.generation, 2)
 
 
@@ -672,7 +705,7 @@ class SiteOptionTests(SynchronousTestCase):
 
     def test_reloadWired(self):
         daemon = self.make("--site", "a")
-        control, _, pool, reloader = list(daemon)
+        control, _, _, pool, reloader = list(daemon)
         self.assertIs(control.reloader, reloader)
         self.assertIs(reloader.tree, daemon)
         self.assertEqual(reloader.site, "a")

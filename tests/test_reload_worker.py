@@ -136,17 +136,32 @@ class DispatcherTests(WorkerTestCase):
         self.assertEqual(self.dead()[-1], ("badhandler",
                                            "no handler for transport 'held'"))
 
-    def test_unknownSiteDeadLetteredUntilConfigured(self):
+    def test_unknownSiteWaitsUntilConfigured(self):
+        """The usual case while a reload adding a site spreads."""
         self.start(parse(handlers=HANDLERS, sites={"a": {}}))
         self.put("quick", 1, site="b")
-        self.assertEqual(self.dead(), [("badsite", "unknown site 'b' (not under "
-                                                   "[sites])")])
-        self.assertEqual(self.master.stats.counts["badsite", "quick", "b"], 1)
-        self.assertEqual(self.master.stats.total("deadletter"), 1)
+        self.assertEqual(self.dead(), [])
+        [row] = self.queue.rows.values()
+        self.assertEqual((row["attempts"], row["error"]),
+                         (1, "unknown site 'b' (not under [sites])"))
+        self.assertEqual(self.master.stats.total("error"), 0,
+                         "no handler failed")
         self.reconfigure(parse(handlers=HANDLERS, sites={"a": {}, "b": {"x": 1}}))
         self.put("quick", 2, site="b")
-        self.assertEqual(Quick.done, [("Quick", "b", 2)])
+        self.clock.advance(1)
+        self.assertEqual(sorted(Quick.done), [("Quick", "b", 1), ("Quick", "b", 2)])
         self.assertEqual(self.master.dispatcher.context.siteConfig("b"), {"x": 1})
+
+    def test_unknownSiteDeadLetteredWhenItsRetriesRunOut(self):
+        self.start(parse(handlers=HANDLERS, sites={"a": {}},
+                         queue={"max_retries": 2}))
+        self.put("quick", 1, site="b")
+        self.clock.pump([3600] * 3)
+        self.assertEqual(self.dead(), [("badsite", "gave up after 3 attempts; "
+                                        "last error: unknown site 'b' (not "
+                                        "under [sites])")])
+        self.assertEqual(self.master.stats.counts["badsite", "quick", "b"], 1)
+        self.assertEqual(self.master.stats.total("deadletter"), 1)
 
     def test_defaultSiteAloneAcceptsEverySite(self):
         self.start(parse(handlers=HANDLERS, sites={"default": {"x": 1}}))

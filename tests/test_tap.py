@@ -15,6 +15,7 @@ from snq.control import ControlService
 from snq.iomaster import IoMaster
 from snq.monitor.service import MonitorService
 from snq.pool import WorkerPool
+from snq.reaper import Reaper
 from snq.tap import Daemon, Options, makeService
 
 
@@ -68,9 +69,12 @@ class MakeServiceTests(SynchronousTestCase):
         self.write('[daemon]\nworkers = 3\ncontrol_socket = "run/ctl.sock"\n')
         daemon = self.make()
         self.assertIsInstance(daemon, Daemon)
-        control, monitor, pool, reloader = list(daemon)
+        control, monitor, reaper, pool, reloader = list(daemon)
         self.assertIsInstance(control, ControlService)
         self.assertIsInstance(pool, WorkerPool)
+        self.assertIsInstance(reaper, Reaper)
+        self.assertIs(pool.reaper, reaper)
+        self.assertIn(reaper, pool.observers)
         self.assertIs(control.pool, pool)
         self.assertIs(control.reloader, reloader)
         self.assertIs(reloader.tree, daemon)

@@ -10,9 +10,11 @@ status 0 (OK), 1 (WARNING), 2 (CRITICAL) or 3 (UNKNOWN).
 Thresholds are Nagios ranges: C{10} alerts above 10, C{10:} below 10,
 C{~:10} above 10, C{10:20} outside 10..20, C{@10:20} inside it.  A daemon
 that does not answer on its socket (none listens, or the socket is not
-there) is CRITICAL: no worker runs.  What keeps the check from knowing
-(invalid arguments or config, a queue that cannot be asked, a socket it
-may not use, the time running out) is UNKNOWN.
+there) is CRITICAL: no worker runs; so is a worker whose claims have been
+failing for C{--claim-crit} seconds: the queue cannot be claimed.  What
+keeps the check from knowing (invalid arguments or config, a queue that
+cannot be asked, a socket it may not use, the time running out) is
+UNKNOWN.
 """
 
 import argparse
@@ -63,7 +65,8 @@ DESCRIPTION = """\
 A Nagios plugin: one line, "SNQ STATE - text | perfdata", and the exit
 status 0 OK, 1 WARNING, 2 CRITICAL or 3 UNKNOWN.  RANGE is a Nagios range:
 10 alerts above 10, 10: below 10, 10:20 outside 10..20, @10:20 inside it.
-No daemon answering on the control socket is CRITICAL; what keeps the
+No daemon answering on the control socket is CRITICAL, and so is a worker
+whose claims keep failing (the queue cannot be claimed); what keeps the
 check from knowing (bad arguments or config, a queue that does not answer,
 running out of time) is UNKNOWN."""
 
@@ -88,6 +91,10 @@ def addArguments(parser):
         "--min-workers", type=int, default=1, metavar="N",
         help="CRITICAL when fewer than N workers run (default 1; 0: do not "
              "ask the daemon)")
+    parser.add_argument(
+        "--claim-crit", type=float, default=5.0, metavar="SECONDS",
+        help="CRITICAL when a worker's claims have been failing this long "
+             "(default 5)")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                         help="UNKNOWN after this long (default 10)")
 
@@ -141,9 +148,17 @@ class Check:
                        f"{depth.dead} dead")
             self.perfdata.append(f"delayed={depth.delayed};;;0;")
         if args.min_workers > 0:
-            running, slots, text = yield self._workers()
+            running, slots, text, failing = yield self._workers()
             self.judge("workers", running, None, Range.parse(f"{args.min_workers}:"),
                        text, limits=f"0;{slots}")
+            self.judgeClaims(failing)
+
+    def judgeClaims(self, failing: list[str]):
+        """CRITICAL while a worker cannot claim: items pile up unseen."""
+        for text in failing:
+            self.state = CRITICAL
+            self.alerts.append(f"{text} (CRITICAL)")
+        self.perfdata.append(f"claim_failing={len(failing)};;1;0;")
 
     @defer.inlineCallbacks
     def _depth(self):
@@ -167,16 +182,30 @@ class Check:
 
     @defer.inlineCallbacks
     def _workers(self):
-        """→ (workers running, slots, text)."""
+        """
+        → (workers running, slots, text, a sentence per worker whose claims
+        have failed for C{--claim-crit} seconds).
+        """
         path = self.args.socket or self.config.daemon.control_socket
         try:
             status = yield master.askStatus(path, self.reactor)
         except master.NotRunning as e:
-            return 0, "", str(e)
+            return 0, "", str(e), []
         except master.Unreachable as e:
             raise _Unknown(str(e))
         running, slots = master.workerCounts(status)
-        return running, slots, f"{running}/{slots} workers running"
+        now = self.reactor.seconds()
+        failing = []
+        for w in status["workers"]:
+            claims = (w.get("report") or {}).get("claims")
+            if (w["role"] == "current" and claims
+                    and now - claims["since"] >= self.args.claim_crit):
+                failures = claims.get("failures")
+                failures = f", {failures} failures in a row" if failures else ""
+                failing.append(f"{w['id']} cannot claim for "
+                               f"{now - claims['since']:.0f} s{failures}: "
+                               f"{' '.join(claims['error'].split())}")
+        return running, slots, f"{running}/{slots} workers running", failing
 
     def line(self) -> str:
         text = "; ".join(self.alerts + self.facts)

@@ -31,6 +31,9 @@ _HELP = {
     "switch": "Site switches (StatusNet's counter)",
     "siteupdate": "Site config updates received on the control channel",
     "xmpp_process": "Incoming XMPP stanzas processed",
+    "claim_failed": "Claims that failed (the queue could not be asked)",
+    "settle_failed": "Outcomes the queue refused (the item comes back when "
+                     "its lease expires)",
 }
 _DEPTH_STATES = ("ready", "delayed", "held")
 
@@ -141,6 +144,17 @@ class SnqCollector:
         yield self._gauge("snq_worker_uptime_seconds", "Seconds since the worker "
                           "process started", "worker",
                           [(w["id"], w["uptime"]) for w in running])
+        yield self._gauge(
+            "snq_worker_claim_failing_seconds", "Seconds the worker's claims "
+            "have been failing (0: they work)", "worker",
+            [(w["id"], w["claims_failing"]) for w in running])
+        for what, documentation in (
+                ("busy", "Blocking handler calls running in threads"),
+                ("queued", "Blocking handler calls waiting for a thread"),
+                ("max", "Threads for blocking handlers ([queue] threads)")):
+            yield self._gauge(f"snq_worker_threads_{what}", documentation,
+                              "worker", [(w["id"], w["threads"][what])
+                                         for w in running if w["threads"]])
         restarts = CounterMetricFamily(
             "snq_worker_restarts", "Times the worker's process ended and was "
             "started again", labels=["worker"])

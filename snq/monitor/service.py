@@ -10,14 +10,8 @@ from snq.monitor.statsd import StatsdSender
 from snq.monitor.tracker import QueueWatch, Tracker
 from snq.monitor.udp import StatusNetMonitor
 from snq.monitor.web import HttpService, makeSite
-from snq.queues import makeQueue
+from snq.queues import location, makeQueue
 from snq.service import AsyncMultiService, defaultReactor
-
-
-def _where(config):
-    """What says which queue the daemon uses (a change of it rolls)."""
-    return (config.queue.backend, config.queue.basename, config.db, config.redis,
-            config.stomp)
 
 
 class MonitorService(AsyncMultiService):
@@ -97,7 +91,7 @@ class MonitorService(AsyncMultiService):
             applied.append("monitor: sending to " + (", ".join(
                 f"{type(s).__name__} {s.host}:{s.port}" for s in senders)
                 or "neither a UDP monitor nor statsd"))
-        moved = _where(old) != _where(config)
+        moved = location(old) != location(config)
         if moved or before.depth_interval != after.depth_interval:
             yield self.watch.disownServiceParent()
             if moved:

@@ -163,9 +163,11 @@ class Tracker(Service):
             elif counter == "error":
                 errors[wid] += n
         rows = []
+        now = self.clock.seconds()
         for row in self.pool.status():
             report = row.get("report") or {}
             activity = report.get("activity") or ["", ""]
+            claims = report.get("claims")
             rows.append({
                 "id": row["id"], "role": row["role"], "pid": row.get("pid"),
                 "state": row["state"], "activity": activity[0],
@@ -173,7 +175,12 @@ class Tracker(Service):
                 "rss": report.get("rss"), "inflight": report.get("inflight", 0),
                 "held": report.get("held", 0), "handled": handled[row["id"]],
                 "errors": errors[row["id"]], "restarts": row["restarts"],
-                "last_exit": row["last_exit"]})
+                "last_exit": row["last_exit"],
+                # Seconds its claims have been failing, with the last error.
+                "claims_failing": max(now - claims["since"], 0.0) if claims
+                else 0.0,
+                "claim_error": claims["error"] if claims else None,
+                "threads": report.get("threads")})
         return rows
 
     def ioManagers(self) -> dict:

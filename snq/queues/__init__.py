@@ -4,6 +4,12 @@ C{[queue] backend} picks one.
 """
 
 
+def location(config):
+    """What says which queue a config uses (a change of it rolls)."""
+    return (config.queue.backend, config.queue.basename, config.db, config.redis,
+            config.stomp)
+
+
 def makeQueue(config, clock=None, claimant=None):
     """The configured backend's L{Queue}, not yet opened."""
     backend = config.queue.backend
@@ -11,7 +17,7 @@ def makeQueue(config, clock=None, claimant=None):
         from snq.queues.db import DbQueue
 
         return DbQueue(config.db.url.reveal(), config.queue.lease, clock=clock,
-                       claimant=claimant)
+                       claimant=claimant, maxFrame=config.queue.maxFrameBytes())
     if backend == "redis":
         from snq.queues.redis import RedisQueue
 

@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from snq.item import Item
-from snq.queues.dialects import DIALECTS
+from snq.item import BadItem, Item
+from snq.queues.dialects import DIALECTS, NO_LIMIT
 from snq.queues.interface import DeadLetter, Delivery, Depth, Queue, TransportDepth
 from snq.queues.sqlitems import insertStatement, itemRow
 from snq.routing import TransportFilter
@@ -54,16 +54,44 @@ def _chunks(ids):
         yield ids[start:start + CHUNK]
 
 
+def _bytes(value) -> bytes:
+    """A frame as the dispatcher takes it, whatever the column held."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return b"" if value is None else str(value).encode()
+
+
+def _text(value) -> str | None:
+    """A transport or site, for display: bytes that are not UTF-8 shown."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return None if value is None else str(value)
+
+
+def _stored(value):
+    """A raw column's value to store again: text if it is UTF-8, else bytes."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return value
+
+
 class DbQueue(Queue):
     log = Logger()
 
     def __init__(self, url: str, lease: float, clock=None, claimant=None,
-                 reactor=None):
+                 reactor=None, maxFrame: int | None = None):
         reactor = defaultReactor(reactor)
         self._url = url
         self.url = urlsplit(url)
         self.dialect = DIALECTS[self.url.scheme]()
         self.lease = lease
+        #: Frames bigger than this many bytes are not read (None: any size).
+        self.maxFrame = maxFrame
         self.clock = reactor if clock is None else clock
         #: Connections and threads for the LISTEN connection, where there is
         #: one; the clock may be a test's Clock.
@@ -145,6 +173,7 @@ class DbQueue(Queue):
 
     def reconfigService(self, config):
         self.lease = config.queue.lease
+        self.maxFrame = config.queue.maxFrameBytes()
 
     def listen(self, wake):
         listener = self.dialect.listener(self.url, wake, self.reactor)
@@ -199,17 +228,41 @@ class DbQueue(Queue):
         now = self.clock.seconds()
         where, params = self._filter(transports)
         d = self._write(self.dialect.claim, self.claimant, now + self.lease,
-                        now, limit, where, params)
+                        now, limit, where, params, self.maxFrame or NO_LIMIT)
         d.addCallback(self._claimed)
         return d
 
     def _claimed(self, rows):
-        deliveries = [
-            Delivery(frame=frame.encode("utf-8"), token=rowId,
-                     attempts=attempts, transport=transport, site=site)
-            for rowId, frame, transport, site, attempts, *_ in rows]
+        deliveries = [self._delivery(row) for row in rows]
         self._out.update(d.token for d in deliveries)
         return deliveries
+
+    def _delivery(self, row) -> Delivery:
+        """
+        A claimed row (L{Dialect.claimColumns}) as a Delivery.  A row that
+        cannot become an item (SQLite stores anything in any column) carries
+        its problem instead, and becomes a dead letter on its own: the rest
+        of its batch runs.
+        """
+        rowId, frame, size, transport, site, attempts, _, runAt = row[:8]
+        delivery = Delivery(frame=_bytes(frame), token=rowId,
+                            transport=_text(transport), site=_text(site))
+        if frame is None:
+            delivery.problem = (f"frame is {size} bytes, over [queue] max_frame"
+                                f" ({self.maxFrame} bytes); left unread")
+        elif isinstance(attempts, bool) or not isinstance(attempts, int) \
+                or attempts < 0:
+            delivery.problem = (f"attempts column holds {attempts!r}, not a "
+                                "non-negative integer")
+        elif runAt is not None:
+            delivery.problem = (f"run_at column holds {runAt!r}, not UNIX "
+                                "seconds")
+        else:
+            delivery.attempts = attempts
+        return delivery
+
+    def journalKey(self, delivery) -> bytes:
+        return b"%d" % delivery.token
 
     def _filter(self, transports: TransportFilter):
         where, params = "", []
@@ -300,24 +353,23 @@ class DbQueue(Queue):
     def deadLetter(self, delivery, reason, error, attempts):
         self._out.discard(delivery.token)
         p = self.dialect.placeholder
-        frame = delivery.frame.decode("utf-8", "replace")
         try:
             itemId = Item.fromJSON(delivery.frame).id
-        except ValueError:
+        except BadItem:
             itemId = None
 
         def move(txn):
-            # Deleting first: if this runs twice (the first commit's answer
-            # was lost with its connection), the row is gone and no second
-            # dead letter is written.
-            txn.execute(f"DELETE FROM queue_item WHERE id = {p}", (delivery.token,))
-            if txn.rowcount != 1:
-                return
+            # The server copies the row, so the dead letter keeps its frame
+            # byte for byte, even one left unread.  If this runs twice (the
+            # first commit's answer was lost with its connection), the row
+            # is gone and no second dead letter is written.
             txn.execute(
                 "INSERT INTO queue_dead (item_id, frame, transport, site, reason,"
-                f" error, attempts, died) VALUES ({self.dialect.params(8)})",
-                (itemId, frame, delivery.transport, delivery.site, reason, error,
-                 attempts, self.clock.seconds()))
+                f" error, attempts, died) SELECT {p}, frame, transport, site,"
+                f" {p}, {p}, {p}, {p} FROM queue_item WHERE id = {p}",
+                (itemId, reason, error, attempts, self.clock.seconds(),
+                 delivery.token))
+            txn.execute(f"DELETE FROM queue_item WHERE id = {p}", (delivery.token,))
 
         return self._write(move)
 
@@ -326,26 +378,60 @@ class DbQueue(Queue):
         p = self.dialect.placeholder
         held = sorted(self._out)
 
-        def renewAndReap(txn):
+        def renew(txn):
             for chunk in _chunks(held):
                 txn.execute(
                     f"UPDATE queue_item SET lease_until = {p} WHERE claimed_by = {p}"
                     f" AND id IN ({self.dialect.params(len(chunk))})",
                     (now + self.lease, self.claimant, *chunk))
-            # An expired lease is a worker that died holding the item: that
-            # counts as an attempt, so an item that kills every worker ends
-            # in the dead letters instead of going round for ever.
+
+        d = self._write(renew) if held else defer.succeed(None)
+        return d.addCallback(lambda _: self.reapExpired())
+
+    def reapExpired(self):
+        now = self.clock.seconds()
+
+        def reap(txn):
+            # An expired lease is a worker (or its host) that died holding
+            # the item: that counts as an attempt, so an item that kills
+            # every worker ends in the dead letters instead of going round
+            # for ever.
             txn.execute(
                 "UPDATE queue_item SET claimed_by = NULL, lease_until = NULL,"
-                f" attempts = attempts + 1 WHERE lease_until < {p}", (now,))
-            return txn.rowcount
+                " attempts = attempts + 1 WHERE lease_until <"
+                f" {self.dialect.placeholder}", (now,))
+            return max(txn.rowcount, 0)
 
         def reaped(count):
-            if count and count > 0:
+            if count:
                 self.log.info("returned {count} items whose lease expired",
                               count=count)
+            return count
 
-        return self._write(renewAndReap).addCallback(reaped)
+        return self._write(reap).addCallback(reaped)
+
+    def returnClaims(self, claimant, started):
+        p = self.dialect.placeholder
+        # Only ids: a key that is no row id is not this backend's.
+        charged = sorted({int(k) for k in started if k.isdigit()})
+
+        def giveBack(txn):
+            # "lease_until IS NOT NULL" lets PostgreSQL use its index of
+            # leased rows, which are few, instead of reading the table.
+            held = f" WHERE lease_until IS NOT NULL AND claimed_by = {p}"
+            count = 0
+            for chunk in _chunks(charged):
+                txn.execute(
+                    "UPDATE queue_item SET claimed_by = NULL, lease_until = NULL,"
+                    f" attempts = attempts + 1{held}"
+                    f" AND id IN ({self.dialect.params(len(chunk))})",
+                    (claimant, *chunk))
+                count += max(txn.rowcount, 0)
+            txn.execute("UPDATE queue_item SET claimed_by = NULL,"
+                        f" lease_until = NULL{held}", (claimant,))
+            return max(txn.rowcount, 0) + count, count
+
+        return self._write(giveBack)
 
     def depth(self):
         now = self.clock.seconds()
@@ -371,41 +457,48 @@ class DbQueue(Queue):
 
         return self._run(count, "depth")
 
+    def _deadColumns(self) -> str:
+        raw = self.dialect.raw
+        return (f"id, item_id, {raw('transport')}, {raw('site')}, reason, error,"
+                f" attempts, died, {raw('frame')}")
+
     def deadList(self, limit=50):
         d = self.pool.runQuery(
-            "SELECT id, item_id, transport, site, reason, error, attempts, died,"
-            f" frame FROM queue_dead ORDER BY id DESC LIMIT {int(limit)}")
+            f"SELECT {self._deadColumns()} FROM queue_dead ORDER BY id DESC"
+            f" LIMIT {int(limit)}")
         return d.addCallback(lambda rows: [self._dead(r) for r in rows])
 
     def deadShow(self, deadId):
         d = self.pool.runQuery(
-            "SELECT id, item_id, transport, site, reason, error, attempts, died,"
-            f" frame FROM queue_dead WHERE id = {self.dialect.placeholder}",
-            (deadId,))
+            f"SELECT {self._deadColumns()} FROM queue_dead WHERE id ="
+            f" {self.dialect.placeholder}", (deadId,))
         return d.addCallback(lambda rows: self._dead(rows[0]) if rows else None)
 
     @staticmethod
     def _dead(row) -> DeadLetter:
-        *fields, frame = row
-        return DeadLetter(*fields, frame=frame.encode("utf-8"))
+        deadId, itemId, transport, site, *fields, frame = row
+        return DeadLetter(deadId, itemId, _text(transport), _text(site), *fields,
+                          frame=_bytes(frame))
 
     def deadRetry(self, deadIds=None):
         now = self.clock.seconds()
         where, params = self._ids(deadIds)
 
+        raw = self.dialect.raw
+
         def requeue(txn):
-            txn.execute(f"SELECT id, frame, transport, site FROM queue_dead{where}",
-                        params)
+            txn.execute(f"SELECT id, {raw('frame')}, {raw('transport')},"
+                        f" {raw('site')} FROM queue_dead{where}", params)
             rows = txn.fetchall()
             items = []
             for _, frame, transport, site in rows:
                 try:
-                    item = Item.fromJSON(frame)
-                except ValueError:
+                    item = Item.fromJSON(_bytes(frame))
+                except BadItem:
                     # A frame that never decoded goes back as it came; it
                     # will be dead-lettered again, with the same reason.
-                    items.append((frame, transport or "", site or "default", 0,
-                                  now, now, 0))
+                    items.append((_stored(frame), _stored(transport) or "",
+                                  _stored(site) or "default", 0, now, now, 0))
                     continue
                 item = dataclasses.replace(item, attempts=0)
                 items.append(itemRow(item, now, self.dialect.paramstyle))

@@ -12,8 +12,8 @@ from urllib.parse import parse_qsl, unquote
 
 from snq.files import createPrivate, privateDirectory
 
-#: What a claim returns per row, in this order (then anything else).
-COLUMNS = "id, frame, transport, site, attempts"
+#: No limit on a frame's size, as a number SQL can compare with.
+NO_LIMIT = 2**62
 
 #: Connections per worker on a server: one claim, one acknowledgement
 #: batch, housekeeping and handlers' enqueues can then run side by side.
@@ -91,17 +91,49 @@ class Dialect:
                     f" AND table_name = {self.placeholder}", (table,))
         return {name.lower() for (name,) in txn.fetchall()}
 
-    def claim(self, txn, claimant, leaseUntil, now, limit, where, params):
+    def raw(self, column: str) -> str:
+        """
+        C{column} as stored, whatever that is: the servers with typed
+        columns hold only what their type allows.
+        """
+        return column
+
+    def octets(self, column: str) -> str:
+        """The length of C{column} in bytes."""
+        return f"octet_length({column})"
+
+    #: Rows a claim takes: due ones (SQLite adds those with a run_at that is
+    #: no number, which would otherwise wait for ever).
+    due = "run_at <= {p}"
+
+    def claimColumns(self) -> str:
+        """
+        What a claim returns per row (L{snq.queues.db.DbQueue._delivery}
+        reads it): id, the frame (NULL when over the limit, the one
+        parameter), its size in bytes, transport, site, attempts, priority,
+        and run_at when it is not a number (else NULL).
+        """
+        size = self.octets("frame")
+        return (f"id, CASE WHEN {size} > {self.placeholder} THEN NULL ELSE"
+                f" {self.raw('frame')} END, {size}, {self.raw('transport')},"
+                f" {self.raw('site')}, {self.raw('attempts')},"
+                f" {self.raw('priority')}, {self.oddRunAt}")
+
+    #: run_at when it is not a number, else NULL.
+    oddRunAt = "NULL"
+
+    def claim(self, txn, claimant, leaseUntil, now, limit, where, params,
+              maxFrame):
         p = self.placeholder
         txn.execute(
             f"UPDATE queue_item SET claimed_by = {p}, lease_until = {p}"
             f" WHERE id IN (SELECT id FROM queue_item"
-            f" WHERE claimed_by IS NULL AND run_at <= {p}{where}"
+            f" WHERE claimed_by IS NULL AND {self.due.format(p=p)}{where}"
             f" ORDER BY priority DESC, id LIMIT {p}{self.lockRows})"
-            f" RETURNING {COLUMNS}, priority",
-            (claimant, leaseUntil, now, *params, limit))
+            f" RETURNING {self.claimColumns()}",
+            (claimant, leaseUntil, now, *params, limit, maxFrame))
         # RETURNING comes in no particular order.
-        return sorted(txn.fetchall(), key=lambda r: (-r[5], r[0]))
+        return sorted(txn.fetchall(), key=_claimOrder)
 
     def listener(self, url, wake, reactor):
         """
@@ -112,6 +144,15 @@ class Dialect:
 
     def params(self, n: int) -> str:
         return ", ".join([self.placeholder] * n)
+
+
+def _claimOrder(row):
+    """Priority first, as the claim chose them; a priority that is no number
+    (SQLite stores anything) counts as 0."""
+    priority = row[6]
+    if isinstance(priority, bool) or not isinstance(priority, (int, float)):
+        priority = 0
+    return -priority, row[0]
 
 
 class Sqlite(Dialect):
@@ -174,6 +215,20 @@ class Sqlite(Dialect):
     def columns(self, txn, table):
         txn.execute(f"PRAGMA table_info({table})")
         return {row[1].lower() for row in txn.fetchall()}
+
+    def raw(self, column):
+        # A column holds whatever a producer put there: text that is not
+        # UTF-8, which the sqlite3 module would fail to decode (failing the
+        # whole claim), or a BLOB.  Text and BLOBs come as bytes.
+        return (f"CASE WHEN typeof({column}) IN ('integer', 'real', 'null')"
+                f" THEN {column} ELSE CAST({column} AS BLOB) END")
+
+    def octets(self, column):
+        return f"length(CAST({column} AS BLOB))"
+
+    due = "(run_at <= {p} OR typeof(run_at) NOT IN ('integer', 'real'))"
+    oddRunAt = ("CASE WHEN typeof(run_at) IN ('integer', 'real') THEN NULL"
+                " ELSE CAST(run_at AS BLOB) END")
 
     def begin(self, txn):
         # Take the write lock up front: a reader upgrading to a writer later
@@ -266,14 +321,18 @@ class Mysql(Dialect):
         finally:
             txn.execute("SELECT RELEASE_LOCK(CONCAT(DATABASE(), '.snq_schema'))")
 
-    def claim(self, txn, claimant, leaseUntil, now, limit, where, params):
+    def octets(self, column):
+        return f"LENGTH({column})"
+
+    def claim(self, txn, claimant, leaseUntil, now, limit, where, params,
+              maxFrame):
         # MariaDB has no UPDATE … RETURNING and no LIMIT in an IN subquery:
         # lock the rows, then mark them, in one transaction.
         txn.execute(
-            f"SELECT {COLUMNS} FROM queue_item"
+            f"SELECT {self.claimColumns()} FROM queue_item"
             f" WHERE claimed_by IS NULL AND run_at <= %s{where}"
             f" ORDER BY priority DESC, id LIMIT %s{self.lockRows}",
-            (now, *params, limit))
+            (maxFrame, now, *params, limit))
         rows = txn.fetchall()
         if rows:
             txn.execute(

@@ -33,6 +33,13 @@ class Delivery:
     #: What the backend knows without decoding (for dead letters of bad frames).
     transport: str | None = None
     site: str | None = None
+    #: Why the backend's row or message cannot become an item (a column of
+    #: the wrong type, a frame over C{max_frame} left unread): it becomes a
+    #: C{baditem} dead letter without being decoded.
+    problem: str | None = None
+    #: The broker delivered it before, to a consumer that did not settle it
+    #: (one that died, or lost its connection).
+    redelivered: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,10 @@ class Queue:
     #: The IoManager that feeds a dispatcher from this backend; None = the
     #: polling L{QueueManager}.  Listening backends bring their own.
     managerClass = None
+    #: Claims are leases (SQL, Redis): the master gives back a dead worker's
+    #: at once (L{returnClaims}).  A broker takes back a lost connection's
+    #: messages itself (STOMP).
+    leased = True
 
     def describe(self) -> str:
         """Where the queue is, for logs (no passwords)."""
@@ -157,7 +168,31 @@ class Queue:
     def tend(self, deliveries: list[Delivery]):
         """
         Periodic housekeeping: renew the leases of what this worker holds,
-        and return others' expired leases to the queue.
+        and return others' expired leases to the queue (L{reapExpired}).
+        """
+        raise NotImplementedError
+
+    def reapExpired(self):
+        """
+        Return the items whose lease expired to the queue, one attempt more
+        (a worker, or its whole host, died holding them); → how many.
+        """
+        raise NotImplementedError
+
+    def journalKey(self, delivery: Delivery) -> bytes:
+        """
+        What a worker's journal (L{snq.journal}) records while C{delivery}
+        runs: the same bytes for the master after the worker's death (a row
+        id, a lease token; for a broker, which redelivers a message under a
+        new id, a digest of its body).
+        """
+        raise NotImplementedError
+
+    def returnClaims(self, claimant: str, started: set[bytes]):
+        """
+        Give back at once all that C{claimant}, a worker that died, held:
+        what its journal says it had started (L{journalKey}s) with one
+        attempt more, the rest as it was.  → C{(returned, charged)}.
         """
         raise NotImplementedError
 

@@ -7,7 +7,7 @@ backend, and on stop gives back what has not started.
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 
-from snq.dispatch import Dispatcher
+from snq.dispatch import Dispatcher, printable
 from snq.iomanager import PollingManager
 from snq.queues.interface import Queue
 from snq.routing import TransportFilter, describeFilter
@@ -36,12 +36,24 @@ class QueueManager(PollingManager):
         self._tender.clock = self.clock
         self._listening = None
         self._missed = False
+        self._trouble: dict | None = None
+
+    @property
+    def claimTrouble(self) -> dict | None:
+        """
+        While claims fail: C{since} when, how many C{failures} in a row, the
+        last C{error} (for the worker's report, and so C{snqctl check});
+        else None.
+        """
+        return self._trouble
 
     def startService(self):
         super().startService()
         # Polling stays on: the fallback, and the way to delayed items.
         self._listening = self.queue.listen(self._notified)
-        self._tender.start(self.config.queue.lease / 3, now=False)
+        # At once: expired leases go back now, not lease/3 from now, even
+        # when workers die faster than that.
+        self._tender.start(self.config.queue.lease / 3, now=True)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -82,13 +94,24 @@ class QueueManager(PollingManager):
             self._paused = True
             return None
         d = self.queue.claim(free, self.transports)
-        d.addCallback(self._claimed)
+        d.addCallbacks(self._claimed, self._claimFailure)
         return d
 
     def _claimed(self, deliveries):
+        self._trouble = None
         for delivery in deliveries:
             self.dispatcher.dispatch(delivery)
         return bool(deliveries)
+
+    def _claimFailure(self, failure):
+        self.dispatcher.stats.count("claim_failed")
+        trouble = self._trouble or {"since": self.clock.seconds(),
+                                    "failures": 0}
+        trouble["failures"] += 1
+        trouble["error"] = printable(
+            f"{failure.type.__name__}: {failure.getErrorMessage()}")
+        self._trouble = trouble
+        return failure
 
     def _notified(self):
         """

@@ -105,6 +105,24 @@ class MemoryQueue(Queue):
                 row.update(lease_until=None, attempts=row["attempts"] + 1)
         return defer.succeed(None)
 
+    def reapExpired(self):
+        return self.tend([])
+
+    def journalKey(self, delivery):
+        return b"%d" % delivery.token
+
+    def returnClaims(self, claimant, started):
+        """One process's queue: every claim is C{claimant}'s."""
+        count = charged = 0
+        for rowId, row in self.rows.items():
+            if row["lease_until"] is not None:
+                count += 1
+                if b"%d" % rowId in started:
+                    charged += 1
+                    row["attempts"] += 1
+                row["lease_until"] = None
+        return defer.succeed((count, charged))
+
     def depth(self):
         now = self.clock.seconds()
         byTransport = collections.defaultdict(list)

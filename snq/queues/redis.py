@@ -16,6 +16,7 @@ idle worker is woken by a push rather than polling.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import itertools
@@ -30,7 +31,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from snq.item import Item
+from snq.item import BadItem, Item
 from snq.queues.interface import DeadLetter, Delivery, Depth, Queue
 from snq.queues.manager import QueueManager
 from snq.redis import scripts
@@ -326,15 +327,11 @@ class RedisQueue(Queue):
     def _claimed(self, result):
         due, packed = result
         self.nextDue = float(due) if due else None
-        deliveries = []
-        start = 0
-        while start < len(packed):
-            colon = packed.index(b":", start)
-            end = colon + 1 + int(packed[start:colon])
-            lease = Lease(packed[colon + 1:end])
-            deliveries.append(Delivery(frame=lease.frame, token=lease))
-            start = end
-        return deliveries
+        return [Delivery(frame=lease.frame, token=lease)
+                for lease in _unpack(packed)]
+
+    def journalKey(self, delivery) -> bytes:
+        return delivery.token.token.encode()
 
     def ack(self, delivery):
         """
@@ -397,15 +394,20 @@ class RedisQueue(Queue):
         lease = delivery.token
         try:
             item = Item.fromJSON(delivery.frame)
-        except ValueError:
+        except BadItem:
             item = None
-        record = json.dumps({
+        record = {
             "item_id": item.id if item else None,
             "transport": item.transport if item else delivery.transport,
             "site": item.site if item else delivery.site,
             "reason": reason, "error": error, "attempts": attempts,
-            "died": self.clock.seconds(), "list": lease.origin,
-            "frame": delivery.frame.decode("utf-8", "replace")})
+            "died": self.clock.seconds(), "list": lease.origin}
+        try:
+            record["frame"] = delivery.frame.decode("utf-8")
+        except UnicodeDecodeError:
+            # Kept byte for byte all the same.
+            record["frame_base64"] = base64.b64encode(delivery.frame).decode()
+        record = json.dumps(record)
         return self._eval(scripts.BURY,
                           [self.processing, self.dead, self.deadIds],
                           [lease.member, record], again=True)
@@ -420,10 +422,27 @@ class RedisQueue(Queue):
             # XX: a lease that was acknowledged or reaped meanwhile stays gone.
             yield self.connection.execute("ZADD", self.processing, "XX", *args,
                                           again=True)
-        reaped = yield self.reap(now)
+        yield self.reapExpired()
+
+    @defer.inlineCallbacks
+    def reapExpired(self):
+        reaped = yield self.reap(self.clock.seconds())
         if reaped:
             self.log.info("returned {count} items whose lease expired",
                           count=reaped)
+        return reaped
+
+    @defer.inlineCallbacks
+    def returnClaims(self, claimant, started):
+        packed = yield self._eval(scripts.HELD, [self.processing],
+                                  [f"{claimant}/"], again=True)
+        # Pushed last first, so the first claimed is the first out again.
+        leases = list(reversed(_unpack(packed)))
+        charged = [lease.token.encode() in started for lease in leases]
+        frames = [_retried(lease.frame) if c else lease.frame
+                  for lease, c in zip(leases, charged, strict=True)]
+        returned = (yield self._return(leases, frames, "")) if leases else 0
+        return returned, sum(charged)
 
     @defer.inlineCallbacks
     def reap(self, now, batch=200):
@@ -469,7 +488,7 @@ class RedisQueue(Queue):
             scripts.DEPTH, keys, [f"{now:.6f}"])
         since = [float(due)] if due else []
         for tail in tails:
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(BadItem):
                 since.append(Item.fromJSON(tail).created)
         return Depth(ready=ready, delayed=delayed, held=held, dead=dead,
                      oldest=max(now - min(since), 0.0) if since else None)
@@ -513,9 +532,9 @@ class RedisQueue(Queue):
         keys, args = [self.dead], []
         for record in records:
             dead = json.loads(record)
-            frame = dead["frame"].encode("utf-8")
+            frame = _frame(dead)
             # A bad frame goes back as it came, to die again the same way.
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(BadItem):
                 frame = dataclasses.replace(Item.fromJSON(frame),
                                             attempts=0).toJSON()
             keys.append(dead["list"])
@@ -529,11 +548,30 @@ class RedisQueue(Queue):
         return self._eval(scripts.PURGE, [self.dead], ids)
 
 
+def _unpack(packed: bytes) -> list[Lease]:
+    """Members packed as C{LENGTH:MEMBER} by a script (see C{claim.lua})."""
+    leases = []
+    start = 0
+    while start < len(packed):
+        colon = packed.index(b":", start)
+        end = colon + 1 + int(packed[start:colon])
+        leases.append(Lease(packed[colon + 1:end]))
+        start = end
+    return leases
+
+
 def _retried(frame: bytes) -> bytes:
     try:
         return Item.fromJSON(frame).retried().toJSON()
-    except ValueError:
+    except BadItem:
         return frame
+
+
+def _frame(dead: dict) -> bytes:
+    """A dead letter's frame, as it came."""
+    if "frame_base64" in dead:
+        return base64.b64decode(dead["frame_base64"])
+    return dead["frame"].encode("utf-8")
 
 
 def _deadLetter(record: bytes) -> DeadLetter:
@@ -541,5 +579,4 @@ def _deadLetter(record: bytes) -> DeadLetter:
     return DeadLetter(
         id=dead["id"], item_id=dead["item_id"], transport=dead["transport"],
         site=dead["site"], reason=dead["reason"], error=dead["error"],
-        attempts=dead["attempts"], died=dead["died"],
-        frame=dead["frame"].encode("utf-8"))
+        attempts=dead["attempts"], died=dead["died"], frame=_frame(dead))

@@ -44,6 +44,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import heapq
 import os
 from dataclasses import dataclass
@@ -109,6 +110,19 @@ class StompManager(QueueManager):
                          transportsFor)
         self.verifier = ControlVerifier(config.stomp.control_secret.reveal(),
                                         config.stomp.control_window, self.clock)
+        #: When the last connected server went, if none is connected now.
+        self._downSince = None
+
+    @property
+    def claimTrouble(self):
+        """While no server is connected, nothing can come: since when."""
+        if any(c.stomp is not None for c in self.queue.connections):
+            self._downSince = None
+            return None
+        if self._downSince is None:
+            self._downSince = self.clock.seconds()
+        return {"since": self._downSince, "failures": None,
+                "error": "no STOMP server of [stomp] servers is connected"}
 
     def startService(self):
         super().startService()
@@ -202,6 +216,7 @@ class StompManager(QueueManager):
 class StompQueue(Queue):
     log = Logger()
     managerClass = StompManager
+    leased = False
 
     def __init__(self, config, clock=None, claimant=None, reactor=None,
                  connections=None, connect=None):
@@ -302,8 +317,9 @@ class StompQueue(Queue):
         if connection in self.retiring:
             # Left unacknowledged: the broker takes it back at DISCONNECT.
             return
-        onDelivery(Delivery(frame=frame.body,
-                            token=Received(connection, stomp, frame, origin)))
+        onDelivery(Delivery(
+            frame=frame.body, token=Received(connection, stomp, frame, origin),
+            redelivered=frame.headers.get("redelivered") == "true"))
 
     @defer.inlineCallbacks
     def replaceConnections(self, destinations):
@@ -481,6 +497,11 @@ class StompQueue(Queue):
     def tend(self, deliveries):
         """Nothing to renew: a message is held as long as its connection."""
         return defer.succeed(None)
+
+    def journalKey(self, delivery) -> bytes:
+        # The broker gives a redelivered message a new id: its body, which
+        # stays the same, names it.
+        return hashlib.sha1(delivery.frame).hexdigest().encode()
 
     def publishControl(self, command: str):
         """Publish C{command} on the control channel (signed if configured)."""

@@ -39,10 +39,11 @@ ENQUEUE = Script.named("enqueue")
 RESURRECT = Script.named("resurrect")
 PURGE = Script.named("purge")
 DEPTH = Script.named("depth")
+HELD = Script.named("held")
 #: The ledger's (L{snq.ledger.redis}).
 LEASE = Script.named("lease")
 RELEASE = Script.named("release")
 ONCE_ENQUEUE = Script.named("once_enqueue")
 
-ALL = (CLAIM, RETURN, RETRY, BURY, ENQUEUE, RESURRECT, PURGE, DEPTH, LEASE,
+ALL = (CLAIM, RETURN, RETRY, BURY, ENQUEUE, RESURRECT, PURGE, DEPTH, HELD, LEASE,
        RELEASE, ONCE_ENQUEUE)
