@@ -160,9 +160,10 @@ class Reaper(Service):
                 continue
             if returned:
                 self.log.info("worker {wid} (pid {pid}) held {n} items: back "
-                              "in the queue, {charged} of them charged an "
-                              "attempt (they were running)", wid=wid, pid=pid,
-                              n=returned, charged=charged)
+                              "in the queue; {running}", wid=wid, pid=pid,
+                              n=returned, running=f"the {charged} it was "
+                              "running charged an attempt" if charged
+                              else "it was running none")
             return
 
     @defer.inlineCallbacks

@@ -497,6 +497,37 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(self.samples(metrics["snq_queue_oldest_age_seconds"]),
                          {(("backend", "db"),): 7.5})
 
+    def test_stallsAreVisible(self):
+        """Failing claims and settlements, and the blocking handlers' threads."""
+        self.tracker.workerReported(FakeProcess("generic.0"), report(counts=[
+            ("claim_failed", "", "", 7), ("settle_failed", "t", "s", 2)]))
+        failing = row("generic.0", 11)
+        failing["report"].update(
+            claims={"since": self.clock.seconds() - 12.5, "failures": 7,
+                    "error": "boom"},
+            threads={"max": 10, "busy": 4, "queued": 2})
+        self.pool.rows = [failing, row("generic.1", 12)]
+        metrics = self.metrics()
+        self.assertEqual(self.samples(metrics["snq_claim_failed"],
+                                      "snq_claim_failed_total"),
+                         {(("site", ""), ("transport", ""),
+                           ("worker", "generic.0")): 7})
+        self.assertEqual(self.samples(metrics["snq_settle_failed"],
+                                      "snq_settle_failed_total"),
+                         {(("site", "s"), ("transport", "t"),
+                           ("worker", "generic.0")): 2})
+        self.assertEqual(self.samples(metrics["snq_worker_claim_failing_seconds"]),
+                         {(("worker", "generic.0"),): 12.5,
+                          (("worker", "generic.1"),): 0})
+        self.assertEqual(self.samples(metrics["snq_worker_threads_busy"]),
+                         {(("worker", "generic.0"),): 4})
+        self.assertEqual(self.samples(metrics["snq_worker_threads_queued"]),
+                         {(("worker", "generic.0"),): 2})
+        [status] = [w for w in self.tracker.status()["workers"]
+                    if w["id"] == "generic.0"]
+        self.assertEqual((status["claims_failing"], status["claim_error"],
+                          status["threads"]["busy"]), (12.5, "boom", 4))
+
 
 class HttpTests(TestCase):
     def setUp(self):

@@ -104,8 +104,8 @@ class LeaseTests(ReaperTestCase):
         with capturedLogs() as events:
             self.die(reaper, process)
         self.assertEqual(self.queue.returned, [("host-w.0-abcd", {b"17", b"18"})])
-        self.assertIn("worker w.0 (pid 100) held 5 items: back in the queue, 2 "
-                      "of them charged an attempt (they were running)",
+        self.assertIn("worker w.0 (pid 100) held 5 items: back in the queue; "
+                      "the 2 it was running charged an attempt",
                       [e["log_format"].format(**e) for e in events])
 
     def test_triedAgainUntilTheStoreAnswers(self):

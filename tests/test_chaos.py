@@ -1,0 +1,133 @@
+# -*- test-case-name: tests.test_chaos -*-
+"""
+Chaos, per backend, on its real server: a pool daemon of three workers fed
+a few thousand items mixed with malformed frames (and, on SQLite, rows no
+producer should write), while a random running worker is killed with
+SIGKILL every second for 20 s and the daemon's connections to the server are cut twice
+(SQLite has no connection to cut).  Every good item is handled, none is
+lost, every malformed one is a C{baditem} dead letter, the daemon lives,
+and all is done within 5 s of the last kill.
+"""
+
+import json
+import os
+import random
+import signal
+import time
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from tests import stall
+from tests.test_redis import waitUntil
+
+GOOD = 2_000
+#: Half-second ticks: a wave of items on each of the first 30 (15 s), a
+#: kill on every other one for 20 s, cuts at 7 s and 14 s.
+TICKS = 40
+WAVES = 30
+CUTS = (14, 28)
+DONE_WITHIN = 5.0
+
+
+class ChaosMixin(stall.PoolDaemonMixin):
+    timeout = 240
+
+    @defer.inlineCallbacks
+    def test_chaos(self):
+        daemon = self.daemon(workers=3, concurrency=10, prefetch=20)
+        yield self.running(3)
+        rng = random.Random(12)
+        good = [stall.frame(sleep=0.005) for _ in range(GOOD)]
+        ids = {json.loads(f)["id"] for f in good}
+        malformed = self.backend.malformed()
+        bad = (yield self.backend.putOdd())
+        start = time.monotonic()
+        kills, cuts = 0, 0
+        lastKill = None
+        for tick in range(TICKS):
+            if tick < WAVES:
+                wave = good[tick::WAVES]
+                wave.insert(rng.randrange(len(wave) + 1),
+                            malformed[tick % len(malformed)])
+                bad += 1
+                yield self.backend.put(wave)
+            if tick in CUTS and self.backend.cut() is not None:
+                yield self.backend.cut()
+                cuts += 1
+            if tick % 2:
+                yield self.killOne(rng)
+                lastKill = time.time()
+                kills += 1
+            yield deferLater(reactor, max(0.0, start + (tick + 1) * 0.5
+                                          - time.monotonic()), lambda: None)
+
+        def handled():
+            return {i for i, _, _, what, _ in stall.stamps(self.dir)
+                    if what == "end"}
+
+        yield waitUntil(lambda: handled() >= ids, timeout=60,
+                        what="every good item handled")
+        done = max(min(t for i, _, _, what, t in stall.stamps(self.dir)
+                       if what == "end" and i == itemId) for itemId in ids)
+        letters = yield self.waitForDeadLetters(bad)
+        yield waitUntil(lambda: self.backend.remaining().addCallback(
+            lambda n: n == 0), timeout=30, what="nothing left in the queue")
+        self.assertTrue(daemon.alive())
+        self.assertEqual({reason for reason, _ in letters}, {"baditem"})
+        self.assertTrue(all(error for _, error in letters))
+        if self.backend.name == "RabbitMQ":
+            # A dead letter is sent, then its message acknowledged: a kill
+            # between the two makes it twice (at least once, as items).
+            self.assertGreaterEqual(len(letters), bad)
+        else:
+            self.assertEqual(len(letters), bad)
+        self.assertEqual(kills, TICKS // 2)
+        self.assertLessEqual(done - lastKill, DONE_WITHIN,
+                             "all done within 5 s of the last kill")
+        print(f"\n{self.backend.name}: {GOOD} items, {bad} malformed, {kills} "
+              f"kills, {cuts} cuts: done {max(done - lastKill, 0):.2f} s after "
+              "the last kill")
+
+    @defer.inlineCallbacks
+    def killOne(self, rng):
+        """Whichever runs: if none does yet, the first that does."""
+        while True:
+            workers = yield self.workers()
+            try:
+                if workers:
+                    os.kill(rng.choice(workers)[1], signal.SIGKILL)
+                    return
+            except ProcessLookupError:
+                pass  # Killed a moment ago: the master has not seen it yet.
+            yield deferLater(reactor, 0.05, lambda: None)
+
+    @defer.inlineCallbacks
+    def waitForDeadLetters(self, n, timeout=30):
+        deadline = time.monotonic() + timeout
+        while True:
+            letters = yield self.deadLetters()
+            if len(letters) >= n or time.monotonic() > deadline:
+                return letters
+            yield deferLater(reactor, 0.5, lambda: None)
+
+
+class SqliteChaosTests(ChaosMixin, TestCase):
+    backendClass = stall.SqliteBackend
+
+
+class PostgresChaosTests(ChaosMixin, TestCase):
+    backendClass = stall.PostgresBackend
+
+
+class MariaDbChaosTests(ChaosMixin, TestCase):
+    backendClass = stall.MariaDbBackend
+
+
+class RedisChaosTests(ChaosMixin, TestCase):
+    backendClass = stall.RedisBackend
+
+
+class RabbitMqChaosTests(ChaosMixin, TestCase):
+    backendClass = stall.StompBackend
