@@ -30,12 +30,12 @@ class DeadWorkerMixin(stall.PoolDaemonMixin):
         yield self.running(3)
 
         # Room elsewhere: what the killed worker ran runs again at once.
-        took, ids, pid = yield self.recovery()
+        took, ids, pid = yield self.recovery(sleep=1.0)
         self.assertLessEqual(took, BACK_WITHIN)
         yield waitFor(lambda: self.ended(ids), what="the first items done")
 
         # A full window: items held, not started, are not charged.
-        frames = [stall.frame(sleep=0.5) for _ in range(24)]
+        frames = [stall.frame(sleep=0.3) for _ in range(24)]
         more = {json.loads(f)["id"] for f in frames}
         yield self.backend.put(frames)
         second, _, _ = yield self.killBusiest(more, running=8)
