@@ -13,6 +13,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, LogLevel
+from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
 from snq import config as snqconfig
@@ -241,6 +242,32 @@ class WorkerTests(Child):
         self.assertEqual(report["timings"]["noop"][0], 3)
         self.assertEqual(sum(report["buckets"]["noop"]), 3)
         self.stop(worker)
+
+    def test_claimantJournalAndDeathsReachTheIoMaster(self):
+        """What the master gave the process, for after its death."""
+        made = []
+        journal = object()
+        worker = Worker(snqconfig.parse({}), "generic.3", self.reactor,
+                        lambda config, **kw: made.append(kw),
+                        claimant="host-generic.3-1a2b3c4d", journal=journal)
+        worker._build()
+        [kw] = made
+        self.assertEqual((kw["claimant"], kw["journal"], kw["deaths"]),
+                         ("host-generic.3-1a2b3c4d", journal, worker.deaths))
+        made.clear()
+        Worker(snqconfig.parse({}), "inline", self.reactor,
+               lambda config, **kw: made.append(kw))._build()
+        self.assertIsNone(made[0]["deaths"], "no journal: no deaths counted")
+
+    def test_deathsAreAskedOfTheMaster(self):
+        worker = self.worker()
+        d = worker.deaths(b"5f2a")
+        [box] = [b for b in amp.parseString(self.transport.value())
+                 if b.get(b"_command") == b"Deaths"]
+        self.assertEqual(box[b"key"], b"5f2a")
+        worker.channel.dataReceived(amp.AmpBox(
+            {b"_answer": box[b"_ask"], b"deaths": b"2"}).serialize())
+        self.assertEqual(self.successResultOf(d), 2)
 
     def test_activity(self):
         """StatusNet's thread states, for the UDP monitor."""

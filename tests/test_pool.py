@@ -9,6 +9,7 @@ import dataclasses
 import os
 import sys
 
+from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -18,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from snq import config as snqconfig
-from snq.amp import Channel, ControlError, Report
+from snq.amp import Channel, ControlError, Deaths, Report
 from snq.pool import CHILD_FDS, WorkerPool
 
 
@@ -488,6 +489,34 @@ class ChildOutputTests(PoolTestCase):
         self.assertIn(b"Report", process.written[3])
         process.proto.channel.transport.loseConnection()
         self.assertIn(3, process.closed)
+
+    def test_deathsAnsweredByTheReaper(self):
+        """A worker's question about a redelivered message (STOMP)."""
+        pool = self.makePool(2)
+        asked = []
+
+        class Reaper:
+            def deathsOf(self, key, asker):
+                asked.append((key, asker))
+                return defer.succeed(3)
+
+        child = Channel()
+        transport = StringTransport()
+        child.makeConnection(transport)
+        process = self.reactor.processes[1]
+
+        def ask():
+            answers = []
+            child.callRemote(Deaths, key=b"5f2a").addCallback(answers.append)
+            process.proto.childDataReceived(4, transport.value())
+            transport.clear()
+            child.dataReceived(process.written.pop(3))
+            return answers
+
+        self.assertEqual(ask(), [{"deaths": 0}], "no reaper: nothing counted")
+        pool.reaper = Reaper()
+        self.assertEqual(ask(), [{"deaths": 3}])
+        self.assertEqual(asked, [(b"5f2a", process.proto)])
 
     def test_reportArrivesInPieces(self):
         pool = self.makePool(1)
