@@ -63,6 +63,8 @@ class Reaper(Service):
         self._failing = False
         self._reaper = LoopingCall(self.reapExpired)
         self._reaper.clock = self.reactor
+        #: Fires once the reaper has stopped and its last round is over.
+        self._reaping = defer.succeed(None)
         pool.observers.append(self)
         pool.reaper = self
 
@@ -73,7 +75,8 @@ class Reaper(Service):
     def startService(self):
         super().startService()
         if self.queue.leased:
-            self._reaper.start(self.config.queue.lease / 3, now=True)
+            self._reaping = self._reaper.start(self.config.queue.lease / 3,
+                                               now=True)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -81,7 +84,7 @@ class Reaper(Service):
         if self._reaper.running:
             self._reaper.stop()
         # The pool stops first: what its last deaths left is given back.
-        yield defer.DeferredList(list(self._returning))
+        yield defer.DeferredList([self._reaping, *self._returning])
         yield self._close()
 
     def _close(self):
@@ -96,21 +99,23 @@ class Reaper(Service):
             yield self.queue.open()
             self.opened = True
 
+    @defer.inlineCallbacks
     def reconfigService(self, config):
         """The queue follows the daemon's; the lease sets the pace."""
         old, self.config = self.config, config
-        applied = []
-        if location(old) != location(config):
-            closing, self.queue = self._close(), self._queue(config)
-            applied.append(f"reaper: returning claims on {self.queue.describe()}")
-        else:
-            closing = defer.succeed(None)
-            self.queue.reconfigService(config)
         if self._reaper.running:
             self._reaper.stop()
+        yield self._reaping
+        applied = []
+        if location(old) != location(config):
+            yield self._close()
+            self.queue = self._queue(config)
+            applied.append(f"reaper: returning claims on {self.queue.describe()}")
+        else:
+            self.queue.reconfigService(config)
         if self.running and self.queue.leased:
-            self._reaper.start(config.queue.lease / 3, now=False)
-        return closing.addCallback(lambda _: applied)
+            self._reaping = self._reaper.start(config.queue.lease / 3, now=False)
+        return applied
 
     # -- the pool's observer ------------------------------------------------
 

@@ -133,6 +133,23 @@ class LeaseTests(ReaperTestCase):
         self.clock.advance(10)
         self.assertEqual(self.queue.reaped, 2)
 
+    def test_followsAReload(self):
+        reaper = self.reaper()
+        old = self.queue
+        config = snqconfig.parse({"queue": {"lease": 60}})
+        self.assertEqual(self.successResultOf(reaper.reconfigService(config)), [])
+        self.assertIs(reaper.queue, old)
+        self.clock.advance(20)
+        self.assertEqual(old.reaped, 2, "every lease/3 of the new lease")
+        moved = snqconfig.parse({"queue": {"lease": 60, "backend": "redis"}})
+        new = FakeQueue()
+        reaper._queue = lambda config: new
+        self.assertEqual(self.successResultOf(reaper.reconfigService(moved)),
+                         ["reaper: returning claims on fake"])
+        self.assertIs(reaper.queue, new)
+        self.clock.advance(20)
+        self.assertEqual((old.reaped, new.reaped), (2, 1))
+
     def test_stopWaitsForWhatIsBeingGivenBack(self):
         reaper = self.reaper()
         self.queue.refusals = 1

@@ -295,7 +295,13 @@ class SqliteReloadTests(SqliteTestCase):
         feeder = self.feed(self.insert)
         yield deferLater(reactor, 0.5, lambda: None)
         self.configure(workers=3)
-        yield self.sighup()
+        result = yield self.reload()
+        # Over only once every worker runs the new generation, the new too.
+        status = yield self.status()
+        self.assertEqual([(w["state"], w["generation"]) for w in status["workers"]
+                          if w["role"] == "current"], [("running", 2)] * 3)
+        self.assertRegex(result.stdout, r"generic\.2 \(pid \d+\): started on "
+                                        r"config generation 2")
         three = yield self.running(3)
         self.assertLessEqual({w["pid"] for w in before}, {w["pid"] for w in three})
         yield deferLater(reactor, 1.0, lambda: None)

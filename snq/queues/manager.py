@@ -34,6 +34,8 @@ class QueueManager(PollingManager):
         self._paused = False
         self._tender = LoopingCall(self._tend)
         self._tender.clock = self.clock
+        #: Fires once the tender has stopped and its last round is over.
+        self._tending = defer.succeed(None)
         self._listening = None
         self._missed = False
         self._trouble: dict | None = None
@@ -53,7 +55,7 @@ class QueueManager(PollingManager):
         self._listening = self.queue.listen(self._notified)
         # At once: expired leases go back now, not lease/3 from now, even
         # when workers die faster than that.
-        self._tender.start(self.config.queue.lease / 3, now=True)
+        self._tending = self._tender.start(self.config.queue.lease / 3, now=True)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -65,6 +67,8 @@ class QueueManager(PollingManager):
         yield self._waitForInFlight()
         if self._tender.running:
             self._tender.stop()
+        # A round in progress ends before the queue is closed.
+        yield self._tending
         yield self.dispatcher.stopHandlers()
 
     def _waitForInFlight(self, which=None):
@@ -152,7 +156,7 @@ class QueueManager(PollingManager):
         interval = config.queue.lease / 3
         if self._tender.running and self._tender.interval != interval:
             self._tender.stop()
-            self._tender.start(interval, now=False)
+            self._tending = self._tender.start(interval, now=False)
         d = defer.maybeDeferred(self.follow, old)
         return d.addCallback(lambda applied: (self.wake(), applied)[1])
 
