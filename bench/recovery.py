@@ -22,7 +22,7 @@ import tempfile
 
 from twisted.internet import defer, task
 
-from bench.common import table
+from bench.common import save, table
 from tests import stall
 from tests.daemon import waitFor
 
@@ -86,6 +86,7 @@ def main(reactor):
             rows.append((yield measure(stall.BACKENDS[name], args.kills)))
         print("kill -9 of a worker → the items it was running running again")
         table(rows, ["backend", "kills", "median s", "max s", "≤ 2 s"])
+        save("recovery", {"args": vars(args), "rows": rows})
 
     return everyBackend()
 
