@@ -83,7 +83,12 @@ class RunHandlerTests(SynchronousTestCase):
         self.assertRaises(StillRunning, runHandler, Forever, None)
 
     def test_badSite(self):
+        """An unknown site waits for a reload; dead once its retries ran out."""
         outcome = runHandler(Coroutine, 1, site="other",
+                             config={"sites": {"ex": {}}})
+        self.assertEqual((outcome.kind, outcome.error),
+                         ("retry", "unknown site 'other' (not under [sites])"))
+        outcome = runHandler(Coroutine, 1, site="other", attempts=10,
                              config={"sites": {"ex": {}}})
         self.assertEqual((outcome.kind, outcome.reason), ("dead", "badsite"))
 

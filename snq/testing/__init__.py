@@ -86,14 +86,16 @@ class Outcome:
 
       - C{"done"}: acknowledged.
       - C{"retry"}: back in C{delay} seconds: the handler raised L{Retry},
-        returned False, or ran past its timeout; C{error} says which.
+        returned False, or ran past its timeout, or the item's site is not
+        under C{[sites]} (yet); C{error} says which.
       - C{"error"}: back in C{delay} seconds: the handler raised
         C{failure} (the worker logs its traceback).
       - C{"rejected"}: dead-lettered at once: the handler raised L{Reject};
         C{error} is its message.
       - C{"dead"}: dead-lettered for another C{reason}: C{"retries"} (that
         was its last attempt; C{failure} is set if it raised),
-        C{"badsite"} (a site not under C{[sites]}).
+        C{"badsite"} (a site not under C{[sites]}, and that was its last
+        attempt).
     """
 
     kind: str
