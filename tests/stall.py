@@ -22,11 +22,10 @@ from twisted.internet.task import deferLater
 
 from snq.handlers import QueueHandler
 from snq.item import Item
-from snq.redis.address import RedisAddress
-from snq.redis.connection import RedisConnection
 from tests import rabbitmq, sqlservers
 from tests.daemon import Daemon, daemonStatus, snqctl, socketPath, waitFor
-from tests.test_redis import NO_REDIS, REDIS_URL
+from tests.recorder import record
+from tests.test_redis import REDIS_URL, RedisFixture
 
 CONFIG = """
 [daemon]
@@ -84,14 +83,7 @@ class Stamp(QueueHandler):
 
 
 def _note(path, item, what):
-    line = f"{item.id} {os.getpid()} {item.attempts} {what} {time.time()}\n"
-    line = line.encode()
-    # One write with O_APPEND: lines from several processes never mix.
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    record(path, item, what, repr(time.time()))
 
 
 def stamps(directory):
@@ -231,34 +223,16 @@ class MariaDbBackend(ServerBackend):
     serverClass = sqlservers.MariaDb
 
 
-class RedisBackend(Backend):
+class RedisBackend(RedisFixture, Backend):
+    """Redis, under a key prefix of the test's own (see L{RedisFixture})."""
+
     name = "Redis"
     anyBytes = True
 
-    @defer.inlineCallbacks
     def setUp(self, testCase):
-        self.prefix = f"snqtest-{uuid.uuid4().hex[:10]}:"
-        self.redis = RedisConnection(RedisAddress.fromURL(REDIS_URL), "snqtest", 5.0)
-        self.redis.start()
-        try:
-            yield self.redis.whenConnected()
-        except Exception as e:
-            yield self.redis.stop()
-            raise AssertionError(f"{NO_REDIS}: {e}")
-        testCase.addCleanup(self.redis.stop)
-        testCase.addCleanup(self._deleteKeys)
+        self.addCleanup, self.fail = testCase.addCleanup, testCase.fail
         self.daemonId = testCase.daemonId
-
-    @defer.inlineCallbacks
-    def _deleteKeys(self):
-        cursor = b"0"
-        while True:
-            cursor, keys = yield self.redis.execute(
-                "SCAN", cursor, "MATCH", self.prefix + "*", "COUNT", 1000)
-            if keys:
-                yield self.redis.execute("DEL", *keys)
-            if cursor == b"0":
-                return
+        return self.setUpRedis()
 
     def config(self):
         return f'[redis]\nurl = "{REDIS_URL}"\nprefix = "{self.prefix}"'
@@ -413,6 +387,16 @@ class PoolDaemonMixin:
                 raise AssertionError(f"{n} workers never ran")
             yield deferLater(reactor, 0.1, lambda: None)
         return workers
+
+    @defer.inlineCallbacks
+    def waitForDeadLetters(self, n, timeout=30):
+        """Poll the dead letters until there are C{n} (or time is up); → them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            letters = yield self.deadLetters()
+            if len(letters) >= n or time.monotonic() > deadline:
+                return letters
+            yield deferLater(reactor, 0.5, lambda: None)
 
     def deadLetters(self):
         """[(reason, error)] through snqctl, whatever the backend."""

@@ -110,15 +110,6 @@ class ChaosMixin(stall.PoolDaemonMixin):
             return False  # Killed a moment ago: the master has not seen it yet.
         return True
 
-    @defer.inlineCallbacks
-    def waitForDeadLetters(self, n, timeout=30):
-        deadline = time.monotonic() + timeout
-        while True:
-            letters = yield self.deadLetters()
-            if len(letters) >= n or time.monotonic() > deadline:
-                return letters
-            yield deferLater(reactor, 0.5, lambda: None)
-
 
 class SqliteChaosTests(ChaosMixin, TestCase):
     backendClass = stall.SqliteBackend

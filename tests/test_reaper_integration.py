@@ -9,10 +9,8 @@ C{max_retries} deaths, alone.
 """
 
 import json
-import time
 
-from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
+from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from tests import stall
@@ -49,7 +47,7 @@ class DeadWorkerMixin(stall.PoolDaemonMixin):
         yield self.backend.put([poison, *frames])
         yield waitFor(lambda: self.ended({json.loads(f)["id"] for f in frames}),
                       what="the poison's batch done")
-        letters = yield waitForDead(self, 1)
+        letters = yield self.waitForDeadLetters(1)
         [(reason, error)] = letters
         # (A broker's message says it as a retry would: "gave up after 3
         # attempts; last error: its worker died while running it".)
@@ -81,17 +79,6 @@ class DeadWorkerMixin(stall.PoolDaemonMixin):
                 self.assertEqual(attempts, expected, (itemId, starts))
                 if pid in killed and (itemId, pid) not in endedBy:
                     expected += 1
-
-
-@defer.inlineCallbacks
-def waitForDead(testCase, n, timeout=30):
-    """Poll the dead letters until there are C{n}; → them."""
-    deadline = time.monotonic() + timeout
-    while True:
-        letters = yield testCase.deadLetters()
-        if len(letters) >= n or time.monotonic() > deadline:
-            return letters
-        yield deferLater(reactor, 0.5, lambda: None)
 
 
 class SqliteTests(DeadWorkerMixin, TestCase):
