@@ -146,6 +146,9 @@ def produce(args):
 class Scenario(Run):
     """A daemon on one backend, with the bench's config."""
 
+    def fail(self, message):
+        raise SystemExit(message)
+
     @defer.inlineCallbacks
     def start(self, workers=2, transports=""):
         self.marks = os.path.join(self.dir, "marks.txt")

@@ -299,6 +299,12 @@ class StompConfig:
     #: Seconds to connect, log in and subscribe before an attempt counts as
     #: failed.
     connect_timeout: float = field(default=10.0, metadata=_positive)
+    #: RabbitMQ: the queues snq consumes are priority queues (x-max-priority)
+    #: of this many levels above 0, and an item's priority, clamped into 0
+    #: to it, orders what the broker delivers.  0 = plain queues, priorities
+    #: ignored.  Every producer must then declare the same (see the manual's
+    #: floods chapter, also for existing queues).
+    max_priority: int = field(default=0, metadata=_count(0, 255))
     #: Write "/" inside a destination's name as %2F, which RabbitMQ needs:
     #: "auto" (when the broker says it is RabbitMQ), "always" or "never".
     escape_slashes: str = field(default="auto", metadata=_check(

@@ -12,6 +12,7 @@ exception's type in the error, rather than leaving it held for ever.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import functools
@@ -51,6 +52,11 @@ def printable(text: str) -> str:
     return text if len(text) <= ERROR_LENGTH else text[:ERROR_LENGTH - 1] + "…"
 
 
+def _urgency(entry) -> int:
+    """Waiting items sort by this: higher priorities first."""
+    return -entry[1].priority
+
+
 class Dispatcher:
     """
     Runs claimed deliveries through their handlers and settles each one
@@ -58,7 +64,7 @@ class Dispatcher:
 
     At most C{concurrency} items run at once, and at most a transport's own
     C{concurrency} of that transport, so one slow remote cannot take every
-    slot; the rest wait in arrival order.
+    slot; the rest wait, the highest priority first, else in arrival order.
 
     Blocking handlers run in a thread pool of the dispatcher's own
     (C{[queue] threads}), apart from the reactor's, where name resolution
@@ -109,7 +115,10 @@ class Dispatcher:
         #: them (the worker's memory watch).
         self.settledHooks: list = []
         self.held: set[Delivery] = set()
-        self._waiting: collections.deque = collections.deque()
+        #: Accepted, waiting for a slot: highest priority first, then in
+        #: arrival order, so that an urgent item passes a window full of
+        #: others instead of waiting behind them.
+        self._waiting: list = []
         self._running: collections.Counter = collections.Counter()
         self._drained: list[defer.Deferred] = []
         #: The blocking handlers' threads, started with the first such item.
@@ -225,7 +234,8 @@ class Dispatcher:
         # replaces that handler meanwhile.
         self._uses[handler] += 1
         done.addBoth(self._used, handler)
-        self._waiting.append((delivery, item, done, handler))
+        bisect.insort(self._waiting, (delivery, item, done, handler),
+                      key=_urgency)
         self._pump()
 
     def reconfigService(self, config) -> list[str]:
@@ -288,7 +298,7 @@ class Dispatcher:
         Hand back what has not started (or of it, the deliveries for which
         C{which(delivery)} is true), so other workers can take it.
         """
-        waiting, kept = [], collections.deque()
+        waiting, kept = [], []
         for entry in self._waiting:
             (waiting if which is None or which(entry[0]) else kept).append(entry)
         self._waiting = kept

@@ -252,6 +252,25 @@ class DispatcherTests(SynchronousTestCase):
         h.gates[1].callback(None)
         self.assertEqual(len(h.gates), 4)
 
+    def test_urgentItemPassesTheWindow(self):
+        """
+        Items waiting for a slot start the highest priority first, else in
+        arrival order: an urgent item that arrived behind a full window of
+        others (a broker's prefetch, a claim) does not wait for them.
+        """
+        h = Harness(self, {"queue": {"concurrency": 1}})
+        h.put("gated")
+        h.runAll()
+        low = [h.put("rec", n) for n in range(3)]
+        high = h.put("rec", "urgent", priority=5)
+        deliveries = h.queue.claim(1000, TransportFilter()).result
+        deliveries.sort(key=lambda d: json.loads(d.frame)["priority"])
+        for delivery in deliveries:
+            h.dispatcher.dispatch(delivery)
+        self.assertEqual(h.seen, [])
+        h.gates[0].callback(None)
+        self.assertEqual(h.seen, [high, *low])
+
     def test_timeout(self):
         h = Harness(self, {"transports": {"gated": {"timeout": 5}}})
         h.put("gated")

@@ -53,7 +53,8 @@ class StompBackend:
         messages = []
         for item in items:
             destination = self.destinations.route(item.transport, item.site)
-            messages.append((destination, item.toJSON(), item.dueAt(now) - now))
+            messages.append((destination, item.toJSON(), item.dueAt(now) - now,
+                             item.priority))
         try:
             self._send(messages)
         except (OSError, StompError, BrokerError) as e:
@@ -73,13 +74,13 @@ class StompBackend:
                 # closed it; again on the next.  (Had the broker taken some
                 # before it went, those come twice: at least once.)
 
-    def _frame(self, conn, destination, body, delay):
-        headers = JSON
+    def _frame(self, conn, destination, body, delay, priority):
+        headers = {**JSON, **self.destinations.itemHeaders(priority, delay > 0)}
         if delay > 0:
             # Never late: a worker sends one that comes early round again.
             destination, wait = self.destinations.delayed(
                 destination, delay, conn.rabbitmq, early=True)
-            headers = {**JSON, **wait}
+            headers = {**headers, **wait}
         return onTheWire(destination, conn.escape), body, headers
 
     def close(self):

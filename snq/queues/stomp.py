@@ -306,7 +306,8 @@ class StompQueue(Queue):
         self.consumedPrefetch = self.prefetch
         headers = {"ack": "client-individual",
                    "prefetch-count": str(self.prefetch),
-                   "activemq.prefetchSize": str(self.prefetch)}
+                   "activemq.prefetchSize": str(self.prefetch),
+                   **self.destinations.arguments}
         return defer.gatherResults([
             connection.subscribe(Subscription(destination, functools.partial(
                 self._received, connection, destination, self._onDelivery),
@@ -432,9 +433,15 @@ class StompQueue(Queue):
     def enqueue(self, items, delay=0.0):
         now = self.clock.seconds()
         return self._publish([
-            (self.destinations.route(i.transport, i.site), i.toJSON(), JSON,
-             i.dueAt(now, delay) - now, i.run_at is not None)
+            self._itemMessage(self.destinations.route(i.transport, i.site), i,
+                              i.dueAt(now, delay) - now, i.run_at is not None)
             for i in items])
+
+    def _itemMessage(self, destination, item, delay, early=False):
+        """An item's SEND, for L{_publish}, with its priority."""
+        headers = {**JSON, **self.destinations.itemHeaders(item.priority,
+                                                           delay > 0)}
+        return (destination, item.toJSON(), headers, delay, early)
 
     def claim(self, limit, transports):
         raise NotImplementedError("the broker pushes: see StompManager")
@@ -452,8 +459,8 @@ class StompQueue(Queue):
         # Waiting for its run_at (not a failure's backoff): never late.
         now = self.clock.seconds()
         early = item.dueAt(now) > now
-        yield self._publish([(delivery.token.origin, item.toJSON(), JSON, delay,
-                              early)])
+        yield self._publish([self._itemMessage(delivery.token.origin, item,
+                                               delay, early)])
         yield self.ack(delivery)
 
     def release(self, deliveries):
@@ -559,10 +566,10 @@ class StompQueue(Queue):
             # A frame that never decoded goes back as it came; it will be
             # dead-lettered again, with the same reason.
             return (origin or self.destinations.basename + "main",
-                    letter.frame, JSON, 0)
+                    letter.frame, {**JSON, **self.destinations.arguments}, 0)
         item = dataclasses.replace(item, attempts=0)
-        return (origin or self.destinations.route(item.transport, item.site),
-                item.toJSON(), JSON, 0)
+        return self._itemMessage(
+            origin or self.destinations.route(item.transport, item.site), item, 0)
 
     @defer.inlineCallbacks
     def deadPurge(self, deadIds=None):
