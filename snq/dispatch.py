@@ -31,7 +31,7 @@ from twisted.python.threadpool import ThreadPool
 
 from snq.backoff import backoff
 from snq.files import privateDirectory, writePrivate
-from snq.handlers import HandlerRegistry, Reject, Retry
+from snq.handlers import Defer, HandlerRegistry, Reject, Retry
 from snq.handlers.context import HandlerContext
 from snq.item import BadItem, Item
 from snq.queues.interface import Delivery, Queue
@@ -480,6 +480,11 @@ class Dispatcher:
         if result.check(Reject):
             reason = str(result.value) or "rejected by the handler"
             return self._deadLetter(delivery, item, "rejected", reason)
+        if result.check(Defer):
+            # Not the item's fault: back as it came, attempts unchanged.
+            self.stats.count("deferred", item.transport, item.site)
+            return self.queue.retry(delivery, item, result.value.delay,
+                                    printable(f"deferred: {result.value}"))
         error = f"{result.type.__name__}: {result.getErrorMessage()}"
         if result.check(Retry):
             self.log.warn("{transport} item {id} failed (attempt {n}): {error}",
