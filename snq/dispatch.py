@@ -12,7 +12,6 @@ exception's type in the error, rather than leaving it held for ever.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 import functools
@@ -50,11 +49,6 @@ def printable(text: str) -> str:
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     text = text.replace("\x00", "\\x00")
     return text if len(text) <= ERROR_LENGTH else text[:ERROR_LENGTH - 1] + "…"
-
-
-def _urgency(entry) -> int:
-    """Waiting items sort by this: higher priorities first."""
-    return -entry[1].priority
 
 
 class Dispatcher:
@@ -115,10 +109,7 @@ class Dispatcher:
         #: them (the worker's memory watch).
         self.settledHooks: list = []
         self.held: set[Delivery] = set()
-        #: Accepted, waiting for a slot: highest priority first, then in
-        #: arrival order, so that an urgent item passes a window full of
-        #: others instead of waiting behind them.
-        self._waiting: list = []
+        self._waiting: collections.deque = collections.deque()
         self._running: collections.Counter = collections.Counter()
         self._drained: list[defer.Deferred] = []
         #: The blocking handlers' threads, started with the first such item.
@@ -234,8 +225,12 @@ class Dispatcher:
         # replaces that handler meanwhile.
         self._uses[handler] += 1
         done.addBoth(self._used, handler)
-        bisect.insort(self._waiting, (delivery, item, done, handler),
-                      key=_urgency)
+        # Behind the waiting items of its priority or higher, ahead of the
+        # lower: an urgent item claimed into a full window starts next.
+        index = len(self._waiting)
+        while index and self._waiting[index - 1][1].priority < item.priority:
+            index -= 1
+        self._waiting.insert(index, (delivery, item, done, handler))
         self._pump()
 
     def reconfigService(self, config) -> list[str]:
@@ -298,7 +293,7 @@ class Dispatcher:
         Hand back what has not started (or of it, the deliveries for which
         C{which(delivery)} is true), so other workers can take it.
         """
-        waiting, kept = [], []
+        waiting, kept = [], collections.deque()
         for entry in self._waiting:
             (waiting if which is None or which(entry[0]) else kept).append(entry)
         self._waiting = kept

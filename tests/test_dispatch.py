@@ -265,24 +265,28 @@ class DispatcherTests(SynchronousTestCase):
         h.gates[1].callback(None)
         self.assertEqual(len(h.gates), 4)
 
-    def test_urgentItemPassesTheWindow(self):
+    def test_waitingItemsStartByPriority(self):
         """
-        Items waiting for a slot start the highest priority first, else in
-        arrival order: an urgent item that arrived behind a full window of
-        others (a broker's prefetch, a claim) does not wait for them.
+        An urgent item claimed into a full window starts before the waiting
+        items of lower priority, after those of its own or higher.
         """
-        h = Harness(self, {"queue": {"concurrency": 1}})
-        h.put("gated")
+        class Ordered(QueueHandler):
+            def handle(self, item):
+                self.context.seen.append(item.payload)
+                return Gated.handle(self, item)
+
+        h = Harness(self, {"queue": {"concurrency": 1}}, {"ordered": Ordered})
+        for name in ("first", "low1", "low2"):
+            h.put("ordered", name)
         h.runAll()
-        low = [h.put("rec", n) for n in range(3)]
-        high = h.put("rec", "urgent", priority=5)
-        deliveries = h.queue.claim(1000, TransportFilter()).result
-        deliveries.sort(key=lambda d: json.loads(d.frame)["priority"])
-        for delivery in deliveries:
-            h.dispatcher.dispatch(delivery)
-        self.assertEqual(h.seen, [])
-        h.gates[0].callback(None)
-        self.assertEqual(h.seen, [high, *low])
+        h.put("ordered", "urgent", priority=5)
+        h.put("ordered", "urgent2", priority=5)
+        h.put("ordered", "middle", priority=1)
+        h.runAll()
+        while len(h.seen) < 6:
+            h.gates[len(h.seen) - 1].callback(None)
+        self.assertEqual(h.seen, ["first", "urgent", "urgent2", "middle", "low1",
+                                  "low2"])
 
     def test_timeout(self):
         h = Harness(self, {"transports": {"gated": {"timeout": 5}}})
