@@ -60,18 +60,9 @@ class StompBackend:
             raise EnqueueError(f"cannot enqueue on {self.where}: {e}") from e
 
     def _send(self, messages):
-        while True:
-            reused = False
-            try:
-                with self.pool.connection() as (conn, reused):
-                    conn.sendAll([self._frame(conn, *m) for m in messages])
-                return
-            except (OSError, StompError):
-                if not reused:
-                    raise
-                # Kept idle and closed by the broker meanwhile: the pool
-                # closed it; again on the next.  (Had the broker taken some
-                # before it went, those come twice: at least once.)
+        self.pool.use(
+            lambda conn: conn.sendAll([self._frame(conn, *m) for m in messages]),
+            (OSError, StompError))
 
     def _frame(self, conn, destination, body, delay):
         headers = JSON
