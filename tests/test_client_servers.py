@@ -417,9 +417,20 @@ class StompTests(ProducerOnServer, ReconnectTests, TestCase):
                         f"tcp://127.0.0.1:{freePort()}"],
             "connect_timeout": 2}})
 
+    def test_refusedLogin(self):
+        """The broker's ERROR frame, read by the producer's own parser."""
+        producer = self.producer(snqconfig.parse({
+            "queue": {"backend": "stomp"},
+            "stomp": {"login": "guest", "passcode": "n0t-this"}}))
+        e = self.assertRaises(EnqueueError, producer.enqueue, "stamp", {})
+        self.assertIsInstance(e.__cause__, BrokerError)
+        self.assertIn("the broker refused: ", str(e))
+        self.assertIn("tcp://127.0.0.1:61613", str(e))
+        self.assertNotIn("n0t-this", str(e))
+
     def dropConnections(self, producer):
         [conn] = producer._backend.pool._idle
-        port = conn.sock.getsockname()[1]
+        port = conn.wire.sock.getsockname()[1]
         killed = rabbitmq.rabbitmqctl("eval", f"""
             [exit(P, kill) || P <- rabbit_stomp:list(),
              rabbit_stomp_reader:info(P, [peer_port]) =:= [{{peer_port, {port}}}]].""")

@@ -1,10 +1,11 @@
 # -*- test-case-name: tests.test_client_wire -*-
 """
-What L{snq.client.Producer} writes on the wire for Redis, and how it reads
-the replies, on a fake socket: the handshake, one command per enqueue
-(C{LPUSH}, C{ZADD}, the ENQUEUE script), replies cut anywhere, error
-replies, and a connection dropped while idle.  The real server's runs are
-L{tests.test_client_servers}'.
+What L{snq.client.Producer} writes on the wire for Redis and STOMP, and
+how it reads the answers, on a fake socket: Redis's handshake, one command
+per enqueue (C{LPUSH}, C{ZADD}, what the ENQUEUE script would do), replies
+cut anywhere, error replies, a connection dropped while idle; STOMP's
+SEND frames, one write per call, the receipts and ERROR frames.  The real
+servers' runs are L{tests.test_client_servers}'.
 """
 
 import json
@@ -17,23 +18,34 @@ from snq import config as snqconfig
 from snq.client import EnqueueError, Producer
 from snq.client.redis import _oneCommand
 from snq.client.resp import ProtocolError, ReplyError, RespConnection, command
+from snq.client.stomp import BrokerError, FrameReader
 from snq.client.wire import Wire
 from snq.item import Item
 from snq.redis.address import RedisAddress
 
 
 class FakeWire:
-    """Records each write; each read gives the next chunk the test queued."""
+    """
+    Records each write; each read gives the next chunk the test queued.
+    Each write also queues the next of C{answers}, if any: what a broker
+    says only once it is sent something.
+    """
 
-    def __init__(self, *chunks):
+    def __init__(self, *chunks, answers=()):
         self.written: list[bytes] = []
         self.chunks = list(chunks)
+        self.answers = list(answers)
         self.closed = False
 
     def write(self, data):
         if self.closed:
             raise ConnectionError("closed")
         self.written.append(data)
+        if self.answers:
+            self.chunks.append(self.answers.pop(0))
+
+    def readable(self):
+        return bool(self.chunks)
 
     def read(self):
         if not self.chunks:
@@ -272,3 +284,110 @@ class RedisProducerTests(SynchronousTestCase):
         self.assertIsInstance(e.__cause__, ConnectionError)
         self.assertEqual(self.made, 1)
         self.assertTrue(self.wires[0].closed)
+
+
+CONNECTED = b"CONNECTED\nversion:1.2\nserver:RabbitMQ/3.10.8\nsession:s\n\n\0\n"
+
+
+def receipt(n: int) -> bytes:
+    return b"RECEIPT\nreceipt-id:snq-%d\n\n\0\n" % n
+
+
+class FrameReaderTests(SynchronousTestCase):
+    def test_cutAnywhere(self):
+        data = (b"\nRECEIPT\nreceipt-id:snq-0\n\n\0\n\n"
+                b"MESSAGE\r\nfoo:a\\cb\\\\c\\n\r\nfoo:second\r\n\r\nbody\0"
+                b"ERROR\ncontent-length:5\nmessage:x\n\na\0b\nc\0\n")
+        for size in (1, 2, 7, len(data)):
+            reader, frames = FrameReader(), []
+            for at in range(0, len(data), size):
+                reader.add(data[at:at + size])
+                frames += reader.frames()
+            self.assertEqual(frames, [
+                ("RECEIPT", {"receipt-id": "snq-0"}, b""),
+                ("MESSAGE", {"foo": "a:b\\c\n"}, b"body"),
+                ("ERROR", {"content-length": "5", "message": "x"}, b"a\0b\nc")],
+                size)
+
+
+class StompProducerTests(SynchronousTestCase):
+    """What a STOMP enqueue writes, and when it returns."""
+
+    def setUp(self):
+        self.config = snqconfig.parse({
+            "queue": {"backend": "stomp", "basename": "/queue/t/"},
+            "stomp": {"servers": ["tcp://127.0.0.1:1"], "connect_timeout": 5}})
+        self.producer = Producer(config=self.config)
+        self.wires = []
+        self.patch(self.producer._backend, "_wire", self.newWire)
+
+    def newWire(self, url):
+        self.wires.append(FakeWire(answers=[CONNECTED, *self.answers]))
+        return self.wires[-1]
+
+    def test_oneSendOneWrite(self):
+        """The frame in one write, the call back once its receipt came."""
+        self.answers = [receipt(0), receipt(1)]
+        self.producer.enqueue("log", {"a": 1})
+        itemId = self.producer.enqueue("log", {"a": 2}, key="k")
+        [wire] = self.wires
+        self.assertTrue(wire.written[0].startswith(b"CONNECT\n"))
+        self.assertEqual(len(wire.written), 3)
+        head, _, rest = wire.written[2].partition(b"\n\n")
+        body, nul = rest[:-1], rest[-1:]
+        self.assertEqual(head.split(b"\n"), [
+            b"SEND", b"destination:/queue/t%2Fmain", b"persistent:true",
+            b"content-type:application/json", b"receipt:snq-1",
+            b"content-length:%d" % len(body)])
+        self.assertEqual(nul, b"\0")
+        self.assertEqual(Item.fromJSON(body).id, itemId)
+        self.assertEqual(wire.chunks, [])
+
+    def test_batchOneWrite(self):
+        self.answers = [receipt(0) + receipt(2) + receipt(1)]
+        ids = self.producer.enqueue_many("log", [1, 2, 3])
+        [wire] = self.wires
+        frames = wire.written[1].split(b"\0")
+        self.assertEqual(frames[-1], b"")
+        self.assertEqual([Item.fromJSON(f.partition(b"\n\n")[2]).id
+                          for f in frames[:-1]], ids)
+
+    def test_waitsForEveryReceipt(self):
+        """A receipt short: no answer, so EnqueueError."""
+        self.answers = [receipt(0) + receipt(1)]
+        e = self.assertRaises(EnqueueError, self.producer.enqueue_many,
+                              "log", [1, 2, 3])
+        self.assertIsInstance(e.__cause__, ConnectionError)
+
+    def test_delayed(self):
+        """To the delay queue a retry would use, with its TTL and way back."""
+        self.answers = [receipt(0)]
+        self.producer.enqueue("log", 1, delay=30)
+        head = self.wires[0].written[1].partition(b"\n\n")[0].split(b"\n")
+        self.assertEqual(head[1][:-1].rpartition(b"-")[0],
+                         b"destination:/queue/t%2Fmain.retry")
+        self.assertIn(b"x-dead-letter-exchange:", head)
+        self.assertIn(b"x-dead-letter-routing-key:t/main", head)
+        ttl = int(head[1].rpartition(b"-")[2][:-2])
+        self.assertIn(b"x-message-ttl:%d" % ttl, head)
+        self.assertLessEqual(ttl, 30_000)
+
+    def test_refused(self):
+        """An ERROR frame is the cause: its message and body."""
+        self.answers = [b"ERROR\nmessage:access_refused\ncontent-length:3\n\nno!\0"]
+        e = self.assertRaises(EnqueueError, self.producer.enqueue, "log", 1)
+        self.assertIsInstance(e.__cause__, BrokerError)
+        self.assertIn("the broker refused: access_refused: no!", str(e))
+        self.assertTrue(self.wires[0].closed)
+
+    def test_closingWhileIdle(self):
+        """Something came while idle (the broker closing it): on a new one."""
+        self.answers = [receipt(0)]
+        self.producer.enqueue("log", 1)
+        self.wires[0].chunks.append(b"ERROR\nmessage:bye\n\n\0")
+        self.producer.enqueue("log", 2)
+        first, second = self.wires
+        self.assertEqual(first.written[2:], [b"DISCONNECT\n\n\0"],
+                         "no SEND there")
+        self.assertTrue(first.closed)
+        self.assertEqual(len(second.written), 2)

@@ -9,6 +9,7 @@ C{poll} Python adds before each one on a socket with a timeout.
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 import struct
@@ -68,6 +69,10 @@ class Wire:
         if not data:
             raise ConnectionError("closed by the server")
         return data
+
+    def readable(self) -> bool:
+        """Whether something (or the end) has come and waits to be read."""
+        return bool(select.select([self.sock], [], [], 0)[0])
 
     def close(self):
         self.sock.close()
