@@ -12,12 +12,13 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import uuid
 from datetime import UTC, datetime, timedelta
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from snq import config as snqconfig
-from snq.client import EnqueueError, Producer, configFor
+from snq.client import EnqueueError, Producer, _newId, configFor
 from snq.client.pool import Pool
 from snq.item import BadItem, Item
 from tests.daemon import environ, snqctl
@@ -61,6 +62,18 @@ class ConfigForTests(SynchronousTestCase):
         self.assertRaises(TypeError, Producer)
         self.assertRaises(TypeError, Producer, "sqlite:///x",
                           config=snqconfig.Config())
+
+
+class IdTests(SynchronousTestCase):
+    def test_randomUUIDs(self):
+        """A producer's ids are what an Item makes its own: uuid4().hex."""
+        ids = {_newId() for _ in range(1000)}
+        self.assertEqual(len(ids), 1000)
+        for itemId in ids:
+            made = uuid.UUID(itemId)
+            self.assertEqual((made.hex, made.version, made.variant),
+                             (itemId, 4, uuid.RFC_4122))
+        self.assertEqual({len(i) for i in ids}, {len(Item("t", {}).id)})
 
 
 class SqliteProducerTests(SynchronousTestCase):

@@ -15,7 +15,7 @@ import time
 from twisted.trial.unittest import SynchronousTestCase
 
 from snq import config as snqconfig
-from snq.client import EnqueueError, Producer
+from snq.client import EnqueueError, Producer, stomp
 from snq.client.redis import _oneCommand
 from snq.client.resp import ProtocolError, ReplyError, RespConnection, command
 from snq.client.stomp import BrokerError, FrameReader
@@ -36,11 +36,13 @@ class FakeWire:
         self.chunks = list(chunks)
         self.answers = list(answers)
         self.closed = False
+        self.log: list[str] = []
 
     def write(self, data):
         if self.closed:
             raise ConnectionError("closed")
         self.written.append(data)
+        self.log.append("write")
         if self.answers:
             self.chunks.append(self.answers.pop(0))
 
@@ -48,6 +50,7 @@ class FakeWire:
         return bool(self.chunks)
 
     def read(self):
+        self.log.append("read")
         if not self.chunks:
             raise ConnectionError("closed by the server")
         return self.chunks.pop(0)
@@ -351,6 +354,20 @@ class StompProducerTests(SynchronousTestCase):
         self.assertEqual(frames[-1], b"")
         self.assertEqual([Item.fromJSON(f.partition(b"\n\n")[2]).id
                           for f in frames[:-1]], ids)
+
+    def test_windows(self):
+        """
+        A big batch goes out a window at a time, the receipts that came
+        meanwhile taken in between, so that neither side's buffers fill up.
+        """
+        self.patch(stomp, "WINDOW", 2)
+        self.answers = [receipt(0) + receipt(1), receipt(2), receipt(3) + receipt(4)]
+        ids = self.producer.enqueue_many("log", range(5))
+        [wire] = self.wires
+        self.assertEqual([w.count(b"\0") for w in wire.written[1:]], [2, 2, 1])
+        self.assertEqual(wire.log[2:], ["write", "read"] * 3)
+        self.assertEqual(wire.chunks, [])
+        self.assertEqual(len(ids), 5)
 
     def test_waitsForEveryReceipt(self):
         """A receipt short: no answer, so EnqueueError."""

@@ -146,6 +146,10 @@ class _Connection:
             raise ConnectionError("closed by the broker while idle")
         waiting = set()
         for start in range(0, len(frames), WINDOW):
+            # Take what receipts came meanwhile: unread, they would fill the
+            # buffers until neither side could write.
+            while start and self.wire.readable():
+                self.reader.add(self.wire.read())
             out = []
             for head, body in frames[start:start + WINDOW]:
                 receipt = f"snq-{next(self._receipts)}"
@@ -153,11 +157,6 @@ class _Connection:
                 out += (head, b"receipt:%s\ncontent-length:%d\n\n" % (
                     receipt.encode(), len(body)), body, b"\0")
             self.wire.write(b"".join(out))
-            # Take what receipts came meanwhile: unread, they would fill the
-            # buffers until neither side could write.
-            while self.wire.readable():
-                self.reader.add(self.wire.read())
-            self._confirmed(waiting)
         deadline = time.monotonic() + self.timeout
         while waiting:
             self._recv(deadline)
