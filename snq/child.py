@@ -48,6 +48,7 @@ from snq.iomanager import PollingManager
 from snq.iomanagers import checkPlugins
 from snq.iomaster import IoMaster, residentMemory
 from snq.journal import Journal
+from snq.lean import installReactor, needsStartTLS
 from snq.queues import makeQueue
 from snq.routing import ROLES
 
@@ -350,8 +351,7 @@ def main(argv=None) -> int:
         log.critical("worker {wid}: invalid configuration:\n{e}", wid=args.id, e=e)
         return 1
 
-    from twisted.internet import reactor
-
+    reactor = installReactor(needsStartTLS(config, args.role))
     config = dataclasses.replace(config, generation=args.generation,
                                  loaded=args.loaded)
     journal = None if args.journal_fd is None else Journal.attach(args.journal_fd)
