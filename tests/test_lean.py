@@ -24,8 +24,9 @@ OPTIONAL = ["OpenSSL", "cryptography", "service_identity", "twisted.internet.ssl
             "stompest.protocol", "feedparser", "cronsim", "redis"]
 #: What only a worker runs: the master imports none of it.
 WORKER_ONLY = ["snq.child", "snq.iomaster", "snq.dispatch", "snq.queues.manager",
-               "snq.handlers.builtin", "snq.handlers.webhook", "snq.iomanagers.schedule",
-               "snq.iomanagers.feedpoll", "snq.ledger", "snq.xmpp.accounts"]
+               "snq.handlers.builtin", "snq.handlers.webhook",
+               "snq.iomanagers.schedule", "snq.iomanagers.feedpoll", "snq.ledger",
+               "snq.xmpp.accounts"]
 
 PLAIN = """\
 [queue]
@@ -114,7 +115,7 @@ class ImportTests(SynchronousTestCase):
         self.assertIn("twisted.web.server", modules)
         self.assertIn("prometheus_client", modules)
         self.assertAbsent(modules, ["OpenSSL", "cryptography",
-                                    "twisted.internet.ssl"] + WORKER_ONLY)
+                                    "twisted.internet.ssl", *WORKER_ONLY])
 
     def test_workerOfAPlainConfig(self):
         """A running SQLite worker: its backend and handlers, no TLS."""
