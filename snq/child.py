@@ -285,8 +285,11 @@ def lineObserver(stream):
     return observe
 
 
-def check(text: bytes, source: str) -> list[str]:
-    """What would keep a worker from starting on this config's text."""
+def check(text: bytes, source: str, queue: bool = True) -> list[str]:
+    """
+    What would keep a worker from starting on this config's text; without
+    C{queue}, the queue is not made (that needs the global reactor).
+    """
     try:
         config = snqconfig.parseText(text, source)
     except snqconfig.ConfigError as e:
@@ -296,10 +299,11 @@ def check(text: bytes, source: str) -> list[str]:
         HandlerRegistry.load(config.handlers)
     except HandlerError as e:
         problems.append(f"{source}: {e}")
-    try:
-        makeQueue(config)
-    except Exception as e:
-        problems.append(f"{source}: [queue] backend {config.queue.backend}: {e}")
+    if queue:
+        try:
+            makeQueue(config)
+        except Exception as e:
+            problems.append(f"{source}: [queue] backend {config.queue.backend}: {e}")
     problems += [f"{source}: {why}" for why in checkPlugins(config)]
     return problems
 

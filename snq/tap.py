@@ -217,13 +217,16 @@ def _master(options, config):
     from snq.pool import WorkerPool
     from snq.reaper import Reaper
     from snq.reload import Reloader
+    from snq.spawner import ForkSpawner
 
     running = _running(options, config)
     site = options["site"]
     daemon = Daemon()
     reloader = Reloader(daemon, config, site=site, rolling=True)
+    spawner = (ForkSpawner(startTimeout=config.daemon.start_timeout)
+               if config.daemon.fork_server else None)
     pool = WorkerPool(config, options["workers"], site=site,
-                      requestReload=reloader.requested)
+                      requestReload=reloader.requested, spawner=spawner)
     print(f"snq: {_source(config)}, {len(pool.workers)} workers, {running}",
           file=sys.stderr)
     monitor = MonitorService(config, pool)
