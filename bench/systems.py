@@ -123,7 +123,11 @@ class System:
         return self.process.pid
 
     def workerPids(self):
-        return tree(self.process.pid)[1:]
+        return [p for p in tree(self.process.pid)[1:] if p not in self.helperPids()]
+
+    def helperPids(self):
+        """Processes of the tree that are neither master nor worker."""
+        return []
 
     def handled(self):
         return job.handled(self.dir)
@@ -156,6 +160,18 @@ class Snq(System):
 
     def section(self) -> str:
         raise NotImplementedError
+
+    def helperPids(self):
+        """The fork server: a template that handles nothing."""
+        found = []
+        for pid in tree(self.process.pid)[1:]:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"snq.forkserver" in f.read():
+                        found.append(pid)
+            except FileNotFoundError:
+                pass
+        return found
 
     def running(self) -> int:
         """Workers that told the master they are running (C{snqctl status})."""

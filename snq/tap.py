@@ -116,8 +116,8 @@ def startCheck(config) -> subprocess.Popen | None:
     load: a fresh interpreter loads them (L{snq.reload.checkArguments}),
     while the master, which imports no handler code, builds its services.
     """
-    if config.text is None:  # the embedded default: built-ins only
-        return None
+    if not (config.handlers or config.managers()):
+        return None  # nothing named that could fail: built-ins only log
     check = subprocess.Popen(checkArguments(config.source), stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     check.stdin.write(config.text)
