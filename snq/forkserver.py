@@ -43,15 +43,17 @@ BACKENDS = {"db": "snq.queues.db", "redis": "snq.queues.redis",
             "stomp": "snq.queues.stomp"}
 
 
-def serve(sock, config, out) -> int:
+def serve(sock, out) -> int:
     """The template's loop: fork on request, report ends; → its exit status."""
     children = set()
     wakeR, wakeW = os.pipe()
     for fd in (wakeR, wakeW):
         os.set_blocking(fd, False)
     signal.set_wakeup_fd(wakeW)
-    signal.signal(signal.SIGCHLD, lambda *a: None)
-    signal.signal(signal.SIGTERM, lambda *a: None)
+    # Woken by SIGCHLD; TERM and Ctrl-C's INT are for the master and the
+    # workers, which stop gracefully: the template goes with the last one.
+    for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *a: None)
     open_ = True
     while open_ or children:
         readable = [wakeR, sock] if open_ else [wakeR]
@@ -71,17 +73,21 @@ def serve(sock, config, out) -> int:
                 open_ = False  # the master has gone, or retired this template
             else:
                 request = json.loads(message)
+                answer = {"id": request["id"]}
                 try:
                     pid = _fork(request, fds, sock, (wakeR, wakeW))
                 except Exception as e:
-                    answer = {"error": f"{type(e).__name__}: {e}"}
+                    answer["error"] = f"{type(e).__name__}: {e}"
                 else:
                     children.add(pid)
-                    answer = {"pid": pid}
+                    answer["pid"] = pid
                 finally:
                     for fd in fds:
                         os.close(fd)
-                sock.send(json.dumps(answer).encode())
+                try:
+                    sock.send(json.dumps(answer).encode())
+                except OSError:
+                    open_ = False
         while children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -96,6 +102,8 @@ def serve(sock, config, out) -> int:
 
 
 def _fork(request, fds, sock, wake) -> int:
+    if not fds or len(fds) != len(request["fds"]):
+        raise ValueError(f"{len(fds)} descriptors for {request['fds']}")
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -187,7 +195,7 @@ def main(argv=None) -> int:
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     sock = socket.socket(fileno=TEMPLATE_FD)
     print("ready", flush=True)
-    return serve(sock, None, sys.stdout)
+    return serve(sock, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ class _Template(protocol.ProcessProtocol):
         self.socket.settimeout(FORK_TIMEOUT)
         self.serving = False
         self._partial = b""
+        self._requests = 0
 
     def connectionMade(self):
         self.theirs.close()
@@ -118,10 +119,15 @@ class _Template(protocol.ProcessProtocol):
         """
         if not self.serving:
             raise error.ProcessExitedAlready("the fork server is not serving")
+        self._requests += 1
         targets = sorted(fdmap)
-        request = json.dumps({"args": command[3:], "fds": targets}).encode()
-        socket.send_fds(self.socket, [request], [fdmap[t] for t in targets])
-        answer = json.loads(self.socket.recv(65536) or b"{}")
+        request = {"id": self._requests, "args": command[3:], "fds": targets}
+        socket.send_fds(self.socket, [json.dumps(request).encode()],
+                        [fdmap[t] for t in targets])
+        answer = {"id": None}
+        while answer.get("id") not in (self._requests, "gone"):
+            # An answer to a request that timed out is passed over.
+            answer = json.loads(self.socket.recv(65536) or b'{"id": "gone"}')
         if "pid" not in answer:
             raise OSError("the fork server could not fork: "
                           + answer.get("error", "it has gone"))

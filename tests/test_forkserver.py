@@ -8,8 +8,11 @@ master.
 """
 
 import dataclasses
+import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 
@@ -210,6 +213,54 @@ class ForkSpawnerTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.processes), 2, "no restart after stop")
         self.reactor.advance(5)
         self.assertEqual(len(self.reactor.processes), 2)
+
+
+class TemplateTests(SynchronousTestCase):
+    """C{python -m snq.forkserver} alone, its socket and pipes driven here."""
+
+    def setUp(self):
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.addCleanup(self.sock.close)
+        self.template = subprocess.Popen(
+            [sys.executable, "-m", "snq.forkserver"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, close_fds=False,  # else fd 3 is closed again
+            preexec_fn=lambda: os.dup2(theirs.fileno(), TEMPLATE_FD))
+        theirs.close()
+        self.addCleanup(self.template.kill)
+        self.template.stdin.write(b"[daemon]\nworkers = 1\n")
+        self.template.stdin.close()
+        self.assertEqual(self.template.stdout.readline(), b"ready\n")
+
+    def fork(self, n, args, fds):
+        targets = sorted(fds)
+        socket.send_fds(self.sock, [json.dumps(
+            {"id": n, "args": args, "fds": targets}).encode()],
+            [fds[t] for t in targets])
+        return json.loads(self.sock.recv(65536))
+
+    def test_forkOnPipesReportEndExitWithTheLast(self):
+        """The worker runs on the descriptors sent; its end is reported."""
+        stdinR, stdinW = os.pipe()
+        stdoutR, stdoutW = os.pipe()
+        os.write(stdinW, b'[handlers]\nx = "no_such_module:H"\n')
+        os.close(stdinW)
+        answer = self.fork(1, ["--check", "--config", "x.toml"],
+                           {0: stdinR, 1: stdoutW})
+        os.close(stdinR)
+        os.close(stdoutW)
+        self.assertEqual(answer["id"], 1)
+        with os.fdopen(stdoutR) as out:
+            self.assertIn("handlers.x: cannot load no_such_module:H", out.read())
+        # Exit status 1 (problems found): the raw wait status is 256.
+        self.assertEqual(self.template.stdout.readline(),
+                         f"exit {answer['pid']} 256\n".encode())
+        self.sock.close()
+        self.assertEqual(self.template.wait(30), 0)
+
+    def test_badRequestAnswered(self):
+        answer = self.fork(7, ["--check"], {})
+        self.assertEqual(answer["id"], 7)
+        self.assertIn("ValueError", answer["error"])
 
 
 class PrepareTests(SynchronousTestCase):
