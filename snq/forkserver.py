@@ -118,7 +118,12 @@ def _fork(request, fds, sock, wake) -> int:
         sock.close()
         for fd in wake:
             os.close(fd)
+        reactor = sys.modules.get("twisted.internet.reactor")
+        if reactor is not None:
+            _dropDescriptors(reactor)
         _place(dict(zip(request["fds"], fds, strict=True)))
+        if reactor is not None:
+            _newDescriptors(reactor)
         from snq import child
 
         sys.argv = ["snq.child", *request["args"]]
@@ -144,6 +149,27 @@ def _place(fdmap: dict[int, int]):
     os.closerange(top, os.sysconf("SC_OPEN_MAX"))
 
 
+def _dropDescriptors(reactor):
+    """
+    An import installed the global reactor in the template (txredisapi
+    does, and handlers that import it at their top); it never ran there.
+    Its epoll and waker are the template's: closed here, in the worker.
+    """
+    reactor._poller.close()
+    reactor.waker.connectionLost(None)
+
+
+def _newDescriptors(reactor):
+    """The worker's own epoll and waker, once its descriptors are placed."""
+    reactor._poller = select.epoll(1024)
+    reactor._reads.clear()
+    reactor._writes.clear()
+    reactor._selectables.clear()
+    reactor._internalReaders.clear()
+    reactor.waker = None
+    reactor.installWaker()
+
+
 def _dieWithParent():
     """Linux: killed when the template dies (its master then ends it too)."""
     with contextlib.suppress(Exception):
@@ -155,25 +181,34 @@ def prepare(text: bytes, source: str) -> list[str]:
     """
     Import what a worker of this config imports (L{snq.child.check}, under
     the reactor's TLS rule of L{snq.lean}) without installing the reactor,
-    which each worker does after the fork.  → problems, if any.
+    which each worker does after the fork (if an import installs it, each
+    worker gets descriptors of its own for it).  → problems, if any.
     """
     from snq import config as snqconfig
     from snq.lean import needsStartTLS, withoutTLS
 
     installed = "twisted.internet.reactor" in sys.modules
-    config = snqconfig.parseText(text, source)
-    guard = (contextlib.nullcontext() if needsStartTLS(config, "all")
-             else withoutTLS())
-    with guard:
-        from twisted.internet import default, epollreactor  # noqa: F401
+    try:
+        config = snqconfig.parseText(text, source)
+        guard = (contextlib.nullcontext() if needsStartTLS(config, "all")
+                 else withoutTLS())
+        with guard:
+            from twisted.internet import default, epollreactor  # noqa: F401
 
-        from snq import child
-        # The backend's module; its queue is each worker's own.
+            from snq import child
+        # The backend's module (its queue is each worker's own), outside
+        # the guard: txredisapi imports TLS as it loads.
         importlib.import_module(BACKENDS[config.queue.backend])
-    problems = child.check(text, source, queue=False)
+        problems = child.check(text, source, queue=False)
+    except Exception as e:
+        return [f"{source}: {type(e).__name__}: {e}"]
     if not installed and "twisted.internet.reactor" in sys.modules:
-        problems.append(f"{source}: loading the handlers installed the reactor; "
-                        "workers are spawned instead")
+        from twisted.internet import epollreactor, reactor
+
+        # Only this one's descriptors are known well enough to renew.
+        if type(reactor) is not epollreactor.EPollReactor or reactor.running:
+            problems.append(f"{source}: an import installed the "
+                            f"{type(reactor).__name__}; workers are spawned")
     return problems
 
 

@@ -264,6 +264,20 @@ class TemplateTests(SynchronousTestCase):
 
 
 class PrepareTests(SynchronousTestCase):
+    def test_everyBackend(self):
+        """
+        What a worker imports loads, whichever the backend (no server
+        needed), in a fresh interpreter as in the template: TLS not loaded
+        yet.
+        """
+        for backend in ("redis", "stomp", "db"):
+            result = subprocess.run(
+                [sys.executable, "-c", "import sys; from snq.forkserver import "
+                 "prepare; print(prepare(sys.stdin.buffer.read(), 'x.toml'))"],
+                input=f'[queue]\nbackend = "{backend}"\n'.encode(),
+                capture_output=True, timeout=120)
+            self.assertEqual(result.stdout, b"[]\n", (backend, result.stderr))
+
     def test_problemsOfTheConfig(self):
         problems = prepare(b'[handlers]\nx = "no_such_module:H"\n', "x.toml")
         self.assertEqual(len(problems), 1)
