@@ -22,12 +22,14 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from snq.client import Producer
 from snq.forkserver import TEMPLATE_FD, prepare
 from snq.pool import JOURNAL, WorkerPool
 from snq.spawner import ForkSpawner
 from tests.daemon import Daemon, handledIds, waitFor
 from tests.test_pool import FakeProcessReactor, makeConfig
 from tests.test_pool_integration import CONFIG, PoolTestCase, alive
+from tests.test_redis import REDIS_URL, RedisFixture
 
 #: Above any pid_max: signalling it finds no process.
 NO_SUCH_PID = 2**30
@@ -284,7 +286,7 @@ class PrepareTests(SynchronousTestCase):
         self.assertIn("handlers.x: cannot load no_such_module:H", problems[0])
 
 
-class ForkServerIntegrationTests(PoolTestCase):
+class ForkServerMixin:
     """A real master with its fork server (on by default)."""
 
     def family(self, daemon):
@@ -355,6 +357,11 @@ class ForkServerIntegrationTests(PoolTestCase):
                       and self.family(daemon)[0] != templates, timeout=30,
                       what="a new template")
 
+
+
+class ForkServerIntegrationTests(ForkServerMixin, PoolTestCase):
+    """On SQLite."""
+
     @defer.inlineCallbacks
     def test_killDashNineOfTheMaster(self):
         master = self.daemon()
@@ -379,3 +386,52 @@ class ForkServerIntegrationTests(PoolTestCase):
         templates, children = self.family(daemon)
         self.assertEqual(templates, [])
         self.assertEqual(sorted(children), sorted(w["pid"] for w in workers))
+
+
+REDIS_CONFIG = """
+[daemon]
+workers = 2
+threshold = 1
+control_socket = "{sock}"
+
+[queue]
+backend = "redis"
+
+[redis]
+url = "{url}"
+prefix = "{prefix}"
+
+[monitor]
+http = ""
+
+[handlers]
+record = "tests.recorder:Record"
+
+[sites.default]
+record_file = "{dir}/handled.txt"
+"""
+
+
+class RedisForkServerTests(RedisFixture, ForkServerMixin, PoolTestCase):
+    """On Redis, whose client library installs the reactor as it loads."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield self.setUpRedis()
+        PoolTestCase.setUp(self)
+
+    def daemon(self, queue="", *args):
+        path = os.path.join(self.dir, "snq.toml")
+        with open(path, "w") as f:
+            f.write(REDIS_CONFIG.format(sock=self.sock, url=REDIS_URL,
+                                        prefix=self.prefix, dir=self.dir))
+        self.config = path
+        return Daemon(self, self.dir, "-c", path, *args)
+
+    def enqueue(self, transport, n, payload=None, site="default"):
+        producer = Producer.from_config(self.config)
+        try:
+            return set(producer.enqueue_many(transport, [payload or {}] * n,
+                                             site=site))
+        finally:
+            producer.close()
