@@ -36,21 +36,10 @@ from urllib.parse import urljoin, urlsplit
 
 from twisted.internet import defer
 from twisted.internet.address import IPv6Address
-from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
 from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import IResolutionReceiver, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import (
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    FileBodyProducer,
-    HTTPConnectionPool,
-)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -122,6 +111,14 @@ class _CheckedEndpoint:
 
     @defer.inlineCallbacks
     def connect(self, factory):
+        # Here, not at the top: Twisted's endpoints and web client import
+        # TLS, which a worker posting no webhook does without (snq.lean).
+        from twisted.internet.endpoints import (
+            TCP4ClientEndpoint,
+            TCP6ClientEndpoint,
+            wrapClientTLS,
+        )
+
         receiver = _Addresses()
         self.resolver.resolveHostName(receiver, self.host, self.port)
         addresses = yield receiver.done
@@ -153,6 +150,8 @@ class _CheckedEndpoints:
         self.reactor = reactor
         self.resolver = resolver
         self.policy = policy
+        from twisted.web.client import BrowserLikePolicyForHTTPS
+
         self.tlsPolicy = tlsPolicy or BrowserLikePolicyForHTTPS()
 
     def endpointForURI(self, uri):
@@ -196,6 +195,8 @@ class _Site:
     """A site's policy, and the agent that posts under it."""
 
     def __init__(self, policy, reactor, resolver, tlsPolicy):
+        from twisted.web.client import Agent, HTTPConnectionPool
+
         self.policy = policy
         # Connections are kept per site: one checked under another site's
         # policy is never reused for this one.
@@ -270,6 +271,8 @@ class WebhookHandler(QueueHandler):
 
     async def _post(self, site, url, headers, body):
         """POST, following the redirects the site allows; True when done."""
+        from twisted.web.client import FileBodyProducer
+
         for hop in range(site.policy.redirects + 1):
             shown = maskURL(url)
             try:
