@@ -146,6 +146,9 @@ def produce(args):
 class Scenario(Run):
     """A daemon on one backend, with the bench's config."""
 
+    #: [stomp] prefetch, if not the default.
+    stompPrefetch = 0
+
     def fail(self, message):
         raise SystemExit(message)
 
@@ -158,6 +161,8 @@ class Scenario(Run):
         backendConfig = self.backend.config()
         if backend == "stomp" and _knows({"stomp": {"max_priority": HIGH}}):
             backendConfig += f"\nmax_priority = {HIGH}"
+        if backend == "stomp" and self.stompPrefetch:
+            backendConfig += f"\nprefetch = {self.stompPrefetch}"
         with open(self.configPath, "w") as f:
             f.write(CONFIG.format(
                 id=self.daemonId, workers=workers, sock=self.sock,
@@ -312,7 +317,10 @@ def main(reactor):
     parser.add_argument("--only", default="flood,rate,webhook",
                         help="which scenarios (flood includes the plain drain)")
     parser.add_argument("--label", default="", help="kept with the results")
+    parser.add_argument("--stomp-prefetch", type=int, default=0,
+                        help="[stomp] prefetch (default: snq's)")
     args = parser.parse_args()
+    Scenario.stompPrefetch = args.stomp_prefetch
     backends = args.backend or ["SQLite", "PostgreSQL", "Redis", "RabbitMQ"]
     only = args.only.split(",")
 

@@ -298,7 +298,8 @@ class StompConfig:
     #: time it was signed: clocks must agree this well.
     control_window: float = field(default=60.0, metadata=_positive)
     #: Messages the broker sends ahead per subscription (prefetch-count), a
-    #: worker's window; 0 = twice [queue] concurrency.
+    #: worker's window; 0 = twice [queue] concurrency (at most 20 with
+    #: max_priority, so that an urgent item waits behind few others).
     prefetch: int = field(default=0, metadata=_count(0, 100_000))
     #: Seconds to connect, log in and subscribe before an attempt counts as
     #: failed.

@@ -76,6 +76,8 @@ MARKER = "snq-browse-marker"
 STALE_MARKER = 3600.0
 #: Longest error text kept in a header.
 ERROR_LENGTH = 1000
+#: The default window per subscription with [stomp] max_priority.
+PRIORITY_WINDOW = 20
 
 
 class NoBrokerError(ConnectionLost):
@@ -247,7 +249,16 @@ class StompQueue(Queue):
 
     @staticmethod
     def _prefetch(config) -> int:
-        return config.stomp.prefetch or 2 * config.queue.concurrency
+        """
+        The window: twice the concurrency, so that a slot never waits for
+        the broker.  With priorities, at most L{PRIORITY_WINDOW}: an urgent
+        message the broker sends waits behind those already on their way,
+        which a worker busy with fast items takes a while to read.
+        """
+        if config.stomp.prefetch:
+            return config.stomp.prefetch
+        window = 2 * config.queue.concurrency
+        return min(window, PRIORITY_WINDOW) if config.stomp.max_priority else window
 
     def reconfigService(self, config):
         """Routing (groups, breakouts) and the prefetch-count follow a reload."""
