@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_webhook -*-
+# -*- test-case-name: tests.test_webhook_hosts -*-
 """
 Remote-host isolation for the C{webhook} handler: one slow or dead
 receiver must not hold every slot of a worker.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_webhook -*-
+# -*- test-case-name: tests.test_webhook,tests.test_webhook_hosts -*-
 """
 C{webhook}: POST an item's payload as JSON.
 
@@ -16,16 +16,16 @@ the site allows (L{snq.handlers.targets.TargetPolicy}): the name of a URL
 is resolved once, every address it resolves to is checked, and the
 connection goes to a checked address (with the URL's name in C{Host} and
 TLS), so a name that changes its answer between the check and the
-connection (DNS rebinding) gains nothing.
-
-One remote host cannot hold every slot: a worker runs at most the site's
-C{webhook_host_concurrency} requests to it at once, and stops trying a host
-that keeps failing for a while (L{snq.handlers.hosts}); the items turned
-away wait without being charged an attempt.  A redirect's target is checked
+connection (DNS rebinding) gains nothing.  A redirect's target is checked
 the same way before it is followed, so the signature never reaches a
 target the site does not allow.  Only the first C{webhook_response_limit}
 bytes of an answer are read (for the error message); the connection is
 then closed, the rest unread.
+
+One remote host cannot hold every slot: a worker runs at most the site's
+C{webhook_host_concurrency} requests to it at once, and stops trying a host
+that keeps failing for a while (L{snq.handlers.hosts}); the items turned
+away wait without being charged an attempt.
 """
 
 import hashlib
