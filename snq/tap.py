@@ -151,6 +151,7 @@ def makeService(options):
         reloader.setServiceParent(daemon)
         return daemon
 
+    from snq.cluster.registry import RegistryService
     from snq.control import ControlService
     from snq.monitor.service import MonitorService
     from snq.pool import WorkerPool
@@ -168,6 +169,8 @@ def makeService(options):
     # Before the pool, so it stops after it: the last counts and states of
     # the stopping workers still reach the monitors.
     monitor.setServiceParent(daemon)
+    # Before the pool, so its last heartbeat, "stopped", comes after it.
+    RegistryService(config, monitor.tracker, reloader).setServiceParent(daemon)
     # Before the pool, so it stops after it: claims left by the workers'
     # last deaths go back.
     Reaper(config, pool).setServiceParent(daemon)

@@ -1,0 +1,326 @@
+# -*- test-case-name: tests.test_cluster -*-
+"""
+The cluster's registry and pauses: the store's contract on the real
+SQLite, PostgreSQL, MariaDB and Redis (and on SQLite named by [ledger] url
+beside a STOMP broker); the master's heartbeats and cluster reloads, and a
+worker's look at the pauses, on a Clock; a paused item put back uncharged.
+"""
+
+import os
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from snq import config as snqconfig
+from snq.cluster import RELOAD, ClusterMissing, Pauses, liveness, makeStore, pauseKey
+from snq.cluster.pauses import PauseWatch, describe
+from snq.cluster.registry import RegistryService, daemonName, digest
+from snq.dispatch import Dispatcher
+from snq.handlers import HandlerRegistry
+from snq.item import Item
+from snq.queues import makeQueue
+from snq.queues.memory import MemoryQueue
+from snq.routing import TransportFilter
+from tests import sqlservers
+from tests.test_redis import REDIS_URL, RedisFixture
+
+
+class PausesTests(SynchronousTestCase):
+    def test_fromSettings(self):
+        pauses = Pauses.fromSettings({
+            pauseKey("transport", "webhook"): {}, pauseKey("site", "ex"): {},
+            "pause:nonsense:x": {}, "pause:site:": {}, RELOAD: {"nonce": "n"}})
+        self.assertEqual(pauses, Pauses(frozenset({"webhook"}), frozenset({"ex"})))
+        self.assertTrue(pauses.holds("webhook", "default"))
+        self.assertTrue(pauses.holds("log", "ex"))
+        self.assertFalse(pauses.holds("log", "default"))
+        self.assertFalse(Pauses())
+        self.assertEqual(describe(pauses), "transport webhook, site ex paused")
+        self.assertEqual(describe(Pauses()), "nothing paused")
+
+    def test_narrow(self):
+        paused = Pauses(frozenset({"webhook"}))
+        some = TransportFilter(include=frozenset({"webhook", "log"}))
+        self.assertEqual(paused.narrow(some).include, {"log"})
+        every = TransportFilter(exclude=frozenset({"xmppout"}), site="ex")
+        narrowed = paused.narrow(every)
+        self.assertEqual((narrowed.exclude, narrowed.site),
+                         ({"xmppout", "webhook"}, "ex"))
+        self.assertIs(Pauses().narrow(every), every)
+
+    def test_liveness(self):
+        self.assertEqual(liveness({"seen": 100}, 110, 20), "live")
+        self.assertEqual(liveness({"seen": 100}, 121, 20), "stale")
+        self.assertEqual(liveness({"seen": 100, "state": "stopped"}, 101, 20),
+                         "stopped")
+
+    def test_stompNeedsALedger(self):
+        config = snqconfig.parse({"queue": {"backend": "stomp"}})
+        with self.assertRaises(ClusterMissing):
+            makeStore(config)
+
+    def test_configChecked(self):
+        with self.assertRaises(snqconfig.ConfigError) as e:
+            snqconfig.parse({"cluster": {"heartbeat": 10, "stale": 15,
+                                         "forget": 5}})
+        self.assertIn("cluster.stale: expected at least twice", str(e.exception))
+        self.assertIn("cluster.forget: expected at least", str(e.exception))
+
+
+class StoreMixin:
+    """The store's contract, on the queue's own store."""
+
+    timeout = 60
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.snq = snqconfig.parse(self.config())
+        self.queue = makeQueue(self.snq, self.clock)
+        yield self.queue.open()
+        self.addCleanup(self.queue.close)
+        self.store = makeStore(self.snq, self.queue, self.clock)
+        yield self.store.open()
+        self.addCleanup(self.store.close)
+
+    async def test_daemons(self):
+        await self.store.beat("a@h1", {"name": "a@h1", "seen": 1000.0}, 60)
+        await self.store.beat("b@h2", {"name": "b@h2", "seen": 990.0}, 60)
+        await self.store.beat("a@h1", {"name": "a@h1", "seen": 1005.0}, 60)
+        daemons = await self.store.daemons()
+        self.assertEqual(daemons, {"a@h1": {"name": "a@h1", "seen": 1005.0},
+                                   "b@h2": {"name": "b@h2", "seen": 990.0}})
+        # Settings and records stay apart.
+        self.assertEqual(await self.store.settings(), {})
+
+    async def test_settings(self):
+        await self.store.put(pauseKey("transport", "webhook"), {"by": "me"})
+        await self.store.put(RELOAD, {"nonce": "1"})
+        await self.store.put(RELOAD, {"nonce": "2"})
+        await self.store.beat("a@h1", {"seen": 1000.0}, 60)
+        self.assertEqual(await self.store.settings(), {
+            "pause:transport:webhook": {"by": "me"}, "reload": {"nonce": "2"}})
+        self.assertTrue(await self.store.remove("pause:transport:webhook"))
+        self.assertFalse(await self.store.remove("pause:transport:webhook"))
+        self.assertEqual(list(await self.store.settings()), ["reload"])
+
+
+class SqlStoreMixin(StoreMixin):
+    async def test_forget(self):
+        await self.store.beat("old", {"seen": 900.0}, 60)
+        await self.store.beat("new", {"seen": 1000.0}, 60)
+        await self.store.put(RELOAD, {"nonce": "1"})
+        self.assertEqual(await self.store.forget(950.0), 1)
+        self.assertEqual(list(await self.store.daemons()), ["new"])
+        self.assertEqual(list(await self.store.settings()), ["reload"])
+
+
+class SqliteStoreTests(SqlStoreMixin, TestCase):
+    def config(self):
+        return {"db": {"url": f"sqlite:///{os.path.abspath(self.mktemp())}"}}
+
+
+class PostgresStoreTests(SqlStoreMixin, TestCase):
+    def config(self):
+        server = sqlservers.forTest(self, sqlservers.Postgres)
+        return {"db": {"url": server.url()}}
+
+
+class MariaDbStoreTests(SqlStoreMixin, TestCase):
+    def config(self):
+        server = sqlservers.forTest(self, sqlservers.MariaDb)
+        return {"db": {"url": server.url()}}
+
+
+class RedisStoreTests(StoreMixin, RedisFixture, TestCase):
+    def setUp(self):
+        d = self.setUpRedis()
+        return d.addCallback(lambda _: StoreMixin.setUp(self))
+
+    def config(self):
+        return {"queue": {"backend": "redis"},
+                "redis": {"url": REDIS_URL, "prefix": self.prefix}}
+
+    async def test_expires(self):
+        """A record expires by itself; its name leaves the set when found so."""
+        await self.store.beat("a@h1", {"seen": 1000.0}, 0.05)
+        ttl = await self.redis.execute("PTTL", self.key("cluster:daemon:a@h1"))
+        self.assertTrue(0 < int(ttl) <= 50)
+        await self.redis.execute("DEL", self.key("cluster:daemon:a@h1"))
+        self.assertEqual(await self.store.daemons(), {})
+        self.assertEqual(await self.redis.execute(
+            "SCARD", self.key("cluster:daemons")), 0)
+
+
+class LedgerUrlStoreTests(TestCase):
+    """Beside a STOMP broker, the store is [ledger] url's, opened by it."""
+
+    async def test_onLedgerUrl(self):
+        path = os.path.abspath(self.mktemp())
+        config = snqconfig.parse({"queue": {"backend": "stomp"},
+                                  "ledger": {"url": f"sqlite:///{path}"}})
+        store = makeStore(config)
+        self.assertTrue(store.owns)
+        await store.open()
+        try:
+            await store.put(pauseKey("site", "ex"), {})
+            self.assertEqual(list(await store.settings()), ["pause:site:ex"])
+        finally:
+            await store.close()
+
+
+class FakeReloader:
+    def __init__(self):
+        self.asked = []
+
+    def reload(self, reason):
+        d = defer.Deferred()
+        self.asked.append((reason, d))
+        return d
+
+
+class FakeTracker:
+    def summary(self):
+        return {"workers": [{"id": "w.0", "pid": 7, "state": "running",
+                             "handled": 3, "errors": 1, "activity": "idle"}],
+                "totals": {"handled": 3, "error": 1}, "transports": {}}
+
+
+class RegistryServiceTests(TestCase):
+    """The master's heartbeats, on a Clock and a real SQLite store."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1000)
+        path = os.path.abspath(self.mktemp())
+        self.config = snqconfig.parseText(
+            b'[db]\nurl = "sqlite:///' + path.encode() + b'"\n'
+            b'[cluster]\nheartbeat = 2\nstale = 6\n', "snq.toml")
+        self.queue = makeQueue(self.config, self.clock)
+        yield self.queue.open()
+        self.addCleanup(self.queue.close)
+        self.store = makeStore(self.config, self.queue, self.clock)
+        self.reloader = FakeReloader()
+        self.service = RegistryService(self.config, FakeTracker(), self.reloader,
+                                       self.clock, store=self.store)
+
+    async def advance(self, seconds):
+        """The Clock on, and the heartbeat that started meanwhile over."""
+        self.clock.advance(seconds)
+        await self.service.beating
+
+    async def test_heartbeats(self):
+        await self.service.startService()
+        name = daemonName(self.config)
+        record = (await self.store.daemons())[name]
+        self.assertEqual((record["pid"], record["seen"], record["state"],
+                          record["generation"], record["digest"]),
+                         (os.getpid(), 1000.0, "running", 1,
+                          digest(self.config)))
+        self.assertEqual(record["workers"], [{
+            "id": "w.0", "role": None, "pid": 7, "state": "running",
+            "uptime": None, "handled": 3, "errors": 1, "inflight": None,
+            "rss": None}])
+        await self.advance(2)
+        self.assertEqual((await self.store.daemons())[name]["seen"], 1002.0)
+        await self.service.stopService()
+        record = (await self.store.daemons())[name]
+        self.assertEqual((record["state"], liveness(record, 1003, 6)),
+                         ("stopped", "stopped"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    async def test_reload(self):
+        """A reload asked before the start is not this daemon's; a later one is."""
+        await self.store.put(RELOAD, {"nonce": "old"})
+        await self.service.startService()
+        await self.advance(2)
+        self.assertEqual(self.reloader.asked, [])
+        await self.store.put(RELOAD, {"nonce": "new"})
+        await self.advance(2)
+        self.assertEqual([r for r, _ in self.reloader.asked],
+                         ["snqctl reload --cluster"])
+        name = daemonName(self.config)
+        self.assertEqual((await self.store.daemons())[name]["reload"],
+                         {"nonce": "new", "running": True})
+        result = {"generation": 2, "source": "snq.toml", "changes": [],
+                  "applied": [], "failed": []}
+        self.reloader.asked[0][1].callback(result)
+        # Written at once, not a heartbeat later.
+        self.assertEqual((await self.store.daemons())[name]["reload"],
+                         {"nonce": "new", "result": result})
+        await self.advance(2)
+        self.assertEqual(len(self.reloader.asked), 1)
+        await self.service.stopService()
+
+    async def test_storeDown(self):
+        """A failing heartbeat is said once, and the next ones go on."""
+        await self.service.startService()
+        await self.queue.close()
+        await self.advance(2)
+        await self.advance(2)
+        await self.queue.open()
+        await self.advance(2)
+        self.assertEqual(
+            (await self.store.daemons())[daemonName(self.config)]["seen"], 1006.0)
+        await self.service.stopService()
+        self.flushLoggedErrors()
+
+
+class PauseWatchTests(TestCase):
+    timeout = 30
+
+    async def test_follows(self):
+        clock = Clock()
+        path = os.path.abspath(self.mktemp())
+        config = snqconfig.parse({"db": {"url": f"sqlite:///{path}"},
+                                  "cluster": {"heartbeat": 1.0, "stale": 3.0}})
+        queue = makeQueue(config, clock)
+        await queue.open()
+        self.addCleanup(queue.close)
+        store = makeStore(config, queue, clock)
+        await store.put(pauseKey("transport", "log"), {})
+        seen = []
+        watch = PauseWatch(config, queue, seen.append, clock)
+        # The first look is over when the start is.
+        await watch.startService()
+        self.assertEqual(seen, [Pauses(frozenset({"log"}))])
+        clock.advance(1)
+        await watch.looking
+        self.assertEqual(len(seen), 1)
+        await store.remove(pauseKey("transport", "log"))
+        await store.put(pauseKey("site", "ex"), {})
+        clock.advance(1)
+        await watch.looking
+        self.assertEqual(seen[-1], Pauses(sites=frozenset({"ex"})))
+        await watch.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class HeldBackTests(SynchronousTestCase):
+    """A paused item that was taken goes back uncharged, a heartbeat later."""
+
+    def test_putBack(self):
+        clock = Clock()
+        clock.advance(1000)
+        config = snqconfig.parse({
+                                  "cluster": {"heartbeat": 4.0}})
+        queue = MemoryQueue(clock)
+        dispatcher = Dispatcher(queue, HandlerRegistry.load(config.handlers),
+                                config, clock=clock)
+        dispatcher.pauses = Pauses(sites=frozenset({"ex"}))
+        item = Item(transport="log", payload={}, site="ex", attempts=2)
+        queue.put(item.toJSON(), "log", "ex", attempts=2)
+        [delivery] = self.successResultOf(queue.claim(10, TransportFilter()))
+        self.successResultOf(dispatcher.dispatch(delivery))
+        [row] = queue.rows.values()
+        self.assertEqual((row["attempts"], row["run_at"], row["error"]),
+                         (2, 1004.0, "paused"))
+        self.assertEqual(dispatcher.stats.totals().get("handled", 0), 0)
