@@ -6,6 +6,7 @@ beside a STOMP broker); the master's heartbeats and cluster reloads, and a
 worker's look at the pauses, on a Clock; a paused item put back uncharged.
 """
 
+import dataclasses
 import os
 
 from twisted.internet import defer
@@ -59,6 +60,19 @@ class PausesTests(SynchronousTestCase):
         config = snqconfig.parse({"queue": {"backend": "stomp"}})
         with self.assertRaises(ClusterMissing):
             makeStore(config)
+
+    def test_digest(self):
+        """What a host may have of its own does not count; the rest does."""
+        base = snqconfig.parse({"daemon": {"id": "a", "workers": 2}})
+        own = snqconfig.parse({"daemon": {"id": "b", "workers": 5},
+                               "monitor": {"http": "127.0.0.1:9999"}},
+                              "/etc/snq/other.toml")
+        other = snqconfig.parse({"daemon": {"id": "a"},
+                                 "queue": {"max_retries": 9}})
+        self.assertEqual(digest(base), digest(own))
+        self.assertNotEqual(digest(base), digest(other))
+        self.assertNotEqual(digest(base), digest(
+            dataclasses.replace(base, code={"h": "fingerprint"})))
 
     def test_configChecked(self):
         with self.assertRaises(snqconfig.ConfigError) as e:
@@ -228,7 +242,7 @@ class RegistryServiceTests(TestCase):
         self.assertEqual(record["workers"], [{
             "id": "w.0", "role": None, "pid": 7, "state": "running",
             "uptime": None, "handled": 3, "errors": 1, "inflight": None,
-            "rss": None}])
+            "rss": None, "claims_failing": None, "claim_error": None}])
         await self.advance(2)
         self.assertEqual((await self.store.daemons())[name]["seen"], 1002.0)
         await self.service.stopService()

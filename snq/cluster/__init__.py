@@ -177,3 +177,17 @@ def makeStore(config, queue=None, clock=None) -> ClusterStore:
     from snq.cluster.sql import SqlStore
 
     return SqlStore(queue, clock)
+
+
+@defer.inlineCallbacks
+def withStore(config, reactor, use):
+    """
+    C{use(store)} on a store of its own (snqctl's), opened and closed
+    around it; → what it gives.
+    """
+    store = makeStore(config, clock=reactor)
+    yield store.open()
+    try:
+        return (yield use(store))
+    finally:
+        yield store.close()

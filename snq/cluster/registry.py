@@ -8,7 +8,9 @@ into its record for the command to read.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import socket
 
@@ -23,7 +25,7 @@ from snq.service import defaultReactor
 
 #: Fields of the tracker's worker rows that a record carries.
 _WORKER_FIELDS = ("id", "role", "pid", "state", "uptime", "handled", "errors",
-                  "inflight", "rss")
+                  "inflight", "rss", "claims_failing", "claim_error")
 #: Heartbeats between two sweeps of forgotten records.
 _SWEEP_EVERY = 60
 
@@ -33,9 +35,30 @@ def daemonName(config) -> str:
     return f"{config.daemon.id}@{socket.gethostname()}"
 
 
+#: What may differ from host to host: what a host runs (its id, workers,
+#: socket), where its own monitor listens, where its file is.
+_HOST_SECTIONS = ("daemon", "monitor", "source")
+
+
 def digest(config) -> str:
-    """What the config says, in 12 hex digits: equal on hosts that run the same."""
-    return hashlib.sha256(config.text or b"").hexdigest()[:12]
+    """
+    The config as every host must share it, in 12 hex digits: all but the
+    sections of a host's own (L{_HOST_SECTIONS}), with its handlers' code.
+    Secrets count as C{***}: hosts with different secrets look alike.
+    """
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if f.compare and f.name not in _HOST_SECTIONS}
+    shared["code"] = config.code
+    text = json.dumps(shared, sort_keys=True, default=_plain)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return str(value)
 
 
 class RegistryService(Service):
