@@ -170,7 +170,8 @@ def makeService(options):
     # the stopping workers still reach the monitors.
     monitor.setServiceParent(daemon)
     # Before the pool, so its last heartbeat, "stopped", comes after it.
-    RegistryService(config, monitor.tracker, reloader).setServiceParent(daemon)
+    monitor.registry = RegistryService(config, monitor.tracker, reloader)
+    monitor.registry.setServiceParent(daemon)
     # Before the pool, so it stops after it: claims left by the workers'
     # last deaths go back.
     Reaper(config, pool).setServiceParent(daemon)

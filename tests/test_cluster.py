@@ -202,7 +202,8 @@ class FakeTracker:
     def summary(self):
         return {"workers": [{"id": "w.0", "pid": 7, "state": "running",
                              "handled": 3, "errors": 1, "activity": "idle"}],
-                "totals": {"handled": 3, "error": 1}, "transports": {}}
+                "totals": {"handled": 3, "error": 1}, "transports": {},
+                "sites": {"default": {"handled": 3}}}
 
 
 class RegistryServiceTests(TestCase):
@@ -243,8 +244,14 @@ class RegistryServiceTests(TestCase):
             "id": "w.0", "role": None, "pid": 7, "state": "running",
             "uptime": None, "handled": 3, "errors": 1, "inflight": None,
             "rss": None, "claims_failing": None, "claim_error": None}])
+        await self.store.put(pauseKey("site", "ex"), {})
         await self.advance(2)
         self.assertEqual((await self.store.daemons())[name]["seen"], 1002.0)
+        # What the dashboard shows: the cluster as this heartbeat read it.
+        shown = self.service.view()
+        self.assertEqual(([r["name"] for r in shown["daemons"]],
+                          shown["daemons"][0]["liveness"], shown["paused"]),
+                         ([name], "live", {"transports": [], "sites": ["ex"]}))
         await self.service.stopService()
         record = (await self.store.daemons())[name]
         self.assertEqual((record["state"], liveness(record, 1003, 6)),

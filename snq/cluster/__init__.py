@@ -85,6 +85,20 @@ def liveness(record: dict, now: float, stale: float) -> str:
     return "live" if now - record.get("seen", 0) <= stale else "stale"
 
 
+def view(where: str, records: dict, settings: dict, now: float,
+         stale: float) -> dict:
+    """
+    The cluster as C{snqctl status --cluster --json} and the dashboard show
+    it: each record with its C{liveness}, and what is paused.
+    """
+    pauses = Pauses.fromSettings(settings)
+    return {"store": where, "time": now, "stale": stale,
+            "daemons": [dict(r, liveness=liveness(r, now, stale))
+                        for _, r in sorted(records.items())],
+            "paused": {"transports": sorted(pauses.transports),
+                       "sites": sorted(pauses.sites)}}
+
+
 class ClusterStore:
     """
     Where the registry and the settings are, on C{queue}'s store; every

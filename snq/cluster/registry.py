@@ -20,7 +20,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 import snq
-from snq.cluster import RELOAD, ClusterMissing, makeStore
+from snq.cluster import RELOAD, ClusterMissing, makeStore, view
 from snq.service import defaultReactor
 
 #: Fields of the tracker's worker rows that a record carries.
@@ -84,6 +84,8 @@ class RegistryService(Service):
         #: The nonce of the last cluster reload seen, and what came of it.
         self._reloadNonce = None
         self._reloaded: dict | None = None
+        #: The records and settings as last read, for the dashboard.
+        self._seen: tuple[dict, dict] = ({}, {})
         #: The heartbeat in progress, or the last one.
         self.beating: defer.Deferred = defer.succeed(None)
         self._loop = LoopingCall(self.beat)
@@ -136,6 +138,14 @@ class RegistryService(Service):
         self._looping = self._loop.start(interval, now=False)
         return [f"cluster: heartbeat every {interval:g} s"]
 
+    def view(self) -> dict | None:
+        """The cluster as the last heartbeat saw it; None without a store."""
+        if self.store is None:
+            return None
+        records, settings = self._seen
+        return view(self.store.describe(), records, settings,
+                    self.clock.seconds(), self.config.cluster.stale)
+
     def record(self, state: str = "running") -> dict:
         """What this daemon says of itself."""
         config, summary = self.config, self.tracker.summary()
@@ -149,6 +159,7 @@ class RegistryService(Service):
             "workers": [{k: w.get(k) for k in _WORKER_FIELDS}
                         for w in summary["workers"]],
             "totals": summary["totals"], "transports": summary["transports"],
+            "sites": summary["sites"],
             "reload": self._reloaded,
         }
 
@@ -167,6 +178,7 @@ class RegistryService(Service):
             settings = yield self.store.settings()
             self._reloadAsked(settings.get(RELOAD))
             yield self._write()
+            self._seen = (yield self.store.daemons()), settings
             self._beats += 1
             if self._beats % _SWEEP_EVERY == 0:
                 yield self.store.forget(self.clock.seconds()

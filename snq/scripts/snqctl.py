@@ -21,7 +21,15 @@ from twisted.internet import defer, error, task
 
 from snq import amp, control
 from snq import config as snqconfig
-from snq.cluster import RELOAD, ClusterMissing, Pauses, liveness, pauseKey, withStore
+from snq.cluster import (
+    RELOAD,
+    ClusterMissing,
+    Pauses,
+    liveness,
+    pauseKey,
+    view,
+    withStore,
+)
 from snq.item import DEFAULT_SITE, Item
 from snq.monitor import check as plugin
 from snq.monitor import snmp
@@ -493,13 +501,8 @@ def _showCluster(found, config, args, out, now):
     states = {name: liveness(r, now, stale) for name, r in records.items()}
     pauses = Pauses.fromSettings(settings)
     if args.json:
-        print(json.dumps({
-            "store": where, "time": now, "stale": stale,
-            "daemons": [dict(r, liveness=states[n])
-                        for n, r in sorted(records.items())],
-            "paused": {"transports": sorted(pauses.transports),
-                       "sites": sorted(pauses.sites)}},
-            indent=2, sort_keys=True), file=out)
+        print(json.dumps(view(where, records, settings, now, stale), indent=2,
+                         sort_keys=True), file=out)
         return
     live = sum(state == "live" for state in states.values())
     print(f"cluster in {where}: {live} daemons live, {len(records) - live} "
