@@ -7,9 +7,11 @@ worker's look at the pauses, on a Clock; a paused item put back uncharged.
 """
 
 import dataclasses
+import io
 import os
+import time
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -281,6 +283,23 @@ class RegistryServiceTests(TestCase):
         self.assertEqual(len(self.reloader.asked), 1)
         await self.service.stopService()
 
+    async def test_reconfigured(self):
+        """A reloaded heartbeat applies at once; the generation follows."""
+        await self.service.startService()
+        new = dataclasses.replace(
+            self.config, generation=2,
+            cluster=dataclasses.replace(self.config.cluster, heartbeat=4.0))
+        self.assertEqual(self.service.reconfigService(new),
+                         ["cluster: heartbeat every 4 s"])
+        await self.advance(2)
+        name = daemonName(self.config)
+        self.assertEqual((await self.store.daemons())[name]["seen"], 1000.0)
+        await self.advance(2)
+        record = (await self.store.daemons())[name]
+        self.assertEqual((record["seen"], record["generation"]), (1004.0, 2))
+        self.assertEqual(self.service.reconfigService(new), [])
+        await self.service.stopService()
+
     async def test_storeDown(self):
         """A failing heartbeat is said once, and the next ones go on."""
         await self.service.startService()
@@ -345,3 +364,79 @@ class HeldBackTests(SynchronousTestCase):
         self.assertEqual((row["attempts"], row["run_at"], row["error"]),
                          (2, 1004.0, "paused"))
         self.assertEqual(dispatcher.stats.totals().get("handled", 0), 0)
+
+
+class ClusterCheckTests(TestCase):
+    """C{snqctl check --cluster}'s judgement, on records written by hand."""
+
+    timeout = 30
+
+    async def setUp(self):
+        self.path = os.path.abspath(self.mktemp())
+        with open(self.path + ".toml", "w") as f:
+            f.write(f'[db]\nurl = "sqlite:///{self.path}"\n'
+                    '[cluster]\nheartbeat = 1\nstale = 10\n')
+        self.config = snqconfig.load(self.path + ".toml")
+        self.queue = makeQueue(self.config, reactor)
+        await self.queue.open()
+        self.addCleanup(self.queue.close)
+        self.store = makeStore(self.config, self.queue, reactor)
+
+    async def daemon(self, name, age=0.0, digest="d1", state="running",
+                     failing=0.0):
+        await self.store.beat(name, {
+            "name": name, "seen": time.time() - age, "state": state,
+            "digest": digest, "generation": 1,
+            "workers": [{"id": f"{name}.0", "role": "current",
+                         "state": "running", "claims_failing": failing,
+                         "claim_error": "boom"}]}, 60)
+
+    async def check(self, *args):
+        from snq.monitor import check
+        from snq.scripts.snqctl import parser
+
+        out = io.StringIO()
+        code = await check.run(parser().parse_args(
+            ["-c", self.path + ".toml", "check", "--cluster", *args]),
+            reactor, out)
+        return code, out.getvalue()
+
+    async def test_ok(self):
+        await self.daemon("a@h1")
+        await self.daemon("b@h2", age=5)
+        await self.daemon("c@h3", age=100, state="stopped")
+        code, line = await self.check("--min-daemons", "2")
+        self.assertEqual(code, 0, line)
+        self.assertIn("2 daemons live", line)
+        self.assertIn("daemons=2;;2:;0;3", line)
+        self.assertIn("2/2 workers running", line)
+
+    async def test_tooFew(self):
+        await self.daemon("a@h1")
+        code, line = await self.check("--min-daemons", "2")
+        self.assertEqual(code, 2, line)
+        self.assertIn("1 daemons live (CRITICAL, range 2:)", line)
+
+    async def test_staleAndDiffering(self):
+        await self.daemon("a@h1")
+        await self.daemon("b@h2", digest="d2")
+        await self.daemon("c@h3", age=30)
+        code, line = await self.check()
+        self.assertEqual(code, 1, line)
+        self.assertIn("c@h3 silent for 30 s (WARNING)", line)
+        self.assertIn("configs differ: d1 on a@h1 (generation 1); d2 on b@h2 "
+                      "(generation 1) (WARNING)", line)
+        self.assertIn("stale=1;1;;0;", line)
+
+    async def test_claimsFailing(self):
+        await self.daemon("a@h1", failing=12)
+        code, line = await self.check()
+        self.assertEqual(code, 2, line)
+        self.assertIn("a@h1.0 cannot claim for 12 s: boom (CRITICAL)", line)
+
+    async def test_noRegistry(self):
+        with open(self.path + ".toml", "w") as f:
+            f.write('[queue]\nbackend = "stomp"\n')
+        code, line = await self.check()
+        self.assertEqual(code, 3, line)
+        self.assertIn("set [ledger] url", line)
