@@ -180,10 +180,11 @@ class Dispatcher:
                           "not due yet")
         if self.pauses.holds(item.transport, item.site):
             # Taken while paused (a broker's push, a list of several
-            # transports, any site's items): back uncharged, and not
-            # before the pauses are looked at again, so it cannot spin.
-            return settle(self.queue.retry, item,
-                          self.config.cluster.heartbeat, "paused")
+            # transports, any site's items): back uncharged, and not before
+            # the pauses are looked at again, so it cannot spin.
+            return settle(self.queue.retry, item, self.pauses.putBack(
+                item.transport, item.site, now, self.config.cluster.heartbeat),
+                "paused")
         sites = self.config.knownSites()
         if sites is not None and item.site not in sites:
             # Usual while a reload that adds the site spreads over the

@@ -42,6 +42,21 @@ class PausesTests(SynchronousTestCase):
         self.assertEqual(describe(pauses), "transport webhook, site ex paused")
         self.assertEqual(describe(Pauses()), "nothing paused")
 
+    def test_putBack(self):
+        """A heartbeat at first, then as long as the pause lasted, capped."""
+        pauses = Pauses.fromSettings({
+            pauseKey("transport", "webhook"): {"since": 1000.0},
+            pauseKey("site", "ex"): {"since": 1030.0},
+            pauseKey("site", "old"): {}})
+        self.assertEqual(pauses.putBack("webhook", "default", 1001, 5), 5)
+        self.assertEqual(pauses.putBack("webhook", "default", 1020, 5), 20)
+        self.assertEqual(pauses.putBack("webhook", "default", 2000, 5), 60)
+        # Both paused: the later pause counts.
+        self.assertEqual(pauses.putBack("webhook", "ex", 1040, 5), 10)
+        # Paused without a time (by hand): a heartbeat.
+        self.assertEqual(pauses.putBack("log", "old", 1040, 5), 5)
+        self.assertEqual(Pauses.fromSettings({}), Pauses())
+
     def test_narrow(self):
         paused = Pauses(frozenset({"webhook"}))
         some = TransportFilter(include=frozenset({"webhook", "log"}))

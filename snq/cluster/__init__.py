@@ -39,22 +39,35 @@ def pauseKey(kind: str, name: str) -> str:
     return f"{PAUSE}{kind}:{name}"
 
 
+#: Longest a paused item that was taken anyway waits before it is taken
+#: again (L{Pauses.putBack}).
+MAX_PUT_BACK = 60.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Pauses:
     """The transports and sites no daemon of the cluster claims for now."""
 
     transports: frozenset = frozenset()
     sites: frozenset = frozenset()
+    #: C{(kind, name)} → when it was paused (UNIX seconds).
+    since: dict = dataclasses.field(default_factory=dict, compare=False,
+                                    hash=False)
 
     @classmethod
     def fromSettings(cls, settings: dict) -> Pauses:
         found = {kind: set() for kind in KINDS}
-        for key in settings:
+        since = {}
+        for key, value in settings.items():
             if key.startswith(PAUSE):
                 kind, _, name = key[len(PAUSE):].partition(":")
                 if kind in found and name:
                     found[kind].add(name)
-        return cls(frozenset(found["transport"]), frozenset(found["site"]))
+                    when = value.get("since")
+                    if isinstance(when, (int, float)):
+                        since[kind, name] = float(when)
+        return cls(frozenset(found["transport"]), frozenset(found["site"]),
+                   since)
 
     def __bool__(self):
         return bool(self.transports or self.sites)
@@ -62,6 +75,22 @@ class Pauses:
     def holds(self, transport: str, site: str) -> bool:
         """Whether an item of C{transport} and C{site} must wait."""
         return transport in self.transports or site in self.sites
+
+    def putBack(self, transport: str, site: str, now: float,
+                heartbeat: float) -> float:
+        """
+        Seconds until a paused item that was taken may be taken again: a
+        heartbeat at first, then as long as the pause has lasted, up to
+        L{MAX_PUT_BACK}.  However big a paused backlog, each of its items
+        is taken at most once in that time, and the items behind it in the
+        same queue are reached.
+        """
+        started = [self.since.get(key, now)
+                   for key in (("transport", transport), ("site", site))
+                   if key[1] in (self.transports if key[0] == "transport"
+                                 else self.sites)]
+        lasted = now - max(started) if started else 0.0
+        return min(max(heartbeat, lasted), max(MAX_PUT_BACK, heartbeat))
 
     def narrow(self, transports):
         """
