@@ -250,7 +250,8 @@ class RegistryServiceTests(TestCase):
         await self.service.beating
 
     async def test_heartbeats(self):
-        await self.service.startService()
+        self.service.startService()
+        await self.service.beating
         name = daemonName(self.config)
         record = (await self.store.daemons())[name]
         self.assertEqual((record["pid"], record["seen"], record["state"],
@@ -278,7 +279,8 @@ class RegistryServiceTests(TestCase):
     async def test_reload(self):
         """A reload asked before the start is not this daemon's; a later one is."""
         await self.store.put(RELOAD, {"nonce": "old"})
-        await self.service.startService()
+        self.service.startService()
+        await self.service.beating
         await self.advance(2)
         self.assertEqual(self.reloader.asked, [])
         await self.store.put(RELOAD, {"nonce": "new"})
@@ -300,7 +302,8 @@ class RegistryServiceTests(TestCase):
 
     async def test_reconfigured(self):
         """A reloaded heartbeat applies at once; the generation follows."""
-        await self.service.startService()
+        self.service.startService()
+        await self.service.beating
         new = dataclasses.replace(
             self.config, generation=2,
             cluster=dataclasses.replace(self.config.cluster, heartbeat=4.0))
@@ -315,9 +318,22 @@ class RegistryServiceTests(TestCase):
         self.assertEqual(self.service.reconfigService(new), [])
         await self.service.stopService()
 
+    async def test_downAtStart(self):
+        """The daemon starts anyway; it registers once the store answers."""
+        await self.queue.close()
+        self.service.startService()
+        await self.service.beating
+        self.assertIsNone(self.service.view())
+        await self.queue.open()
+        await self.advance(2)
+        self.assertEqual(list(await self.store.daemons()),
+                         [daemonName(self.config)])
+        await self.service.stopService()
+
     async def test_storeDown(self):
         """A failing heartbeat is said once, and the next ones go on."""
-        await self.service.startService()
+        self.service.startService()
+        await self.service.beating
         await self.queue.close()
         await self.advance(2)
         await self.advance(2)

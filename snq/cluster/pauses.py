@@ -21,7 +21,8 @@ class PauseWatch(Service):
     Reads the pauses from the store on C{queue} (open, the worker's own)
     and calls C{apply(pauses)} when they change.  The first look is over
     before the service has started, so a worker that starts during a pause
-    does not claim what is paused.
+    does not claim what is paused; a store that does not answer keeps the
+    pauses as they were, and is asked again at the next look.
     """
 
     log = Logger()
@@ -33,6 +34,7 @@ class PauseWatch(Service):
         self.clock = clock
         self.pauses = Pauses()
         self.store = None
+        self._opened = False
         self._failing = False
         #: The look in progress, or the last one.
         self.looking: defer.Deferred = defer.succeed(None)
@@ -44,11 +46,9 @@ class PauseWatch(Service):
     def startService(self):
         super().startService()
         try:
-            store = makeStore(self.config, self.queue, self.clock)
+            self.store = makeStore(self.config, self.queue, self.clock)
         except ClusterMissing:
             return
-        yield store.open()
-        self.store = store
         yield self.look()
         self._looping = self._loop.start(self.config.cluster.heartbeat,
                                          now=False)
@@ -59,7 +59,8 @@ class PauseWatch(Service):
         if self._loop.running:
             self._loop.stop()
         yield self._looping
-        if self.store is not None:
+        yield self.looking
+        if self._opened:
             yield self.store.close()
 
     def reconfigService(self, config):
@@ -77,6 +78,10 @@ class PauseWatch(Service):
     @defer.inlineCallbacks
     def _look(self):
         try:
+            if not self._opened:
+                # A store of its own ([ledger] url) may be down for now.
+                yield self.store.open()
+                self._opened = True
             pauses = Pauses.fromSettings((yield self.store.settings()))
         except Exception as e:
             if not self._failing:

@@ -28,6 +28,8 @@ _WORKER_FIELDS = ("id", "role", "pid", "state", "uptime", "handled", "errors",
                   "inflight", "rss", "claims_failing", "claim_error")
 #: Heartbeats between two sweeps of forgotten records.
 _SWEEP_EVERY = 60
+#: No cluster reload looked at yet.
+_UNSEEN = object()
 
 
 def daemonName(config) -> str:
@@ -81,18 +83,19 @@ class RegistryService(Service):
         self.started = None
         self._beats = 0
         self._failing = False
-        #: The nonce of the last cluster reload seen, and what came of it.
-        self._reloadNonce = None
+        self._opened = False
+        #: The nonce of the last cluster reload seen (L{_UNSEEN} before the
+        #: first look), and what came of it.
+        self._reloadNonce = _UNSEEN
         self._reloaded: dict | None = None
         #: The records and settings as last read, for the dashboard.
-        self._seen: tuple[dict, dict] = ({}, {})
+        self._seen: tuple[dict, dict] | None = None
         #: The heartbeat in progress, or the last one.
         self.beating: defer.Deferred = defer.succeed(None)
         self._loop = LoopingCall(self.beat)
         self._loop.clock = self.clock
         self._looping: defer.Deferred = defer.succeed(None)
 
-    @defer.inlineCallbacks
     def startService(self):
         super().startService()
         self.started = self.clock.seconds()
@@ -102,17 +105,10 @@ class RegistryService(Service):
             except ClusterMissing as e:
                 self.log.info("not in a cluster registry: {why}", why=e)
                 return
-        yield self.store.open()
-        settings = yield self.store.settings()
-        # A reload asked before this daemon started is not for it.
-        self._reloadNonce = (settings.get(RELOAD) or {}).get("nonce")
-        yield self.beat()
+        # Not waited for: a backend down now must not keep the daemon from
+        # starting; the heartbeats try again.
         self._looping = self._loop.start(self.config.cluster.heartbeat,
-                                         now=False)
-        self.log.info("registered as {name} in {store}, heartbeat every "
-                      "{interval:g} s", name=self.name,
-                      store=self.store.describe(),
-                      interval=self.config.cluster.heartbeat)
+                                         now=True)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -120,7 +116,8 @@ class RegistryService(Service):
         if self._loop.running:
             self._loop.stop()
         yield self._looping
-        if self.store is None:
+        yield self.beating
+        if not self._opened:
             return
         try:
             yield self._write("stopped")
@@ -139,8 +136,8 @@ class RegistryService(Service):
         return [f"cluster: heartbeat every {interval:g} s"]
 
     def view(self) -> dict | None:
-        """The cluster as the last heartbeat saw it; None without a store."""
-        if self.store is None:
+        """The cluster as the last heartbeat read it; None before one did."""
+        if self._seen is None:
             return None
         records, settings = self._seen
         return view(self.store.describe(), records, settings,
@@ -175,6 +172,13 @@ class RegistryService(Service):
     @defer.inlineCallbacks
     def _beat(self):
         try:
+            if not self._opened:
+                yield self.store.open()
+                self._opened = True
+                self.log.info("registered as {name} in {store}, heartbeat "
+                              "every {interval:g} s", name=self.name,
+                              store=self.store.describe(),
+                              interval=self.config.cluster.heartbeat)
             settings = yield self.store.settings()
             self._reloadAsked(settings.get(RELOAD))
             yield self._write()
@@ -195,6 +199,10 @@ class RegistryService(Service):
 
     def _reloadAsked(self, asked: dict | None):
         nonce = (asked or {}).get("nonce")
+        if self._reloadNonce is _UNSEEN:
+            # A reload asked before this daemon started is not for it.
+            self._reloadNonce = nonce
+            return
         if nonce is None or nonce == self._reloadNonce:
             return
         self._reloadNonce = nonce
