@@ -152,7 +152,9 @@ class DashboardActionTests(TestCase):
                      "requeued 1 dead letters")
             browser.waitFor(f"return {FIRST_DEAD.removeprefix('return ')} "
                             f"!== '{first}'", "the retried one gone")
-            browser.screenshot(os.path.join(self.dir, "dashboard.png"))
+            screenshot = os.path.join(self.dir, "dashboard.png")
+            browser.screenshot(screenshot)
+            self.assertGreater(os.path.getsize(screenshot), 10_000)
 
             # Without the token the page shows nothing, and acts on nothing.
             browser.open(self.url)
