@@ -533,6 +533,24 @@ class LedgerConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """
+    C{[cluster]}: how daemons sharing a backend see each other (the
+    registry behind C{snqctl status --cluster}, and the cluster-wide
+    pauses).
+    """
+
+    #: Seconds between two heartbeats of a daemon in the registry; workers
+    #: look at the cluster's pauses as often.
+    heartbeat: float = field(default=5.0, metadata=_positive)
+    #: A daemon whose last heartbeat is older than this is shown as gone
+    #: (C{snqctl check --cluster}: a stale heartbeat).
+    stale: float = field(default=20.0, metadata=_positive)
+    #: … and leaves the registry once its last heartbeat is this old.
+    forget: float = field(default=86400.0, metadata=_positive)
+
+
+@dataclass(frozen=True)
 class Config:
     #: The master and its pool of worker processes.
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
@@ -568,6 +586,9 @@ class Config:
     #: Where daemons sharing a backend record what must happen once among
     #: them (see the chapter on IoManagers, "The ledger").
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    #: How daemons sharing a backend see each other (see the chapter on
+    #: scaling, "One view of the cluster").
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     #: The file this came from, or None for the embedded default.
     source: str | None = None
     #: What follows says where this config stands in a running daemon, not
@@ -647,7 +668,8 @@ class Config:
 _DEFAULT_TRANSPORT = TransportConfig()
 _SECTIONS = {"daemon": DaemonConfig, "queue": QueueConfig, "db": DbConfig,
              "stomp": StompConfig, "redis": RedisConfig, "xmpp": XmppConfig,
-             "monitor": MonitorConfig, "ledger": LedgerConfig}
+             "monitor": MonitorConfig, "ledger": LedgerConfig,
+             "cluster": ClusterConfig}
 
 
 def load(path: str | None = None, environ: typing.Mapping = os.environ) -> Config:
@@ -721,6 +743,7 @@ def parse(data: dict, source: str = "<config>") -> Config:
         for key, expected in TargetPolicy.problems(table):
             problem(f"sites.{nick}.{key}", expected)
     _monitor(sections["monitor"], problem)
+    _cluster(sections["cluster"], problem)
     iomanagers = {
         name: _ioManager(name, _asTable(table, f"iomanagers.{name}", problem),
                          problem)
@@ -766,6 +789,16 @@ def _monitor(monitor: MonitorConfig, problem) -> None:
     if monitor.wildcard() and not monitor.hosts:
         problem("monitor.hosts", f"needed when monitor.http ({monitor.http}) "
                 "listens on every address: the names clients reach it by")
+
+
+def _cluster(cluster: ClusterConfig, problem) -> None:
+    """A daemon must not look gone between two of its heartbeats."""
+    if cluster.stale < 2 * cluster.heartbeat:
+        problem("cluster.stale", f"expected at least twice cluster.heartbeat "
+                f"({cluster.heartbeat:g} s), got {cluster.stale:g}")
+    if cluster.forget < cluster.stale:
+        problem("cluster.forget", f"expected at least cluster.stale "
+                f"({cluster.stale:g} s), got {cluster.forget:g}")
 
 
 def _table(data: dict, key: str, problem) -> dict:

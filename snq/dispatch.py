@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from snq.backoff import backoff
+from snq.cluster import Pauses
 from snq.files import privateDirectory, writePrivate
 from snq.handlers import Defer, HandlerRegistry, Reject, Retry
 from snq.handlers.context import HandlerContext
@@ -109,6 +110,8 @@ class Dispatcher:
         #: them (the worker's memory watch).
         self.settledHooks: list = []
         self.held: set[Delivery] = set()
+        #: What the cluster has paused (L{snq.cluster.pauses.PauseWatch}).
+        self.pauses = Pauses()
         self._waiting: collections.deque = collections.deque()
         self._running: collections.Counter = collections.Counter()
         self._drained: list[defer.Deferred] = []
@@ -175,6 +178,13 @@ class Dispatcher:
             # again, without an attempt charged.
             return settle(self.queue.retry, item, item.run_at - now,
                           "not due yet")
+        if self.pauses.holds(item.transport, item.site):
+            # Taken while paused (a broker's push, a list of several
+            # transports, any site's items): back uncharged, and not before
+            # the pauses are looked at again, so it cannot spin.
+            return settle(self.queue.retry, item, self.pauses.putBack(
+                item.transport, item.site, now, self.config.cluster.heartbeat),
+                "paused")
         sites = self.config.knownSites()
         if sites is not None and item.site not in sites:
             # Usual while a reload that adds the site spreads over the

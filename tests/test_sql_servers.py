@@ -179,7 +179,7 @@ class ServerTestsMixin:
         self.server.insertMany([(frame(), "record", "default", 0, 0)])
         snqctl("-c", config, "db", "init", cwd=self.dir)
         self.assertEqual(self.server.count(), 1)
-        self.assertEqual(self.server.sql("SELECT version FROM snq_schema"), [(1,)])
+        self.assertEqual(self.server.sql("SELECT version FROM snq_schema"), [(2,)])
 
     def test_statusNetTableRefused(self):
         """StatusNet's own queue_item is in the way: say so, touch nothing."""

@@ -155,6 +155,13 @@ def _claimOrder(row):
     return -priority, row[0]
 
 
+#: Schema version 2: the cluster's registry and settings (L{snq.cluster.sql}).
+CLUSTER_TABLE = """CREATE TABLE IF NOT EXISTS snq_cluster (
+    name VARCHAR(191) NOT NULL PRIMARY KEY,
+    value TEXT NOT NULL,
+    seen DOUBLE PRECISION NOT NULL)"""
+
+
 class Sqlite(Dialect):
     #: One connection: SQLite has one writer at a time anyway, and a single
     #: thread keeps its transactions from waiting on each other.
@@ -189,7 +196,7 @@ class Sqlite(Dialect):
             error TEXT NOT NULL,
             attempts INTEGER NOT NULL DEFAULT 0,
             died DOUBLE PRECISION NOT NULL)""",
-    ),)
+    ), (CLUSTER_TABLE,))
 
     @staticmethod
     def path(url) -> str:
@@ -280,7 +287,8 @@ class Mysql(Dialect):
             attempts INT NOT NULL DEFAULT 0,
             died DOUBLE NOT NULL
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
-    ),)
+    ), (CLUSTER_TABLE
+        + " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",))
 
     currentSchema = "DATABASE()"
     #: URL query parameters passed on to PyMySQL.
@@ -396,7 +404,7 @@ class Postgres(Dialect):
         "DROP TRIGGER IF EXISTS snq_queue_item_notify ON queue_item",
         """CREATE TRIGGER snq_queue_item_notify AFTER INSERT ON queue_item
             FOR EACH STATEMENT EXECUTE FUNCTION snq_queue_item_notify()""",
-    ),)
+    ), (CLUSTER_TABLE,))
 
     def __init__(self):
         import psycopg
