@@ -18,7 +18,7 @@ from redis.retry import Retry
 
 from snq.client.errors import EnqueueError
 from snq.redis import scripts
-from snq.redis.address import RedisAddress
+from snq.redis.address import RedisAddress, redisPy
 from snq.redis.keys import enqueueCall
 
 
@@ -37,10 +37,8 @@ class RedisBackend:
         # redis-py's pool is thread-safe, and starts afresh in a forked
         # child.  A command that fails on a connection the server dropped is
         # sent once more, on a new one.
-        self.client = redis.Redis(
-            host=address.host, port=address.port, db=address.db,
-            username=address.username, password=address.password,
-            socket_timeout=settings.timeout,
+        self.client = redisPy(
+            address, socket_timeout=settings.timeout,
             socket_connect_timeout=settings.timeout,
             retry=Retry(NoBackoff(), 1), client_name=(
                 f"snq-producer-{socket.gethostname()}-{os.getpid()}-"
