@@ -17,6 +17,7 @@ import json
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
@@ -57,15 +58,43 @@ record_file = "{record}"
 """
 
 
-class HostsMixin:
-    """Three hosts on one backend; a backend's class says how to reach it."""
+@dataclass
+class Drain:
+    """What L{Hosts.drain} saw."""
 
-    timeout = 600
+    hosts: int
+    items: int
+    #: Seconds from the daemons' start to every item handled.
+    elapsed: float
+    #: Item id → how many times it was handled.
+    counts: Counter
+    #: The ids the cut host had claimed when cut (SQL, Redis), and handled.
+    held: set = field(default_factory=set)
+    handledByCut: set = field(default_factory=set)
+    #: Seconds after the cut at which the items it held started elsewhere.
+    elsewhere: list = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.items / self.elapsed
+
+    @property
+    def twice(self) -> set:
+        return {i for i, n in self.counts.items() if n > 1}
+
+
+class Hosts:
+    """
+    Three hosts on one backend; a backend's class says how to reach it.
+    For test cases, and for C{bench.scale} (which stands in for one).
+    """
+
     #: Worker processes per host, and the window of each.
     workers = 1
     prefetch = 100
     #: Seconds of a claim's lease (SQL, Redis).
     lease = 6
+    queueSection = ""
 
     def setUp(self):
         reason = netns.unavailable()
@@ -82,7 +111,15 @@ class HostsMixin:
         raise NotImplementedError
 
     def section(self, where: str) -> str:
-        """The backend's config for a daemon reaching it at C{where}."""
+        """The backend's config for a daemon on a host ("hosts") or here."""
+        raise NotImplementedError
+
+    def heldBy(self, host) -> set:
+        """Ids of the items C{host}'s workers hold claimed (or a Deferred)."""
+        raise NotImplementedError
+
+    def drained(self):
+        """Is nothing ready or held (or a Deferred of it)?"""
         raise NotImplementedError
 
     def forward(self, port: int) -> str:
@@ -93,25 +130,24 @@ class HostsMixin:
         path = os.path.join(self.dir, f"{name}.toml")
         with open(path, "w") as f:
             f.write(COMMON.format(
-                name=name, workers=self.workers, backend=self.backend, lease=self.lease,
-                prefetch=self.prefetch, queue=self.queueSection, record=record)
-                + section)
+                name=name, workers=self.workers, backend=self.backend,
+                lease=self.lease, prefetch=self.prefetch, queue=self.queueSection,
+                record=record) + section)
         return path
-
-    queueSection = ""
 
     def record(self, host) -> str:
         return os.path.join(self.dir, f"handled-h{host.index}.txt")
 
-    def startHost(self, host, section):
+    def startHost(self, host):
         """A daemon on C{host}, in a directory of its own (control socket)."""
-        config = self.writeConfig(f"h{host.index}", section, self.record(host))
+        config = self.writeConfig(f"h{host.index}", self.section("hosts"),
+                                  self.record(host))
         cwd = os.path.join(self.dir, f"h{host.index}")
         os.makedirs(cwd)
         return Daemon(self, cwd, "-c", config, wrap=lambda c: host.command(*c))
 
     def producer(self) -> Producer:
-        config = self.writeConfig("producer", self.section("loopback"),
+        config = self.writeConfig("producer", self.section("here"),
                                   os.path.join(self.dir, "unused.txt"))
         producer = Producer(config=snqconfig.load(config))
         self.addCleanup(producer.close)
@@ -126,59 +162,71 @@ class HostsMixin:
                        for line in lines)
 
     @defer.inlineCallbacks
-    def test_hostCutMidDrain(self):
+    def drain(self, items, hosts=3, cut=False):
+        """
+        C{items} enqueued, then drained by daemons on the first C{hosts}
+        hosts; with C{cut}, the first host is cut off once a third is
+        handled (link down, frozen, killed a second later).  → L{Drain}.
+        """
         producer = self.producer()
         ids = set()
-        for start in range(0, ITEMS, 10_000):
+        for start in range(0, items, 10_000):
             ids.update(producer.enqueue_many(
-                "record", [{}] * min(10_000, ITEMS - start)))
-        self.assertEqual(len(ids), ITEMS)
+                "record", [{}] * min(10_000, items - start)))
         began = time.monotonic()
-        daemons = [self.startHost(h, self.section(self.reachable))
-                   for h in self.net.hosts]
-        victim = self.net.hosts[0]
-        yield waitFor(lambda: sum(self.handledIds().values()) >= ITEMS // 3,
-                      timeout=300, what="a third of the items handled")
-        held = yield defer.maybeDeferred(self.heldBy, victim)
-        cut = time.time()
-        victim.cutOff()
-        yield deferLater(reactor, 1.0, lambda: None)
-        victim.kill()
-        byVictim = {line[0] for line in self.handled()[victim.index]}
-        yield waitFor(lambda: ids <= set(self.handledIds()), timeout=300,
-                      what="every item handled by the hosts left")
-        elapsed = time.monotonic() - began
-        yield waitUntil(self.drained, timeout=120,
-                        what="nothing left in the queue")
-        counts = self.handledIds()
-        twice = {i for i, n in counts.items() if n > 1}
-        self.assertEqual(set(counts), ids, "an item nobody enqueued")
-        self.assertLessEqual(twice, byVictim | held,
+        daemons = [self.startHost(h) for h in self.net.hosts[:hosts]]
+        result = Drain(hosts, items, 0.0, Counter())
+        if cut:
+            victim = self.net.hosts[0]
+            yield waitFor(lambda: sum(self.handledIds().values()) >= items // 3,
+                          timeout=300, what="a third of the items handled")
+            cutAt = time.time()
+            victim.cutOff()
+            # Frozen, its claims stay until their lease lapses.
+            result.held = yield defer.maybeDeferred(self.heldBy, victim)
+            yield deferLater(reactor, 1.0, lambda: None)
+            victim.kill()
+            result.handledByCut = {line[0] for line in self.handled()[victim.index]}
+        yield waitFor(lambda: ids <= set(self.handledIds()), timeout=600,
+                      what="every item handled")
+        result.elapsed = time.monotonic() - began
+        yield waitUntil(self.drained, timeout=120, what="nothing left in the queue")
+        result.counts = self.handledIds()
+        if set(result.counts) != ids:
+            raise AssertionError("an item nobody enqueued was handled")
+        if cut:
+            result.elsewhere = sorted(
+                float(line[3]) - cutAt for index, lines in self.handled().items()
+                if index != victim.index for line in lines
+                if line[0] in result.held and float(line[3]) > cutAt)
+        for d in daemons[1 if cut else 0:]:
+            if not d.alive():
+                raise AssertionError(f"a daemon died: {d.output()[-2000:]}")
+        return result
+
+
+class HostsTestsMixin(Hosts):
+    timeout = 600
+
+    @defer.inlineCallbacks
+    def test_hostCutMidDrain(self):
+        result = yield self.drain(ITEMS, cut=True)
+        twice = result.twice
+        self.assertLessEqual(twice, result.handledByCut | result.held,
                              "a duplicate the cut host had not held")
-        window = self.workers * self.prefetch
-        self.assertLessEqual(len(twice), window,
+        self.assertLessEqual(len(twice), self.workers * self.prefetch,
                              "more duplicates than the cut host held")
-        # When the cut host's items ran elsewhere: the first and last start
-        # of an item it held, on another host.
-        elsewhere = [float(line[3]) - cut for index, lines in self.handled().items()
-                     if index != victim.index for line in lines
-                     if line[0] in held and float(line[3]) > cut]
-        taken = (f"of the {len(held)} items it held, {len(elsewhere)} ran "
-                 f"elsewhere {min(elsewhere):.1f} to {max(elsewhere):.1f} s "
-                 "after the cut" if elsewhere else
-                 f"it held {len(held)} items, none ran elsewhere")
-        for d in daemons[1:]:
-            self.assertTrue(d.alive())
-        print(f"\n{self.backend}: {ITEMS:,} items on 3 hosts in {elapsed:.1f} s "
-              f"({ITEMS / elapsed:,.0f} items/s), one cut after a third; "
-              f"{len(twice)} handled twice; {taken}")
-
-    #: The address the hosts reach the backend at ("loopback" for the
-    #: producer in the root namespace).
-    reachable = "hosts"
+        elsewhere = result.elsewhere
+        taken = (f"of the {len(result.held)} items it held, {len(elsewhere)} ran"
+                 f" elsewhere {elsewhere[0]:.1f} to {elsewhere[-1]:.1f} s after "
+                 "the cut" if elsewhere else
+                 f"it held {len(result.held)} items, none ran elsewhere")
+        print(f"\n{self.backend}: {ITEMS:,} items on 3 hosts in "
+              f"{result.elapsed:.1f} s ({result.rate:,.0f} items/s), one cut "
+              f"after a third; {len(twice)} handled twice; {taken}")
 
 
-class RedisHostsTests(HostsMixin, RedisFixture, TestCase):
+class RedisHosts(Hosts, RedisFixture):
     backend = "redis"
 
     @defer.inlineCallbacks
@@ -187,7 +235,7 @@ class RedisHostsTests(HostsMixin, RedisFixture, TestCase):
         self.viaBridge = self.forward(6379)
 
     def section(self, where):
-        address = "127.0.0.1:6379" if where == "loopback" else self.viaBridge
+        address = "127.0.0.1:6379" if where == "here" else self.viaBridge
         return f'[redis]\nurl = "redis://{address}/1"\nprefix = "{self.prefix}"\n'
 
     @defer.inlineCallbacks
@@ -210,7 +258,7 @@ class RedisHostsTests(HostsMixin, RedisFixture, TestCase):
         return left == 0
 
 
-class PostgresHostsTests(HostsMixin, TestCase):
+class PostgresHosts(Hosts):
     backend = "db"
 
     def setUpBackend(self):
@@ -221,12 +269,12 @@ class PostgresHostsTests(HostsMixin, TestCase):
         self.server.sql(f'ALTER DATABASE "{self.server.database}" SET '
                         "idle_in_transaction_session_timeout = '5s'")
         self.viaBridge = self.forward(5432)
-        config = self.writeConfig("init", self.section("loopback"),
+        config = self.writeConfig("init", self.section("here"),
                                   os.path.join(self.dir, "unused.txt"))
         snqctl("-c", config, "db", "init", cwd=self.dir)
 
     def section(self, where):
-        address = "127.0.0.1:5432" if where == "loopback" else self.viaBridge
+        address = "127.0.0.1:5432" if where == "here" else self.viaBridge
         return (f'[db]\nurl = "postgresql://postgres@{address}/'
                 f'{self.server.database}?connect_timeout=5"\n')
 
@@ -239,7 +287,7 @@ class PostgresHostsTests(HostsMixin, TestCase):
         return self.server.count() == 0
 
 
-class StompHostsTests(HostsMixin, TestCase):
+class StompHosts(Hosts):
     backend = "stomp"
 
     def setUpBackend(self):
@@ -250,11 +298,12 @@ class StompHostsTests(HostsMixin, TestCase):
         self.queueSection = f'basename = "/queue/{self.name}/"'
 
     def section(self, where):
-        address = "127.0.0.1:61613" if where == "loopback" else self.viaBridge
+        address = "127.0.0.1:61613" if where == "here" else self.viaBridge
         # Heart-beats end to end (through socat): RabbitMQ drops the cut
         # host's connection after two silent periods and gives its
         # unacknowledged messages to the others.
         return (f'[stomp]\nservers = ["tcp://{address}"]\nheartbeat = 2\n'
+                f'prefetch = {self.prefetch}\n'
                 f'control_channel = "/topic/{self.name}/control"\n')
 
     def heldBy(self, host):
@@ -265,6 +314,18 @@ class StompHostsTests(HostsMixin, TestCase):
     def drained(self):
         depths = rabbitmq.queueDepths(self.name)
         return all(depth == (0, 0) for depth in depths.values())
+
+
+class RedisHostsTests(HostsTestsMixin, RedisHosts, TestCase):
+    pass
+
+
+class PostgresHostsTests(HostsTestsMixin, PostgresHosts, TestCase):
+    pass
+
+
+class StompHostsTests(HostsTestsMixin, StompHosts, TestCase):
+    pass
 
 
 ONCE = """
