@@ -3,19 +3,23 @@
 Redis Sentinel end to end: a primary, a replica and three Sentinels on
 loopback ports of the test's own (L{tests.sentinel}); a real daemon and
 the producer on the C{redis+sentinel://} URL; the primary killed mid-drain,
-the replica promoted, and every item handled on the new primary.
+the replica promoted, and every item handled on the new primary; the
+Sentinels asked in turn, and only a primary taken.
 """
 
 import os
 import time
 from collections import Counter
 
+import txredisapi
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from snq import config as snqconfig
 from snq.client import EnqueueError, Producer
-from tests.daemon import Daemon, waitFor
+from snq.redis.address import RedisAddress
+from snq.redis.connection import RedisConnection, SentinelEndpoint
+from tests.daemon import Daemon, freePort, waitFor
 from tests.recorder import recorded
 from tests.sentinel import SentinelSet
 
@@ -118,3 +122,34 @@ class SentinelFailoverTests(TestCase):
         print(f"\n{ITEMS} items, the primary killed after a quarter: all "
               f"handled, {twice} twice; replica promoted {promoted:.1f} s after "
               f"the kill, the daemon on it after {back:.1f} s")
+
+    @defer.inlineCallbacks
+    def test_sentinelsAskedInTurnAndOnlyAPrimaryTaken(self):
+        """
+        A Sentinel that does not answer is passed over; a server that is
+        not a primary (a Sentinel naming one a moment too long) is refused
+        at the handshake, and the next attempt asks again.
+        """
+        dead = freePort()
+        url = self.servers.url.replace("redis+sentinel://",
+                                       f"redis+sentinel://127.0.0.1:{dead},")
+        connection = RedisConnection(RedisAddress.fromURL(url), "snqtest", 3.0)
+        connection.start()
+        self.addCleanup(connection.stop)
+        role = yield connection.execute("ROLE")
+        self.assertEqual(role[0], b"master")
+        self.assertEqual(connection.current.transport.getPeer().port,
+                         self.servers.primary)
+
+        replica = RedisAddress.fromURL(self.servers.url).primaryAt(
+            "127.0.0.1", self.servers.replica)
+        self.patch(SentinelEndpoint, "findPrimary",
+                   lambda endpoint: defer.succeed(replica))
+        refused = RedisConnection(RedisAddress.fromURL(self.servers.url),
+                                  "snqtest", 3.0)
+        refused.start()
+        self.addCleanup(refused.stop)
+        failure = yield self.assertFailure(refused.whenConnected(),
+                                           txredisapi.ConnectionError)
+        self.assertIn(f"127.0.0.1:{self.servers.replica} is a slave, not the "
+                      "primary", str(failure))
