@@ -1,10 +1,11 @@
 """
 A PostgreSQL primary and its streaming standby of the test's own: two
-clusters in a temporary directory, on loopback ports, run as the
-C{postgres} user with the Debian binaries (C{/usr/lib/postgresql/*/bin});
-for failover tests and benchmarks.  C{stop} removes everything.
+clusters in a temporary directory, on loopback ports, run with the Debian
+binaries (C{/usr/lib/postgresql/*/bin}), as the C{postgres} user when the
+test runs as root; for failover tests and benchmarks.  C{stop} removes everything.
 """
 
+import getpass
 import glob
 import os
 import pwd
@@ -44,14 +45,16 @@ class PostgresPair:
     writes.
     """
 
-    def __init__(self, user="postgres"):
-        self.user = user
+    def __init__(self):
+        # initdb refuses root: as root, the servers run as postgres.
+        self.asRoot = os.geteuid() == 0
+        self.user = "postgres" if self.asRoot else getpass.getuser()
         self.directory = tempfile.mkdtemp(prefix="snqtest-pg-")
-        account = pwd.getpwnam(user)
+        account = pwd.getpwnam(self.user)
         os.chown(self.directory, account.pw_uid, account.pw_gid)
         self.primary, self.standby = freePort(), freePort()
         self.running = set()
-        self.url = (f"postgresql://{user}@127.0.0.1:{self.primary},"
+        self.url = (f"postgresql://{self.user}@127.0.0.1:{self.primary},"
                     f"127.0.0.1:{self.standby}/postgres"
                     "?target_session_attrs=read-write&connect_timeout=3")
 
@@ -59,8 +62,9 @@ class PostgresPair:
         return os.path.join(self.directory, str(port))
 
     def run(self, *args):
+        runAs = ["runuser", "-u", self.user, "--"] if self.asRoot else []
         result = subprocess.run(
-            ["runuser", "-u", self.user, "--", *args], capture_output=True,
+            [*runAs, *args], capture_output=True,
             text=True, timeout=120, cwd=self.directory)
         if result.returncode:
             raise AssertionError(f"{' '.join(args)} failed: {result.stdout}"
