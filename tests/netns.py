@@ -131,11 +131,17 @@ class Host:
     def pids(self) -> list[int]:
         return namespacePids(self.namespace)
 
+    def freeze(self):
+        killNamespace(self.namespace, signal.SIGSTOP)
+
+    def thaw(self):
+        killNamespace(self.namespace, signal.SIGCONT)
+
     def cutOff(self):
         """The link goes down and every process freezes (SIGSTOP)."""
         ip("link", "set", self.link, "down")
         self.cut = True
-        killNamespace(self.namespace, signal.SIGSTOP)
+        self.freeze()
 
     def kill(self):
         killNamespace(self.namespace, signal.SIGKILL)
