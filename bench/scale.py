@@ -87,7 +87,7 @@ def main(reactor):
                 rows.append(row)
         print("\nitems/s with daemons on 1, 2 and 3 namespace hosts (one worker "
               "each); with a cut, the first start elsewhere of an item the cut "
-              "host held")
+              "host held (STOMP: of one it had run, run again)")
         table(rows, ["backend", "hosts", "items", "items/s", "lost", "twice", "cut",
                      "held", "elsewhere after s"])
         save("scale", {"args": vars(args), "rows": rows})
