@@ -147,20 +147,3 @@ def tlsOptions(address: RedisAddress, config):
     return ssl.optionsForClientTLS(address.host, trustRoot=trustRoot,
                                    clientCertificate=clientCertificate)
 
-
-def redisPy(address: RedisAddress, **options):
-    """
-    A redis-py client of C{address} (for producers): behind Sentinels, one
-    that asks them for the primary and asks again after a failover.
-    C{options} go to each connection.
-    """
-    import redis
-    from redis.sentinel import Sentinel
-
-    options.update(db=address.db, username=address.username,
-                   password=address.password)
-    if address.master is None:
-        return redis.Redis(host=address.host, port=address.port, **options)
-    timeouts = {k: v for k, v in options.items() if k.startswith("socket_")}
-    return Sentinel(list(address.sentinels), sentinel_kwargs=timeouts
-                    ).master_for(address.master, **options)
