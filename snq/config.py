@@ -28,6 +28,8 @@ from snq.xmpp.settings import SettingsError, XmppSettings
 
 ENV_VAR = "SNQ_CONFIG"
 BACKENDS = ("db", "stomp", "redis")
+#: How the URL of a Redis starts.
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
 #: Where an IoManager runs (C{[iomanagers.NAME] worker}): every queue worker,
 #: the pool's first one, a worker of its own, or the XMPP worker.
 PLACEMENTS = ("every", "one", "dedicated", "xmpp")
@@ -318,11 +320,14 @@ class StompConfig:
 
 @dataclass(frozen=True)
 class RedisConfig:
-    #: redis://[USER:PASSWORD@]HOST:PORT/DB, or rediss://… for TLS.  A
+    #: redis://[USER:PASSWORD@]HOST:PORT/DB, or rediss://… for TLS, or
+    #: redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER/DB:
+    #: the Sentinels that name the primary (and follow its failover).  A
     #: secret: printed with its password masked.
     url: Secret = field(default=_REDIS_URL, metadata=_check(
-        lambda v: v.startswith(("redis://", "rediss://")),
-        "redis://[USER:PASSWORD@]HOST:PORT/DB or rediss://…", url=True))
+        lambda v: v.startswith(REDIS_SCHEMES),
+        "redis://[USER:PASSWORD@]HOST:PORT/DB, rediss://… or "
+        "redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER/DB", url=True))
     #: Every key snq reads or writes starts with this: two installations
     #: on one Redis need different prefixes (or database numbers).
     prefix: str = field(default="snq:", metadata=_check(bool, "a non-empty prefix"))
@@ -527,9 +532,11 @@ class LedgerConfig:
     #: queue's own (a STOMP queue has none). May hold a password.
     url: Secret = field(default=_NO_SECRET, metadata=_check(
         lambda v: v == "" or (v.split("://", 1)[0] in (
-            "sqlite", "mysql", "postgresql", "redis", "rediss") and "://" in v),
+            "sqlite", "mysql", "postgresql", "redis", "rediss", "redis+sentinel")
+            and "://" in v),
         'a db URL (sqlite:///…, mysql://…, postgresql://…), a Redis URL '
-        '(redis://…, rediss://…), or "" for the queue\'s own', url=True))
+        '(redis://…, rediss://…, redis+sentinel://…), or "" for the '
+        'queue\'s own', url=True))
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from snq.item import Item
 from snq.queues import makeQueue
 from snq.queues.interface import Delivery, Depth
 from snq.queues.redis import Lease, RedisManager, RedisQueue
-from snq.redis.address import RedisAddress
+from snq.redis.address import RedisAddress, masterQuery, primaryFromReply
 from snq.redis.connection import RedisConnection
 from snq.redis.doorbell import BLOCK, Doorbell
 
@@ -118,6 +118,31 @@ class AddressTests(SynchronousTestCase):
 
     def test_badURL(self):
         for url in ("redis://h/x", "redis://h:port/0", "http://h/0"):
+            self.assertRaises(ValueError, RedisAddress.fromURL, url)
+
+    def test_sentinelURL(self):
+        a = RedisAddress.fromURL(
+            "redis+sentinel://:s%40cret@10.0.0.1:26380,s2,[::1]:5000/my%20master/2")
+        self.assertEqual((a.sentinels, a.master, a.db, a.password),
+                         ((("10.0.0.1", 26380), ("s2", 26379), ("::1", 5000)),
+                          "my master", 2, "s@cret"))
+        self.assertEqual(a.describe(), "redis+sentinel://:***@10.0.0.1:26380,"
+                         "s2:26379,[::1]:5000/my%20master/2")
+        self.assertEqual(RedisAddress.fromURL("redis+sentinel://s/m").db, 0)
+
+    def test_primaryFromSentinelReply(self):
+        """What a Sentinel names is a plain address with the URL's login."""
+        a = RedisAddress.fromURL("redis+sentinel://u:pw@s:1/m/3")
+        self.assertEqual(primaryFromReply(a, [b"10.1.1.1", b"6380"]),
+                         RedisAddress("10.1.1.1", 6380, 3, "u", "pw"))
+        self.assertIsNone(primaryFromReply(a, None))
+        self.assertEqual(masterQuery(a),
+                         ("SENTINEL", "get-master-addr-by-name", "m"))
+
+    def test_badSentinelURL(self):
+        for url in ("redis+sentinel://s:x/m", "redis+sentinel://s/",
+                    "redis+sentinel://s/m/x", "redis+sentinel://s/m/1/2",
+                    "redis+sentinel://s1,/m"):
             self.assertRaises(ValueError, RedisAddress.fromURL, url)
 
 

@@ -31,7 +31,8 @@ __all__ = ["EnqueueError", "Producer", "RoutingError"]
 
 #: URL schemes → the backend they name.
 SCHEMES = {"sqlite": "db", "postgresql": "db", "mysql": "db", "redis": "redis",
-           "rediss": "redis", "stomp": "stomp", "stomp+ssl": "stomp"}
+           "rediss": "redis", "redis+sentinel": "redis",
+           "stomp": "stomp", "stomp+ssl": "stomp"}
 
 
 class Producer:

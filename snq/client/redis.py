@@ -3,7 +3,8 @@
 Enqueueing on the Redis backend, on snq's own lean RESP client
 (L{snq.client.resp}): one command per call, storing the items where the
 daemon's ENQUEUE script would (L{snq.redis.keys}), in one round trip with
-nothing around it.
+nothing around it.  Behind Sentinels, each new connection goes to the
+primary they name (L{snq.client.sentinel}).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import uuid
 from snq.client.errors import EnqueueError
 from snq.client.pool import Pool
 from snq.client.resp import ReplyError, RespConnection, command
+from snq.client.sentinel import checkPrimary, findPrimary
 from snq.client.wire import Wire, tlsContext
 from snq.redis.address import RedisAddress
 from snq.redis.keys import enqueueCall
@@ -39,7 +41,13 @@ class RedisBackend:
         # Named for CLIENT LIST, with the process it belongs to.
         name = (f"snq-producer-{socket.gethostname()}-{os.getpid()}-"
                 f"{uuid.uuid4().hex[:6]}")
-        return RespConnection(self._wire(), self.address, name)
+        if self.address.master is None:
+            return RespConnection(self._wire(), self.address, name)
+        primary = findPrimary(self.address, self.timeout, name)
+        conn = RespConnection(Wire(primary.host, primary.port, self.timeout),
+                              primary, name)
+        checkPrimary(conn, primary)
+        return conn
 
     def _wire(self) -> Wire:
         return Wire(self.address.host, self.address.port, self.timeout, self.tls)

@@ -26,6 +26,7 @@ import uuid
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from snq.item import BadItem, Item
@@ -43,6 +44,9 @@ ITEM_COLUMNS = frozenset({"id", "frame", "transport", "site", "priority", "creat
 #: Ids per statement in C{id IN (…)} lists (SQLite allows 32,766 parameters,
 #: PostgreSQL 65,535; shorter statements also keep lock times short).
 CHUNK = 500
+#: Seconds before the second retry of a transaction whose connection was
+#: lost, doubled for each one after (0.5 + 1 + 2 s with 4 connections).
+RETRY_PAUSE = 0.25
 
 
 class SchemaError(Exception):
@@ -195,7 +199,9 @@ class DbQueue(Queue):
         """
         Run C{transaction}; when its connection was lost, again on another.
         Every pooled connection may be dead (the server restarted), so as
-        many times as there are connections, plus one on a new one.
+        many times as there are connections, plus one on a new one; after
+        the first retry with a growing pause, so that a failover (a standby
+        being promoted) is ridden through instead of failing an ack.
         """
         for attempt in range(self.pool.max + 1):
             try:
@@ -205,6 +211,9 @@ class DbQueue(Queue):
                     raise
                 self.log.warn("{name} failed ({error}); trying again on a new "
                               "connection", name=name, error=str(e).strip())
+                if attempt:
+                    yield deferLater(self.clock, RETRY_PAUSE * 2 ** attempt,
+                                     lambda: None)
 
     def enqueue(self, items, delay=0.0):
         return self._write(self.insertItems, items, delay)
