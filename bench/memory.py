@@ -33,6 +33,8 @@ def snapshot(system):
     pids = {"master": system.master()}
     for n, pid in enumerate(sorted(system.workerPids()), 1):
         pids[f"worker {n}"] = pid
+    for pid in system.helperPids():
+        pids["fork server"] = pid
     return {name: (pid, pssBytes(pid), rssBytes(pid), privateBytes(pid))
             for name, pid in pids.items()}
 

@@ -37,6 +37,7 @@ from bench.common import (
     rssBytes,
     save,
     table,
+    tree,
     treeCpu,
     waitUntil,
 )
@@ -70,7 +71,7 @@ def measure(system, items, probes):
         workers = system.workerPids()
         memory = {"RSS master MB": rssBytes(master) / MB,
                   "RSS worker MB": max(rssBytes(p) for p in workers) / MB,
-                  "PSS tree MB": sum(pssBytes(p) for p in [master, *workers]) / MB}
+                  "PSS tree MB": sum(pssBytes(p) for p in tree(master)) / MB}
         (before, doneFrom), after = cpuFrom, cpuTo
         counted = items - doneFrom
         cpu = {"worker CPU ms/item": sum(

@@ -123,7 +123,11 @@ class System:
         return self.process.pid
 
     def workerPids(self):
-        return tree(self.process.pid)[1:]
+        return [p for p in tree(self.process.pid)[1:] if p not in self.helperPids()]
+
+    def helperPids(self):
+        """Processes of the tree that are neither master nor worker."""
+        return []
 
     def handled(self):
         return job.handled(self.dir)
@@ -142,17 +146,32 @@ class Snq(System):
     """A real C{twistd -n snq}; the backend's part of the config from L{section}."""
 
     peer = "dramatiq-redis"
+    #: [daemon] fork_server: workers forked from a template, or spawned.
+    forkServer = True
 
     def command(self):
         handlers = "\n".join(f'{k} = "{v}"' for k, v in HANDLERS.items())
         config = os.path.join(self.dir, "snq.toml")
         with open(config, "w") as f:
-            f.write(f"[daemon]\nworkers = {self.workers}\n\n"
+            f.write(f"[daemon]\nworkers = {self.workers}\n"
+                    f"fork_server = {str(self.forkServer).lower()}\n\n"
                     f"[handlers]\n{handlers}\n\n{self.section()}")
         return [*TWISTD, "-n", "--pidfile=", "snq", "-c", config]
 
     def section(self) -> str:
         raise NotImplementedError
+
+    def helperPids(self):
+        """The fork server: a template that handles nothing."""
+        found = []
+        for pid in tree(self.process.pid)[1:]:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"snq.forkserver" in f.read():
+                        found.append(pid)
+            except FileNotFoundError:
+                pass
+        return found
 
     def running(self) -> int:
         """Workers that told the master they are running (C{snqctl status})."""
@@ -403,6 +422,22 @@ class Celery(Peer):
         task.apply_async(args)
 
 
+class SnqRedisSpawned(SnqRedis):
+    """As before the fork server: every worker a fresh interpreter."""
+
+    key = "snq-redis-spawn"
+    label = "snq, Redis, spawned workers"
+    forkServer = False
+
+
+class SnqSqliteSpawned(SnqSqlite):
+    key = "snq-sqlite-spawn"
+    label = "snq, SQLite, spawned workers"
+    forkServer = False
+
+
 SYSTEMS = {cls.key: cls for cls in (SnqRedis, SnqStomp, SnqSqlite, DramatiqRedis,
-                                    DramatiqRabbitmq, Huey, Celery)}
-SNQ = [k for k, cls in SYSTEMS.items() if issubclass(cls, Snq)]
+                                    DramatiqRabbitmq, Huey, Celery, SnqRedisSpawned,
+                                    SnqSqliteSpawned)}
+#: snq's backends, as the daemon runs by default (the benchmarks' default).
+SNQ = [k for k, cls in SYSTEMS.items() if issubclass(cls, Snq) and cls.forkServer]

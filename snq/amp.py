@@ -8,7 +8,11 @@ master what to do next.
 
 import json
 
-from twisted.protocols import amp
+from snq.lean import withoutTLS
+
+# AMP's StartTLS is not used here: no TLS for it (see snq.lean).
+with withoutTLS():
+    from twisted.protocols import amp
 
 #: A worker exiting with this asks not to be started again (shutdown).
 EXIT_SHUTDOWN = 100

@@ -48,6 +48,7 @@ from snq.iomanager import PollingManager
 from snq.iomanagers import checkPlugins
 from snq.iomaster import IoMaster, residentMemory
 from snq.journal import Journal
+from snq.lean import installReactor, needsStartTLS
 from snq.queues import makeQueue
 from snq.routing import ROLES
 
@@ -284,8 +285,11 @@ def lineObserver(stream):
     return observe
 
 
-def check(text: bytes, source: str) -> list[str]:
-    """What would keep a worker from starting on this config's text."""
+def check(text: bytes, source: str, queue: bool = True) -> list[str]:
+    """
+    What would keep a worker from starting on this config's text; without
+    C{queue}, the queue is not made (that needs the global reactor).
+    """
     try:
         config = snqconfig.parseText(text, source)
     except snqconfig.ConfigError as e:
@@ -295,10 +299,11 @@ def check(text: bytes, source: str) -> list[str]:
         HandlerRegistry.load(config.handlers)
     except HandlerError as e:
         problems.append(f"{source}: {e}")
-    try:
-        makeQueue(config)
-    except Exception as e:
-        problems.append(f"{source}: [queue] backend {config.queue.backend}: {e}")
+    if queue:
+        try:
+            makeQueue(config)
+        except Exception as e:
+            problems.append(f"{source}: [queue] backend {config.queue.backend}: {e}")
     problems += [f"{source}: {why}" for why in checkPlugins(config)]
     return problems
 
@@ -350,8 +355,7 @@ def main(argv=None) -> int:
         log.critical("worker {wid}: invalid configuration:\n{e}", wid=args.id, e=e)
         return 1
 
-    from twisted.internet import reactor
-
+    reactor = installReactor(needsStartTLS(config, args.role))
     config = dataclasses.replace(config, generation=args.generation,
                                  loaded=args.loaded)
     journal = None if args.journal_fd is None else Journal.attach(args.journal_fd)

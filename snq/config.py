@@ -157,6 +157,10 @@ class DaemonConfig:
     max_restart_delay: float = field(default=60.0, metadata=_positive)
     #: Seconds a worker started by a rolling restart has to report ready.
     start_timeout: float = field(default=60.0, metadata=_positive)
+    #: Fork workers from a template process that has imported what they
+    #: import (shared memory, fast respawns); false: start each one as a
+    #: fresh interpreter.
+    fork_server: bool = True
     #: UNIX socket for snqctl (mode 0600); a relative path is in the run
     #: directory.
     control_socket: str = "snq.sock"

@@ -7,9 +7,6 @@ before a leak grows.  A reloaded config is applied in place
 (L{IoMaster.reconfigService}).
 """
 
-import os
-import resource
-import sys
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -24,21 +21,8 @@ from snq.queues import makeQueue
 from snq.queues.manager import QueueManager
 from snq.routing import TransportFilter, groupsOf
 from snq.service import AsyncMultiService, defaultReactor
-from snq.stats import Stats
+from snq.stats import Stats, residentMemory
 from snq.xmpp.accounts import XmppAccounts
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def residentMemory() -> int:
-    """This process's resident set size in bytes."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except OSError:
-        # No /proc (macOS, BSD): the peak, the best these systems offer.
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _mb(size: int) -> str:

@@ -51,6 +51,7 @@ from snq.journal import Journal
 from snq.reconfig import diff, needsRollingRestart
 from snq.routing import dedicatedRoles, groupsOf
 from snq.service import PartlyApplied, defaultReactor
+from snq.spawner import ExecSpawner
 
 TO_CHILD, FROM_CHILD, JOURNAL = 3, 4, 5
 CHILD_FDS = {0: "w", 1: "r", 2: "r", TO_CHILD: "w", FROM_CHILD: "r"}
@@ -330,8 +331,11 @@ class WorkerPool(Service):
     log = Logger()
 
     def __init__(self, config, workers: int | None = None, reactor=None,
-                 command=None, site: str | None = None, requestReload=None):
+                 command=None, site: str | None = None, requestReload=None,
+                 spawner=None):
         reactor = defaultReactor(reactor)
+        #: How a worker process starts (L{snq.spawner}).
+        self.spawner = spawner or ExecSpawner(reactor)
         if config.loaded is None:
             config = dataclasses.replace(config, loaded=reactor.seconds())
         #: What new workers start on: its C{text}, as the master validated
@@ -371,6 +375,13 @@ class WorkerPool(Service):
 
     def startService(self):
         super().startService()
+        d = self.spawner.start(self.config)
+        d.addCallback(lambda _: self._startWorkers())
+        return d
+
+    def _startWorkers(self):
+        if not self.running:
+            return
         self.log.info("starting {n} workers", n=len(self.workers))
         for worker in self.workers:
             worker.respawnCall = self.reactor.callLater(
@@ -387,6 +398,7 @@ class WorkerPool(Service):
         killTime = self.config.daemon.kill_time
         d = defer.gatherResults([p.stop(killTime) for p in processes])
         d.addCallback(lambda _: self.log.info("all workers stopped"))
+        d.addCallback(lambda _: self.spawner.stop())
         return d
 
     def processes(self) -> list[WorkerProtocol]:
@@ -409,9 +421,8 @@ class WorkerPool(Service):
             args.append("--stdin-config")
         try:
             process.journal = Journal.create(config.queue.concurrency)
-            self.reactor.spawnProcess(
-                process, self.command[0], [*self.command, *args], env=None,
-                childFDs={**CHILD_FDS, JOURNAL: process.journal.fd})
+            self.spawner.spawn(process, [*self.command, *args],
+                               {**CHILD_FDS, JOURNAL: process.journal.fd})
         except Exception:
             self.log.failure("cannot start a process for worker {wid}",
                              wid=worker.wid)
@@ -533,6 +544,8 @@ class WorkerPool(Service):
 
     @defer.inlineCallbacks
     def _restartAll(self, outdated):
+        # New processes run the code as it is now, not as a template had it.
+        yield self.spawner.renew(self.config)
         replaced = []
         timeout = self.config.daemon.start_timeout
         for worker in list(self.workers):

@@ -83,14 +83,22 @@ def checkInWorker(text: bytes, source: str, reactor) -> list[str]:
     module's new version anyway).
     """
     check = _Check(text)
-    process = reactor.spawnProcess(
-        check, sys.executable,
-        [sys.executable, "-m", "snq.child", "--check", "--config", source],
-        env=None)
+    process = reactor.spawnProcess(check, sys.executable, checkArguments(source),
+                                   env=None)
     timer = reactor.callLater(CHECK_TIMEOUT, process.signalProcess, "KILL")
     code, output = yield check.ended
     if timer.active():
         timer.cancel()
+    return checkProblems(code, output, source)
+
+
+def checkArguments(source: str) -> list[str]:
+    """The command of the check (L{snq.child}'s C{--check}), text on stdin."""
+    return [sys.executable, "-m", "snq.child", "--check", "--config", source]
+
+
+def checkProblems(code: int | None, output: bytes, source: str) -> list[str]:
+    """What the check's exit status and output say is wrong."""
     if code == 0:
         return []
     lines = [line for line in output.decode("utf-8", "replace").splitlines()

@@ -6,6 +6,9 @@ vocabulary so its monitors read them unchanged.
 
 import bisect
 import collections
+import os
+import resource
+import sys
 
 COUNTERS = ("enqueued", "handled", "error", "requeued", "deadletter",
             "baditem", "badhandler", "badsite", "switch", "siteupdate",
@@ -46,3 +49,17 @@ class Stats:
 
     def totals(self) -> dict[str, int]:
         return {name: self.total(name) for name in COUNTERS}
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def residentMemory() -> int:
+    """This process's resident set size in bytes."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        # No /proc (macOS, BSD): the peak, the best these systems offer.
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024

@@ -8,6 +8,7 @@ reconfigures the whole tree.
 """
 
 import os
+import subprocess
 import sys
 import time
 
@@ -15,9 +16,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from snq import config as snqconfig
-from snq.handlers import HandlerError, HandlerRegistry
-from snq.iomanagers import checkPlugins
+from snq.lean import installReactor
 from snq.reconfig import stamped
+from snq.reload import CHECK_TIMEOUT, checkArguments, checkProblems
 from snq.service import AsyncMultiService
 
 
@@ -67,6 +68,10 @@ class Options(usage.Options):
         if self["site"] is not None and self["all"]:
             raise usage.UsageError("--site runs one site, --all every site: "
                                    "give one of them")
+        if not self["inline"]:
+            # Before twistd does, unless --reactor did: a master starts no
+            # TLS on a connection, so its reactor goes without (snq.lean).
+            installReactor()
 
 
 class Daemon(AsyncMultiService):
@@ -105,60 +110,124 @@ def loadConfig(path, environ=os.environ):
     return stamped(config, generation=1, loaded=time.time())
 
 
-def makeService(options):
-    config = loadConfig(options["config"])
-    # Every worker would fail on a handler that does not load: refuse now.
+def startCheck(config) -> subprocess.Popen | None:
+    """
+    Every worker would fail on a handler or IoManager plugin that does not
+    load: a fresh interpreter loads them (L{snq.reload.checkArguments}),
+    while the master, which imports no handler code, builds its services.
+    """
+    if not (config.handlers or config.managers()):
+        return None  # nothing named that could fail: built-ins only log
+    check = subprocess.Popen(checkArguments(config.source), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    check.stdin.write(config.text)
+    check.stdin.close()
+    check.stdin = None  # written: communicate() has nothing more to send
+    return check
+
+
+def refuseUnchecked(check, config):
+    """Exit with the check's problems, if it found any."""
+    if check is None:
+        return
     try:
-        registry = HandlerRegistry.load(config.handlers)
-    except HandlerError as e:
-        raise SystemExit(f"snq: {e}")
-    # And on an IoManager plugin that does not load or is misconfigured.
-    problems = checkPlugins(config)
+        output, _ = check.communicate(timeout=CHECK_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        check.kill()
+        check.wait()
+        raise SystemExit(f"snq: checking {config.source} took over "
+                         f"{CHECK_TIMEOUT:g} s")
+    problems = checkProblems(check.returncode, output, config.source)
     if problems:
         raise SystemExit("snq: " + "\nsnq: ".join(problems))
-    source = config.source or "embedded default config"
+
+
+def makeService(options):
+    config = loadConfig(options["config"])
+    if options["inline"]:
+        return _inline(options, config)
+    check = startCheck(config)
+    try:
+        daemon = _master(options, config)
+    except BaseException:
+        if check is not None:
+            check.kill()
+            check.wait()
+        raise
+    refuseUnchecked(check, config)
+    return daemon
+
+
+def _running(options, config) -> str:
+    """What the daemon runs, in words; exits on an unknown site."""
     site = options["site"]
     sites = config.knownSites()
     if site is not None and sites is not None and site not in sites:
         raise SystemExit(f"snq: --site {site}: there is no [sites.{site}] in "
-                         f"{source}")
-    running = f"site {site}" if site is not None else "every site"
+                         f"{_source(config)}")
     if config.queue.backend == "stomp":
         from snq.stomp.control import startWarning
 
         warning = startWarning(config.stomp)
         if warning:
             Daemon.log.warn("{why}", why=warning)
+    return f"site {site}" if site is not None else "every site"
+
+
+def _source(config) -> str:
+    return config.source or "embedded default config"
+
+
+def _inline(options, config):
+    """One IoMaster in this process: it loads the handlers itself."""
+    from twisted.internet import reactor
+
+    from snq.handlers import HandlerError, HandlerRegistry
+    from snq.iomanagers import checkPlugins
+    from snq.iomaster import IoMaster
     from snq.reload import Reloader
 
+    try:
+        registry = HandlerRegistry.load(config.handlers)
+    except HandlerError as e:
+        raise SystemExit(f"snq: {e}")
+    problems = checkPlugins(config)
+    if problems:
+        raise SystemExit("snq: " + "\nsnq: ".join(problems))
+    running = _running(options, config)
     daemon = Daemon()
-    inline = options["inline"]
     # It owns SIGHUP, and reloads the whole tree below the daemon.
-    reloader = Reloader(daemon, config, site=site, rolling=not inline)
-    if inline:
-        from twisted.internet import reactor
+    reloader = Reloader(daemon, config, site=options["site"], rolling=False)
+    # No pool to ask: a shutdown from the control channel stops it all.
+    master = IoMaster(config, workerId=f"{config.daemon.id}.0",
+                      registry=registry, site=options["site"],
+                      shutdown=lambda reason: reactor.stop(),
+                      reload=reloader.requested)
+    print(f"snq: {_source(config)}, queue {master.queue.describe()}, inline, "
+          f"{running}", file=sys.stderr)
+    master.setServiceParent(daemon)
+    reloader.setServiceParent(daemon)
+    return daemon
 
-        from snq.iomaster import IoMaster
 
-        # No pool to ask: a shutdown from the control channel stops it all.
-        master = IoMaster(config, workerId=f"{config.daemon.id}.0",
-                          registry=registry, site=site,
-                          shutdown=lambda reason: reactor.stop(),
-                          reload=reloader.requested)
-        print(f"snq: {source}, queue {master.queue.describe()}, inline, "
-              f"{running}", file=sys.stderr)
-        master.setServiceParent(daemon)
-        reloader.setServiceParent(daemon)
-        return daemon
-
+def _master(options, config):
+    """The master: control socket, monitors, reaper, the pool, the reloader."""
     from snq.control import ControlService
     from snq.monitor.service import MonitorService
     from snq.pool import WorkerPool
     from snq.reaper import Reaper
+    from snq.reload import Reloader
+    from snq.spawner import ForkSpawner
 
+    running = _running(options, config)
+    site = options["site"]
+    daemon = Daemon()
+    reloader = Reloader(daemon, config, site=site, rolling=True)
+    spawner = (ForkSpawner(startTimeout=config.daemon.start_timeout)
+               if config.daemon.fork_server else None)
     pool = WorkerPool(config, options["workers"], site=site,
-                      requestReload=reloader.requested)
-    print(f"snq: {source}, {len(pool.workers)} workers, {running}",
+                      requestReload=reloader.requested, spawner=spawner)
+    print(f"snq: {_source(config)}, {len(pool.workers)} workers, {running}",
           file=sys.stderr)
     monitor = MonitorService(config, pool)
     # The control socket first: a second master refuses to start before it

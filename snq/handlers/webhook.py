@@ -31,21 +31,10 @@ from urllib.parse import urljoin
 
 from twisted.internet import defer
 from twisted.internet.address import IPv6Address
-from twisted.internet.endpoints import (
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
 from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import IResolutionReceiver, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import (
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    FileBodyProducer,
-    HTTPConnectionPool,
-)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -105,6 +94,14 @@ class _CheckedEndpoint:
 
     @defer.inlineCallbacks
     def connect(self, factory):
+        # Here, not at the top: Twisted's endpoints and web client import
+        # TLS, which a worker posting no webhook does without (snq.lean).
+        from twisted.internet.endpoints import (
+            TCP4ClientEndpoint,
+            TCP6ClientEndpoint,
+            wrapClientTLS,
+        )
+
         receiver = _Addresses()
         self.resolver.resolveHostName(receiver, self.host, self.port)
         addresses = yield receiver.done
@@ -136,6 +133,8 @@ class _CheckedEndpoints:
         self.reactor = reactor
         self.resolver = resolver
         self.policy = policy
+        from twisted.web.client import BrowserLikePolicyForHTTPS
+
         self.tlsPolicy = tlsPolicy or BrowserLikePolicyForHTTPS()
 
     def endpointForURI(self, uri):
@@ -179,6 +178,8 @@ class _Site:
     """A site's policy, and the agent that posts under it."""
 
     def __init__(self, policy, reactor, resolver, tlsPolicy):
+        from twisted.web.client import Agent, HTTPConnectionPool
+
         self.policy = policy
         # Connections are kept per site: one checked under another site's
         # policy is never reused for this one.
@@ -237,6 +238,8 @@ class WebhookHandler(QueueHandler):
         secret = reveal(settings.get("webhook_secret"))
         if secret:
             headers.setRawHeaders("X-Snq-Signature", [signature(secret, body)])
+        from twisted.web.client import FileBodyProducer
+
         for hop in range(site.policy.redirects + 1):
             shown = maskURL(url)
             try:

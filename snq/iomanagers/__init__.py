@@ -25,7 +25,6 @@ from twisted.logger import Logger
 from snq import config as snqconfig
 from snq.handlers import LoadError, importClass
 from snq.iomanager import IoManager
-from snq.ledger import checkLedger
 from snq.routing import runsManager
 from snq.service import AsyncMultiService
 
@@ -95,6 +94,8 @@ def loadPlugin(config, name: str) -> Plugin:
         problems.append(f"{where}.worker: \"xmpp\", but no XMPP worker runs "
                         "(no [xmpp] account, or \"xmpp\" not in [queue] groups)")
     if cls.usesLedger:
+        from snq.ledger import checkLedger  # not in the master (pluginPaths)
+
         problems += [f"{where}: {why}" for why in checkLedger(config)]
     try:
         problems += [f"{where}: {why}" for why in cls.check(config, settings)]

@@ -5,11 +5,9 @@ The master's monitoring, as one service under the daemon.
 
 from twisted.internet import defer
 
-from snq.monitor.metrics import registry
 from snq.monitor.statsd import StatsdSender
 from snq.monitor.tracker import QueueWatch, Tracker
 from snq.monitor.udp import StatusNetMonitor
-from snq.monitor.web import HttpService, makeSite
 from snq.queues import location, makeQueue
 from snq.service import AsyncMultiService, defaultReactor
 
@@ -55,10 +53,15 @@ class MonitorService(AsyncMultiService):
         watch.setServiceParent(self)
         return watch
 
-    def _http(self, config) -> HttpService | None:
+    def _http(self, config):
+        """The HTTP side, or None; Twisted's web and Prometheus' client are
+        imported only for it."""
         monitor = config.monitor
         if not monitor.http:
             return None
+        from snq.monitor.metrics import registry
+        from snq.monitor.web import HttpService, makeSite
+
         site = makeSite(self.tracker, registry(self.tracker, config.queue.backend,
                                                self.senders), monitor.token.reveal(),
                         monitor.hostNames())

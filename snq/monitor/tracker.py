@@ -18,8 +18,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from snq.iomaster import residentMemory
-from snq.stats import emptyBuckets
+from snq.stats import emptyBuckets, residentMemory
 
 #: Samples kept: ten minutes at one a second.
 HISTORY = 600

@@ -27,7 +27,6 @@ from importlib import resources
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
@@ -170,8 +169,8 @@ class HttpService(Service):
     def startService(self):
         super().startService()
         host, port = parseHostPort(self.address)
-        kind = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
-        d = kind(self.reactor, port, interface=host).listen(self.site)
+        # What TCP4/6ServerEndpoint do, without endpoints' import of TLS.
+        d = defer.execute(self.reactor.listenTCP, port, self.site, interface=host)
         d.addCallbacks(self._listening, self._cannotListen)
         return d
 
