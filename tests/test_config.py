@@ -29,9 +29,9 @@ class ConfigTests(SynchronousTestCase):
                     '[handlers]\nx = "not a path"\n[nonsense]\n')
         e = self.assertRaises(config.ConfigError, config.load, path, {})
         self.assertEqual(sorted(e.problems), sorted([
-            f"{path}: nonsense: unknown section (known: daemon, db, handlers, "
-            "iomanagers, ledger, monitor, queue, redis, schedule, sites, stomp, "
-            "transports, xmpp)",
+            f"{path}: nonsense: unknown section (known: cluster, daemon, db, "
+            "handlers, iomanagers, ledger, monitor, queue, redis, schedule, sites, "
+            "stomp, transports, xmpp)",
             f"{path}: queue.typo: unknown key (known: backend, groups, "
             "max_retries, retry_delay, retry_max_delay, prefetch, concurrency, "
             "poll_interval, lease, dead_letter_dir, basename, breakout, "
