@@ -136,6 +136,15 @@ DURATION = _check(_isDuration, 'seconds as a number or a string like "30s", '
 NAME = _name
 
 
+#: The largest C{[sites.NICK] weight}.
+MAX_WEIGHT = 1000
+
+
+def _isWeight(value) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and 1 <= value <= MAX_WEIGHT)
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     #: The daemon's id, as in StatusNet: its workers are named <id>.<n>
@@ -585,6 +594,13 @@ class Config:
         merged.update(self.sites.get(site, {}))
         return merged
 
+    def siteWeight(self, site: str) -> int:
+        """
+        C{[sites.NICK] weight}: the site's share of a shared queue's claims
+        against the other sites with work waiting (1 unless set).
+        """
+        return self.siteConfig(site).get("weight", 1)
+
     def knownSites(self) -> frozenset | None:
         """
         The sites items may be for: the nicks under C{[sites]} and
@@ -709,6 +725,9 @@ def parse(data: dict, source: str = "<config>") -> Config:
     for nick, table in sites.items():
         for key, expected in TargetPolicy.problems(table):
             problem(f"sites.{nick}.{key}", expected)
+        if "weight" in table and not _isWeight(table["weight"]):
+            problem(f"sites.{nick}.weight", f"expected an integer from 1 to"
+                    f" {MAX_WEIGHT}, got {table['weight']!r}")
     _monitor(sections["monitor"], problem)
     iomanagers = {
         name: _ioManager(name, _asTable(table, f"iomanagers.{name}", problem),

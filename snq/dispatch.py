@@ -225,7 +225,12 @@ class Dispatcher:
         # replaces that handler meanwhile.
         self._uses[handler] += 1
         done.addBoth(self._used, handler)
-        self._waiting.append((delivery, item, done, handler))
+        # Behind the waiting items of its priority or higher, ahead of the
+        # lower: an urgent item claimed into a full window starts next.
+        index = len(self._waiting)
+        while index and self._waiting[index - 1][1].priority < item.priority:
+            index -= 1
+        self._waiting.insert(index, (delivery, item, done, handler))
         self._pump()
 
     def reconfigService(self, config) -> list[str]:

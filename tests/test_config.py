@@ -13,6 +13,20 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(c.queue.groups, ["main"])
         self.assertEqual(c.maxRetries("anything"), 10)
 
+    def test_siteWeight(self):
+        """[sites.NICK] weight, over [sites.default]'s, 1 unless set."""
+        c = config.parse({"sites": {"default": {"weight": 2},
+                                    "big": {"weight": 10}, "small": {}}})
+        self.assertEqual([c.siteWeight(s) for s in ("big", "small", "other")],
+                         [10, 2, 2])
+        self.assertEqual(config.parse({}).siteWeight("any"), 1)
+        for bad in (0, -1, 1.5, True, "2", 1001):
+            e = self.assertRaises(config.ConfigError, config.parse,
+                                  {"sites": {"x": {"weight": bad}}}, "f")
+            self.assertEqual(e.problems, [
+                f"f: sites.x.weight: expected an integer from 1 to 1000, got"
+                f" {bad!r}"])
+
     def test_environment(self):
         path = self.mktemp()
         with open(path, "w") as f:

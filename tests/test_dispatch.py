@@ -252,6 +252,29 @@ class DispatcherTests(SynchronousTestCase):
         h.gates[1].callback(None)
         self.assertEqual(len(h.gates), 4)
 
+    def test_waitingItemsStartByPriority(self):
+        """
+        An urgent item claimed into a full window starts before the waiting
+        items of lower priority, after those of its own or higher.
+        """
+        class Ordered(QueueHandler):
+            def handle(self, item):
+                self.context.seen.append(item.payload)
+                return Gated.handle(self, item)
+
+        h = Harness(self, {"queue": {"concurrency": 1}}, {"ordered": Ordered})
+        for name in ("first", "low1", "low2"):
+            h.put("ordered", name)
+        h.runAll()
+        h.put("ordered", "urgent", priority=5)
+        h.put("ordered", "urgent2", priority=5)
+        h.put("ordered", "middle", priority=1)
+        h.runAll()
+        while len(h.seen) < 6:
+            h.gates[len(h.seen) - 1].callback(None)
+        self.assertEqual(h.seen, ["first", "urgent", "urgent2", "middle", "low1",
+                                  "low2"])
+
     def test_timeout(self):
         h = Harness(self, {"transports": {"gated": {"timeout": 5}}})
         h.put("gated")

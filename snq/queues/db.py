@@ -29,7 +29,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from snq.item import BadItem, Item
-from snq.queues.dialects import DIALECTS, NO_LIMIT
+from snq.queues.dialects import DIALECTS, NO_LIMIT, asStored, claimOrder
 from snq.queues.interface import DeadLetter, Delivery, Depth, Queue, TransportDepth
 from snq.queues.sqlitems import insertStatement, itemRow
 from snq.routing import TransportFilter
@@ -70,21 +70,14 @@ def _text(value) -> str | None:
     return None if value is None else str(value)
 
 
-def _stored(value):
-    """A raw column's value to store again: text if it is UTF-8, else bytes."""
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return value
-    return value
 
 
 class DbQueue(Queue):
     log = Logger()
 
     def __init__(self, url: str, lease: float, clock=None, claimant=None,
-                 reactor=None, maxFrame: int | None = None):
+                 reactor=None, maxFrame: int | None = None,
+                 weight=lambda site: 1):
         reactor = defaultReactor(reactor)
         self._url = url
         self.url = urlsplit(url)
@@ -104,6 +97,10 @@ class DbQueue(Queue):
         self._flushing = False
         #: Rows claimed and not yet settled: the leases L{tend} renews.
         self._out: set[int] = set()
+        #: A site's weight (L{snq.config.Config.siteWeight}).
+        self.weight = weight
+        #: The (transport, site) pair the last claim in turns ended with.
+        self._cursor = None
         self._listeners = []
 
     def describe(self) -> str:
@@ -141,7 +138,10 @@ class DbQueue(Queue):
             self._checkItemTable(txn)
             for step in steps[version:]:
                 for statement in step:
-                    txn.execute(statement)
+                    if callable(statement):
+                        statement(txn)
+                    else:
+                        txn.execute(statement)
             txn.execute("DELETE FROM snq_schema")
             txn.execute("INSERT INTO snq_schema (version) VALUES"
                         f" ({self.dialect.placeholder})", (len(steps),))
@@ -174,6 +174,7 @@ class DbQueue(Queue):
     def reconfigService(self, config):
         self.lease = config.queue.lease
         self.maxFrame = config.queue.maxFrameBytes()
+        self.weight = config.siteWeight
 
     def listen(self, wake):
         listener = self.dialect.listener(self.url, wake, self.reactor)
@@ -225,12 +226,72 @@ class DbQueue(Queue):
         return self._write(interaction, *args)
 
     def claim(self, limit, transports: TransportFilter):
-        now = self.clock.seconds()
         where, params = self._filter(transports)
-        d = self._write(self.dialect.claim, self.claimant, now + self.lease,
-                        now, limit, where, params, self.maxFrame or NO_LIMIT)
+        d = self._write(self._claim, self.clock.seconds(), limit, where, params)
         d.addCallback(self._claimed)
         return d
+
+    def _claim(self, txn, now, limit, where, params):
+        """
+        Claim in turns when several (transport, site) pairs have work: each
+        its weight's share of the window (L{_turns}), the rest of the window
+        in plain order; one pair alone (the usual case, and a flood's) is
+        the plain claim: priority, then age.
+        """
+        def claim(n, where, params):
+            return self.dialect.claim(txn, self.claimant, now + self.lease, now,
+                                      n, where, params, self.maxFrame or NO_LIMIT)
+
+        turns = self._turns(txn, limit, where, params)
+        if len(turns) < 2:
+            return claim(limit, where, params)
+        p = self.dialect.placeholder
+        rows, rank = [], {}
+        for (transport, site), quota in turns:
+            taken = claim(quota, f"{where} AND transport = {p} AND site = {p}",
+                          [*params, transport, site])
+            rank.update((row[0], n) for n, row in enumerate(taken))
+            rows += taken
+        if len(rows) < limit:
+            rows += claim(limit - len(rows), where, params)
+        # Urgent first; within a priority, the pairs' turns interleaved.
+        return sorted(rows, key=lambda row: (claimOrder(row)[0],
+                                             rank.get(row[0], limit), row[0]))
+
+    def _turns(self, txn, limit, where, params):
+        """
+        The (transport, site) pairs with work, from the one after the last
+        served, each with its quota: its site's weight, scaled so the window
+        is shared out when all the pairs fit in it.  Finding them costs an
+        index probe per pair with work: nothing for the idle sites.
+        """
+        pairs, after, start, wrapped = [], self._cursor, self._cursor, False
+        while len(pairs) < limit:
+            pair = self.dialect.nextPair(txn, after, where, params)
+            if pair is None:
+                if wrapped or start is None:
+                    break
+                after, wrapped = None, True
+                continue
+            if pair in pairs:
+                break
+            pairs.append(pair)
+            if pair == start:
+                break
+            after = pair
+        if len(pairs) < 2:
+            return pairs
+        weights = [self.weight(_text(site)) for _, site in pairs]
+        scale = max(limit // sum(weights), 1)
+        turns, left = [], limit
+        for pair, weight in zip(pairs, weights, strict=True):
+            quota = min(weight * scale, left)
+            turns.append((pair, quota))
+            left -= quota
+            self._cursor = pair
+            if not left:
+                break
+        return turns
 
     def _claimed(self, rows):
         deliveries = [self._delivery(row) for row in rows]
@@ -497,8 +558,8 @@ class DbQueue(Queue):
                 except BadItem:
                     # A frame that never decoded goes back as it came; it
                     # will be dead-lettered again, with the same reason.
-                    items.append((_stored(frame), _stored(transport) or "",
-                                  _stored(site) or "default", 0, now, now, 0))
+                    items.append((asStored(frame), asStored(transport) or "",
+                                  asStored(site) or "default", 0, now, now, 0))
                     continue
                 item = dataclasses.replace(item, attempts=0)
                 items.append(itemRow(item, now, self.dialect.paramstyle))
