@@ -27,6 +27,26 @@ class ConfigTests(SynchronousTestCase):
                 f"f: sites.x.weight: expected an integer from 1 to 1000, got"
                 f" {bad!r}"])
 
+    def test_rates(self):
+        """Rate limits of transports and sites, as bucket names → per second."""
+        c = config.parse({
+            "transports": {"webhook": {"rate": "50/s"}, "log": {}},
+            "sites": {"default": {"rate": "600/m"}, "big": {"rate": "2 / s"},
+                      "same": {"rate": "10/s"}, "free": {}}})
+        self.assertEqual(c.transport("webhook").ratePerSecond(), 50)
+        self.assertIsNone(c.transport("log").ratePerSecond())
+        self.assertEqual((c.siteRate("big"), c.siteRate("free")), (2, 10))
+        self.assertEqual(c.rates(), {"t:webhook": 50, "s:": 10, "s:big": 2})
+        self.assertEqual(config.parse({}).rates(), {})
+        self.assertEqual(config.parseRate("36/h"), 0.01)
+        for bad in ("0/s", "fast", "5/d", 5, "-1/s"):
+            e = self.assertRaises(config.ConfigError, config.parse, {
+                "transports": {"x": {"rate": bad}},
+                "sites": {"x": {"rate": bad}}}, "f")
+            self.assertEqual(len(e.problems), 2, e.problems)
+            self.assertIn('f: sites.x.rate: expected a rate like "50/s", "600/m"'
+                          ' or "10/h" ("" = no limit), got', str(e))
+
     def test_environment(self):
         path = self.mktemp()
         with open(path, "w") as f:

@@ -18,7 +18,7 @@ def makeQueue(config, clock=None, claimant=None):
 
         return DbQueue(config.db.url.reveal(), config.queue.lease, clock=clock,
                        claimant=claimant, maxFrame=config.queue.maxFrameBytes(),
-                       weight=config.siteWeight)
+                       weight=config.siteWeight, rates=config.rates())
     if backend == "redis":
         from snq.queues.redis import RedisQueue
 

@@ -158,6 +158,36 @@ class Dialect:
         # As the column holds it, to compare again: text if it is UTF-8.
         return None if row is None else tuple(asStored(v) for v in row)
 
+    #: Ends the SELECT of the buckets a claim draws on: held until it
+    #: commits, so that claims on many hosts spend each token once.
+    lockBuckets = ""
+    #: Adds a bucket unless it is there.
+    newBucket = ("INSERT INTO queue_bucket (name, tokens, stamp) VALUES ({p}, {p},"
+                 " {p}) ON CONFLICT (name) DO NOTHING")
+
+    def takeTokens(self, txn, rates: dict[str, float], now) -> dict[str, float]:
+        """
+        The tokens in each of the buckets C{rates} names (bucket → items per
+        second), refilled up to now: a bucket holds at most one second's
+        worth, at least one item, and starts full.
+        """
+        p = self.placeholder
+        names = sorted(rates)
+        txn.executemany(self.newBucket.format(p=p),
+                        [(name, max(rates[name], 1.0), now) for name in names])
+        txn.execute(f"SELECT name, tokens, stamp FROM queue_bucket WHERE name IN"
+                    f" ({self.params(len(names))}){self.lockBuckets}", names)
+        return {name: min(max(rates[name], 1.0),
+                          tokens + max(now - stamp, 0.0) * rates[name])
+                for name, tokens, stamp in txn.fetchall()}
+
+    def putTokens(self, txn, tokens: dict[str, float], now):
+        """What is left in the buckets after a claim took from them."""
+        p = self.placeholder
+        txn.executemany(
+            f"UPDATE queue_bucket SET tokens = {p}, stamp = {p} WHERE name = {p}",
+            [(left, now, name) for name, left in sorted(tokens.items())])
+
     def listener(self, url, wake, reactor):
         """
         Something that calls C{wake()} when rows are inserted, with
@@ -228,6 +258,12 @@ class Sqlite(Dialect):
         """CREATE INDEX IF NOT EXISTS queue_item_site
             ON queue_item (transport, site, priority DESC, id)
             WHERE claimed_by IS NULL""",
+    ), (
+        # Version 3: token buckets of rate limits, shared by every worker.
+        """CREATE TABLE IF NOT EXISTS queue_bucket (
+            name VARCHAR(80) PRIMARY KEY,
+            tokens DOUBLE PRECISION NOT NULL,
+            stamp DOUBLE PRECISION NOT NULL)""",
     ))
 
     @staticmethod
@@ -323,7 +359,17 @@ class Mysql(Dialect):
         # Version 2: the sites with work waiting, per transport (fairness).
         lambda txn: Mysql.addIndex(
             txn, "queue_item_site", "claimed_by, transport, site, priority DESC, id"),
+    ), (
+        # Version 3: token buckets of rate limits, shared by every worker.
+        """CREATE TABLE IF NOT EXISTS queue_bucket (
+            name VARCHAR(80) NOT NULL PRIMARY KEY,
+            tokens DOUBLE NOT NULL,
+            stamp DOUBLE NOT NULL
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
     ))
+    lockBuckets = " FOR UPDATE"
+    newBucket = ("INSERT IGNORE INTO queue_bucket (name, tokens, stamp)"
+                 " VALUES ({p}, {p}, {p})")
 
     currentSchema = "DATABASE()"
 
@@ -460,7 +506,14 @@ class Postgres(Dialect):
         """CREATE INDEX IF NOT EXISTS queue_item_site
             ON queue_item (transport, site, priority DESC, id)
             WHERE claimed_by IS NULL""",
+    ), (
+        # Version 3: token buckets of rate limits, shared by every worker.
+        """CREATE TABLE IF NOT EXISTS queue_bucket (
+            name VARCHAR(80) PRIMARY KEY,
+            tokens DOUBLE PRECISION NOT NULL,
+            stamp DOUBLE PRECISION NOT NULL)""",
     ))
+    lockBuckets = " FOR UPDATE"
 
     def __init__(self):
         import psycopg
