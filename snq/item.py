@@ -212,6 +212,15 @@ def _name(obj: dict, key: str, default: str | None) -> str:
     return value
 
 
+def plainPart(value: str) -> str:
+    """
+    The longest part of an id or key that every JSON encoder writes as is
+    (no escapes, whatever its options): what a frame holding it holds, to
+    find it without decoding every frame.
+    """
+    return max(re.findall(r"[\w.:-]+", value, re.ASCII), key=len, default="")
+
+
 def checkName(key: str, value: Any) -> None:
     """A transport or site name as the envelope takes it, else L{BadItem}."""
     if (not isinstance(value, str) or not value or "/" in value
