@@ -18,6 +18,7 @@ import pwd
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -120,10 +121,9 @@ class RabbitCluster:
                                   f"{RABBITMQ_BIN}/rabbitmq-server"]),
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     cwd=node.directory, start_new_session=True)
+        deadline = time.monotonic() + timeout
         with ThreadPoolExecutor(len(self.nodes)) as pool:
-            list(pool.map(lambda n: self.ctl(n, "await_startup", "--timeout",
-                                             str(int(timeout)),
-                                             timeout=timeout + 10), self.nodes))
+            list(pool.map(lambda n: self._awaitStartup(n, deadline), self.nodes))
         first = self.nodes[0]
         for node in self.nodes[1:]:
             self.ctl(node, "stop_app")
@@ -134,6 +134,26 @@ class RabbitCluster:
             raise AssertionError(f"{running.strip()} of {len(self.nodes)} nodes "
                                  f"running in the cluster:\n{self.logs()}")
         self.bootSeconds = time.monotonic() - began
+
+    def _awaitStartup(self, node, deadline):
+        """
+        C{await_startup} gives up on a node not registered with epmd yet:
+        first wait for its distribution port.
+        """
+        while True:
+            if node.process.poll() is not None:
+                raise AssertionError(f"{node.name} exited at boot:\n{self.logs()}")
+            try:
+                socket.create_connection(("127.0.0.1", node.dist), 1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{node.name}: no distribution port "
+                                         f"after boot timeout:\n{self.logs()}")
+                time.sleep(0.2)
+        left = max(deadline - time.monotonic(), 1)
+        self.ctl(node, "await_startup", "--timeout", str(int(left)),
+                 timeout=left + 30)
 
     @staticmethod
     def _env(node) -> list:
