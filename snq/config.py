@@ -317,7 +317,7 @@ class StompConfig:
     #: "quorum" (replicated over a cluster's nodes, so that one node's stop
     #: loses nothing; RabbitMQ 3.10 refuses x-max-priority on them).  Fixed
     #: when a queue is first declared: every producer must send the same
-    #: (see the manual's "Running on several hosts").
+    #: (see the manual's STOMP chapter, "Quorum queues").
     queue_type: str = field(default="classic", metadata=_check(
         lambda v: v in ("classic", "quorum"), "classic | quorum"))
     #: Write "/" inside a destination's name as %2F, which RabbitMQ needs:

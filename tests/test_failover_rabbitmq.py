@@ -82,7 +82,9 @@ class RabbitClusterFailoverTests(TestCase):
     def test_leaderNodeStoppedMidDrain(self):
         producer = Producer(config=snqconfig.load(self.config))
         self.addCleanup(producer.close)
+        began = time.monotonic()
         ids = set(producer.enqueue_many("stamp", [{"sleep": 0.02}] * ITEMS))
+        enqueued = time.monotonic() - began
         self.assertEqual(len(ids), ITEMS)
         first = self.cluster.nodes[0]
         # Its counts are the broker's statistics, a few seconds late.
@@ -126,8 +128,9 @@ class RabbitClusterFailoverTests(TestCase):
         starts = sorted(float(started) for *_, started in recorded(self.record))
         pause = max(b - a for a, b in itertools.pairwise(starts) if b >= stopped)
         print(f"\ncluster of 3 booted and joined in "
-              f"{self.cluster.bootSeconds:.1f} s; {ITEMS} items on a quorum "
-              f"queue, its leader's node stopped after {ITEMS // 4}+ "
+              f"{self.cluster.bootSeconds:.1f} s; {ITEMS} items enqueued on a "
+              f"quorum queue in {enqueued:.2f} s, its leader's node stopped "
+              f"after {ITEMS // 4}+ "
               f"(rabbitmqctl stop took {stopSeconds:.1f} s): {len(lost)} lost, "
               f"{twice} twice, longest pause between two items started "
               f"{pause:.1f} s, new leader {leader}")
