@@ -346,6 +346,14 @@ class StompConfig:
     #: ignored.  Every producer must then declare the same (see the manual's
     #: floods chapter, also for existing queues).
     max_priority: int = field(default=0, metadata=_count(0, 255))
+    #: RabbitMQ: the type snq declares its queues (consumed, delay and
+    #: dead) with: "classic" (declared as before, with no x-queue-type) or
+    #: "quorum" (replicated over a cluster's nodes, so that one node's stop
+    #: loses nothing; RabbitMQ 3.10 refuses x-max-priority on them).  Fixed
+    #: when a queue is first declared: every producer must send the same
+    #: (see the manual's STOMP chapter, "Quorum queues").
+    queue_type: str = field(default="classic", metadata=_check(
+        lambda v: v in ("classic", "quorum"), "classic | quorum"))
     #: Write "/" inside a destination's name as %2F, which RabbitMQ needs:
     #: "auto" (when the broker says it is RabbitMQ), "always" or "never".
     escape_slashes: str = field(default="auto", metadata=_check(
@@ -828,6 +836,7 @@ def parse(data: dict, source: str = "<config>") -> Config:
                     f"expected {_RATE_EXPECTED}, got {table['rate']!r}")
     _monitor(sections["monitor"], problem)
     _cluster(sections["cluster"], problem)
+    _stomp(sections["stomp"], problem)
     iomanagers = {
         name: _ioManager(name, _asTable(table, f"iomanagers.{name}", problem),
                          problem)
@@ -883,6 +892,14 @@ def _cluster(cluster: ClusterConfig, problem) -> None:
     if cluster.forget < cluster.stale:
         problem("cluster.forget", f"expected at least cluster.stale "
                 f"({cluster.stale:g} s), got {cluster.forget:g}")
+
+
+def _stomp(stomp: StompConfig, problem) -> None:
+    """What RabbitMQ would refuse at the first SUBSCRIBE."""
+    if stomp.queue_type == "quorum" and stomp.max_priority:
+        problem("stomp.queue_type", f"quorum cannot go with stomp.max_priority "
+                f"({stomp.max_priority}): RabbitMQ refuses x-max-priority on "
+                "quorum queues; set max_priority = 0 or queue_type = \"classic\"")
 
 
 def _table(data: dict, key: str, problem) -> dict:
