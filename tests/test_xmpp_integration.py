@@ -203,6 +203,10 @@ class XmppIntegrationTests(ProsodyTestCase):
         master = IoMaster(config, "it.xmpp", role="xmpp")
         yield master.startService()
         self.addCleanup(master.stopService)
+        # It connects once it holds the xmpp group's lease (in the SQLite file).
+        yield waitFor(lambda: master.dispatcher.context.xmppManagers.keys() ==
+                      config.xmppAccounts().keys(), timeout=10,
+                      what="the xmpp group's lease")
         return master
 
     def startPeer(self, session=None):

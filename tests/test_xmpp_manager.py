@@ -20,6 +20,7 @@ from snq import config as snqconfig
 from snq.child import Worker
 from snq.handlers import Reject
 from snq.iomaster import IoMaster
+from snq.ledger.memory import MemoryLedger
 from snq.pool import WorkerPool
 from snq.queues.memory import MemoryQueue
 from snq.routing import groupsOf
@@ -120,7 +121,9 @@ def makeConfig(xmpp=None, **sections):
 
 class WorkerMixin:
     """
-    A worker of the given role on a fake reactor; stopped at the end.
+    A worker of the given role on a fake reactor; stopped at the end.  Its
+    ledger is C{self.ledger}, in memory (the config says SQL), so the
+    "xmpp" group's lease is taken there.
     """
 
     def startWorker(self, config=None, role="xmpp"):
@@ -129,6 +132,9 @@ class WorkerMixin:
         self.master = IoMaster(config or makeConfig(), "test.xmpp",
                                clock=self.reactor, queue=self.queue,
                                role=role)
+        if not hasattr(self, "ledger"):
+            self.ledger = MemoryLedger(self.reactor)
+        self.master.ledger._ledger = self.ledger
         self.context = self.master.dispatcher.context
         self.server = FakeServer(self.reactor)
         self.successResultOf(self.master.startService())
