@@ -234,11 +234,19 @@ class IoMaster(AsyncMultiService):
                                          without=("xmpp",) if waiting else ())
 
     def _xmppHeld(self, holding: bool) -> defer.Deferred:
-        """Connect and consume the "xmpp" group (C{holding}), or stop."""
+        """
+        Connect, then consume the "xmpp" group (C{holding}); or stop both
+        at once: the connections must be closed before the lease lapses,
+        whatever items in flight still wait for.
+        """
         self.log.info("worker {wid} {what} the xmpp group", wid=self.workerId,
                       what="takes" if holding else "leaves")
-        d = self.manager.reconfigService(self.config)
-        return defer.gatherResults([d, self.xmpp.activate(holding)])
+        connected = self.xmpp.activate(holding)
+        if holding:
+            return connected.addCallback(
+                lambda _: self.manager.reconfigService(self.config))
+        return defer.gatherResults(
+            [connected, self.manager.reconfigService(self.config)])
 
     def status(self) -> dict[str, list[dict]]:
         """Status rows of the plugins, and of the xmpp group's lease."""
