@@ -219,19 +219,23 @@ class IoMaster(AsyncMultiService):
         self.dispatcher.pauses = pauses
         self.manager.wake()
 
+    def _waiting(self) -> tuple:
+        """The groups not consumed now: "xmpp" while another holds its lease."""
+        if self.xmppLease is not None and not self.xmppLease.holding:
+            return ("xmpp",)
+        return ()
+
     @property
     def groups(self) -> list[str]:
-        return groupsOf(self.config, self.role)
+        """The groups this worker consumes now (brokers subscribe by them)."""
+        return [g for g in groupsOf(self.config, self.role)
+                if g not in self._waiting()]
 
     def transports(self, config) -> TransportFilter:
-        """
-        What this worker claims under C{config}: not the "xmpp" group while
-        another worker holds its lease.
-        """
-        waiting = self.xmppLease is not None and not self.xmppLease.holding
+        """What this worker claims under C{config} (not the groups waiting)."""
         return TransportFilter.forWorker(config, self.dispatcher.registry,
                                          self.role, self.site,
-                                         without=("xmpp",) if waiting else ())
+                                         without=self._waiting())
 
     def _xmppHeld(self, holding: bool) -> defer.Deferred:
         """

@@ -118,6 +118,7 @@ class XmppAcrossHostsTests(RedisFixture, TestCase):
         self.inbox.setHandlerParent(client)
         self.alice = client.jid.full()
         self.resources = {}
+        self.daemons = {}
 
     def writeConfig(self, name, redis, xmppHost, xmppPort, monitor=""):
         self.resources[name] = resource(f"snq-{name}")
@@ -136,7 +137,8 @@ class XmppAcrossHostsTests(RedisFixture, TestCase):
         os.makedirs(cwd)
         config = self.writeConfig(name, self.redisAt, self.net.gateway,
                                   self.xmppPort, f"{host.address}:{MONITOR}")
-        Daemon(self, cwd, "-c", config, wrap=lambda c: host.command(*c))
+        self.daemons[host] = Daemon(self, cwd, "-c", config,
+                                    wrap=lambda c: host.command(*c))
 
     def producer(self) -> Producer:
         config = self.writeConfig("producer", "127.0.0.1:6379", "127.0.0.1",
@@ -216,6 +218,9 @@ class XmppAcrossHostsTests(RedisFixture, TestCase):
         self.assertEqual(self.inbox.bodies(), Counter(before + after),
                          "every message once")
         self.assertEqual((yield self.leaseRows(standby)), "held by this worker")
+        # Waiting, it ran no xmpp item (none failed there unconnected).
+        waited = self.daemons[standby].output().split("takes the xmpp group")[0]
+        self.assertNotIn("xmppout item", waited)
         # The lease lapses at most LEASE after the cut; the standby asks
         # every LEASE/3; then it connects (TLS, SASL) and claims.
         self.assertLess(takeover, LEASE + LEASE / 3 + 10)

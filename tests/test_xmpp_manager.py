@@ -361,10 +361,13 @@ class SingleTests(WorkerMixin, SynchronousTestCase):
         self.assertEqual(self.context.xmppManagers, {})
         row = self.queue.rows[rowId]
         self.assertEqual((row["attempts"], row["lease_until"]), (0, None))
+        # Brokers (Redis lists, STOMP queues) subscribe by the groups.
+        self.assertEqual(self.master.groups, [])
         self.assertEqual(self.master.status()["xmpp"][0]["detail"],
                          "waiting: another worker holds it")
         self.elapse(10)
         self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertEqual(self.master.groups, ["xmpp"])
         self.server.accept()
         self.elapse(5)  # Claimed while connecting, it is retried.
         [message] = self.server.sentOf("message")
