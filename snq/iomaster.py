@@ -198,6 +198,9 @@ class IoMaster(AsyncMultiService):
                 lambda: self._xmppHeld(True), lambda _: self._xmppHeld(False),
                 clock)
             self.xmppLease.setServiceParent(self)
+        elif "xmpp" in groupsOf(config, role) and config.cluster.xmpp_lease > 0:
+            self.log.warn("the xmpp group is not leased: {why}; run it on one "
+                          "host only", why=" ".join(checkLedger(config)))
         # The XMPP connections and the plugins start before the queue
         # manager and so stop after it: items in flight can still finish.
         self.xmpp = XmppAccounts(self.dispatcher.context, role, clock,

@@ -10,7 +10,7 @@ import json
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.words.protocols.jabber import xmlstream
@@ -395,6 +395,22 @@ class SingleTests(WorkerMixin, SynchronousTestCase):
         rowId = self.sendHi()
         self.elapse(5)
         self.assertEqual(self.queue.rows[rowId]["attempts"], 0)
+
+    def test_noLedgerNoLease(self):
+        """
+        A STOMP queue without [ledger] url has nowhere to keep the lease:
+        the worker connects at once and says so.
+        """
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.startWorker(makeConfig(queue={"backend": "stomp"}))
+        self.assertIsNone(self.master.xmppLease)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        [warning] = [formatEvent(e) for e in events
+                     if "not leased" in e.get("log_format", "")]
+        self.assertIn("set [ledger] url", warning)
+        self.assertIn("run it on one host only", warning)
 
     def test_withoutLease(self):
         """C{xmpp_lease = 0}: connected at once, whatever the ledger holds."""
