@@ -5,7 +5,8 @@ namespace of its own (L{tests.netns}), on one Redis, both with the site's
 XMPP account on the Prosody of C{scripts/setup-services}.  Only the worker
 holding the group's lease in the ledger connects and sends; when its host
 drops off the network (link down, processes frozen) the other host's
-worker takes the lease once it lapses, connects and sends what is queued.
+worker takes the lease once it lapses, connects and sends what is queued;
+what alice says to the bare JID becomes one xmppin item, before and after.
 
 C{SNQ_XMPP_LEASE} sets C{[cluster] xmpp_lease} (6 s by default, to keep
 the test short; the manual's figure for the default 30 s was measured
@@ -68,6 +69,12 @@ connect_timeout = 5
 ping_interval = 5
 ping_timeout = 5
 
+[handlers]
+xmppin = "tests.test_xmpp_integration:RecordPayload"
+
+[sites.default]
+record_file = "{record}"
+
 [monitor]
 http = "{monitor}"
 token = "{token}"
@@ -113,12 +120,14 @@ class XmppAcrossHostsTests(RedisFixture, TestCase):
         yield self.setUpRedis()
         self.redisAt = f"{self.net.gateway}:{self.net.forward(6379)}"
         self.xmppPort = self.net.forward(5222)
-        client, _ = yield connectPeer(self)
+        client, self.peer = yield connectPeer(self)
         self.inbox = Inbox()
         self.inbox.setHandlerParent(client)
         self.alice = client.jid.full()
         self.resources = {}
         self.daemons = {}
+        #: The xmppin items handled, one JSON payload a line.
+        self.inbound = os.path.join(self.dir, "inbound.txt")
 
     def writeConfig(self, name, redis, xmppHost, xmppPort, monitor=""):
         self.resources[name] = resource(f"snq-{name}")
@@ -128,7 +137,7 @@ class XmppAcrossHostsTests(RedisFixture, TestCase):
                 name=name, redis=redis, prefix=self.prefix, lease=LEASE,
                 xmppHost=xmppHost, xmppPort=xmppPort,
                 resource=self.resources[name], ca=CA_FILE, monitor=monitor,
-                token=TOKEN))
+                token=TOKEN, record=self.inbound))
         return path
 
     def startHost(self, host):
@@ -169,6 +178,13 @@ class XmppAcrossHostsTests(RedisFixture, TestCase):
                 seen[host] = yield self.leaseRows(host)
         return seen
 
+    def said(self) -> Counter:
+        """The bodies of the xmppin items handled, and how many times."""
+        if not os.path.exists(self.inbound):
+            return Counter()
+        with open(self.inbound) as f:
+            return Counter(json.loads(line)["body"] for line in f)
+
     def sender(self, since=0.0) -> str:
         [sender] = self.inbox.senders(since)
         return sender.split("/", 1)[1]
@@ -201,6 +217,9 @@ class XmppAcrossHostsTests(RedisFixture, TestCase):
                       timeout=30, what="the first messages")
         # Sent by the holder alone, each once.
         self.assertEqual(self.sender(), self.resources[f"h{holder.index}"])
+        # To the bare JID: only the holder is logged in, so one xmppin item.
+        self.peer.say("snq@localhost", "in before")
+        yield waitFor(lambda: self.said(), timeout=30, what="an xmppin item")
 
         cut = time.monotonic()
         holder.cutOff()
@@ -213,7 +232,11 @@ class XmppAcrossHostsTests(RedisFixture, TestCase):
         takeover = min(at for at, _, body in self.inbox.messages
                        if body in after) - cut
         holder.kill()
+        self.peer.say("snq@localhost", "in after")
+        yield waitFor(lambda: "in after" in self.said(), timeout=30,
+                      what="an xmppin item through the new holder")
         yield deferLater(reactor, 2, lambda: None)  # Duplicates would be here.
+        self.assertEqual(self.said(), Counter(["in before", "in after"]))
         self.assertEqual(self.sender(cut), self.resources[f"h{standby.index}"])
         self.assertEqual(self.inbox.bodies(), Counter(before + after),
                          "every message once")
