@@ -1,12 +1,13 @@
 # -*- test-case-name: tests.test_xmpp_hosts -*-
 """
 The "xmpp" group single across hosts: two daemons, each in a network
-namespace of its own (L{tests.netns}), on one Redis, both with the site's
-XMPP account on the Prosody of C{scripts/setup-services}.  Only the worker
-holding the group's lease in the ledger connects and sends; when its host
-drops off the network (link down, processes frozen) the other host's
-worker takes the lease once it lapses, connects and sends what is queued;
-what alice says to the bare JID becomes one xmppin item, before and after.
+namespace of its own (L{tests.netns}), on one Redis or PostgreSQL, both
+with the site's XMPP account on the Prosody of C{scripts/setup-services}.
+Only the worker holding the group's lease in the ledger connects and
+sends; when its host drops off the network (link down, processes frozen)
+the other host's worker takes the lease once it lapses, connects and
+sends what is queued; what alice says to the bare JID becomes one xmppin
+item, before and after.
 
 C{SNQ_XMPP_LEASE} sets C{[cluster] xmpp_lease} (6 s by default, to keep
 the test short; the manual's figure for the default 30 s was measured
@@ -28,8 +29,8 @@ from twisted.words.protocols.jabber.xmlstream import XMPPHandler
 
 from snq import config as snqconfig
 from snq.client import Producer
-from tests import netns
-from tests.daemon import Daemon, waitFor
+from tests import netns, sqlservers
+from tests.daemon import Daemon, snqctl, waitFor
 from tests.test_redis import RedisFixture
 from tests.test_xmpp_integration import CA_FILE, connectPeer, requireProsody, resource
 
@@ -45,14 +46,10 @@ workers = 1
 kill_time = 5
 
 [queue]
-backend = "redis"
+backend = "{backend}"
 lease = 6
 retry_delay = 0.5
 retry_max_delay = 2
-
-[redis]
-url = "redis://{redis}/1"
-prefix = "{prefix}"
 
 [cluster]
 xmpp_lease = {lease}
@@ -74,6 +71,8 @@ xmppin = "tests.test_xmpp_integration:RecordPayload"
 
 [sites.default]
 record_file = "{record}"
+
+{section}
 
 [monitor]
 http = "{monitor}"
@@ -103,7 +102,12 @@ class Inbox(XMPPHandler):
         return {sender for at, sender, _ in self.messages if at >= since}
 
 
-class XmppAcrossHostsTests(RedisFixture, TestCase):
+class XmppAcrossHosts:
+    """
+    The test, on the backend a subclass sets up: C{section(where)} is its
+    config for a daemon on a host ("hosts") or here.
+    """
+
     timeout = 240
 
     @defer.inlineCallbacks
@@ -117,24 +121,24 @@ class XmppAcrossHostsTests(RedisFixture, TestCase):
         self.net = netns.Network(2)
         self.addCleanup(self.net.close)
         self.net.make()
-        yield self.setUpRedis()
-        self.redisAt = f"{self.net.gateway}:{self.net.forward(6379)}"
+        self.resources = {}
+        self.daemons = {}
+        #: The xmppin items handled, one JSON payload a line.
+        self.inbound = os.path.join(self.dir, "inbound.txt")
+        yield self.setUpBackend()
         self.xmppPort = self.net.forward(5222)
         client, self.peer = yield connectPeer(self)
         self.inbox = Inbox()
         self.inbox.setHandlerParent(client)
         self.alice = client.jid.full()
-        self.resources = {}
-        self.daemons = {}
-        #: The xmppin items handled, one JSON payload a line.
-        self.inbound = os.path.join(self.dir, "inbound.txt")
 
-    def writeConfig(self, name, redis, xmppHost, xmppPort, monitor=""):
+    def writeConfig(self, name, where, xmppHost, xmppPort, monitor=""):
         self.resources[name] = resource(f"snq-{name}")
         path = os.path.join(self.dir, f"{name}.toml")
         with open(path, "w") as f:
             f.write(CONFIG.format(
-                name=name, redis=redis, prefix=self.prefix, lease=LEASE,
+                name=name, backend=self.backend, section=self.section(where),
+                lease=LEASE,
                 xmppHost=xmppHost, xmppPort=xmppPort,
                 resource=self.resources[name], ca=CA_FILE, monitor=monitor,
                 token=TOKEN, record=self.inbound))
@@ -144,13 +148,13 @@ class XmppAcrossHostsTests(RedisFixture, TestCase):
         name = f"h{host.index}"
         cwd = os.path.join(self.dir, name)
         os.makedirs(cwd)
-        config = self.writeConfig(name, self.redisAt, self.net.gateway,
+        config = self.writeConfig(name, "hosts", self.net.gateway,
                                   self.xmppPort, f"{host.address}:{MONITOR}")
         self.daemons[host] = Daemon(self, cwd, "-c", config,
                                     wrap=lambda c: host.command(*c))
 
     def producer(self) -> Producer:
-        config = self.writeConfig("producer", "127.0.0.1:6379", "127.0.0.1",
+        config = self.writeConfig("producer", "here", "127.0.0.1",
                                   5222)
         producer = Producer(config=snqconfig.load(config))
         self.addCleanup(producer.close)
@@ -249,3 +253,34 @@ class XmppAcrossHostsTests(RedisFixture, TestCase):
         self.assertLess(takeover, LEASE + LEASE / 3 + 10)
         print(f"\nxmpp_lease {LEASE:g} s: the holder cut off, the other host "
               f"sent {takeover:.1f} s later")
+
+
+class RedisXmppAcrossHostsTests(XmppAcrossHosts, RedisFixture, TestCase):
+    backend = "redis"
+
+    @defer.inlineCallbacks
+    def setUpBackend(self):
+        yield self.setUpRedis()
+        self.redisAt = f"{self.net.gateway}:{self.net.forward(6379)}"
+
+    def section(self, where):
+        address = "127.0.0.1:6379" if where == "here" else self.redisAt
+        return f'[redis]\nurl = "redis://{address}/1"\nprefix = "{self.prefix}"\n'
+
+
+class PostgresXmppAcrossHostsTests(XmppAcrossHosts, TestCase):
+    backend = "db"
+
+    def setUpBackend(self):
+        self.server = sqlservers.forTest(self, sqlservers.Postgres)
+        # As in tests.test_hosts: a frozen host's open transaction ends.
+        self.server.sql(f'ALTER DATABASE "{self.server.database}" SET '
+                        "idle_in_transaction_session_timeout = '5s'")
+        self.viaBridge = f"{self.net.gateway}:{self.net.forward(5432)}"
+        snqctl("-c", self.writeConfig("init", "here", "127.0.0.1", 5222),
+               "db", "init", cwd=self.dir)
+
+    def section(self, where):
+        address = "127.0.0.1:5432" if where == "here" else self.viaBridge
+        return (f'[db]\nurl = "postgresql://postgres@{address}/'
+                f'{self.server.database}?connect_timeout=5"\n')
