@@ -471,3 +471,78 @@ class ClusterCheckTests(TestCase):
         code, line = await self.check()
         self.assertEqual(code, 3, line)
         self.assertIn("set [ledger] url", line)
+
+
+class ClusterCommandTests(TestCase):
+    """snqctl's cluster commands on records written by hand, no daemon."""
+
+    timeout = 30
+
+    async def setUp(self):
+        path = os.path.abspath(self.mktemp())
+        self.toml = path + ".toml"
+        with open(self.toml, "w") as f:
+            f.write(f'[db]\nurl = "sqlite:///{path}"\n'
+                    '[cluster]\nheartbeat = 1\nstale = 10\n')
+        config = snqconfig.load(self.toml)
+        self.queue = makeQueue(config, reactor)
+        await self.queue.open()
+        self.addCleanup(self.queue.close)
+        self.store = makeStore(config, self.queue, reactor)
+
+    async def snqctl(self, *argv):
+        from snq.scripts import snqctl
+
+        out = io.StringIO()
+        await snqctl.run(reactor, snqctl.parser().parse_args(
+            ["-c", self.toml, *argv]), out=out)
+        return out.getvalue()
+
+    async def test_status(self):
+        now = time.time()
+        await self.store.beat("a@h1", {
+            "name": "a@h1", "pid": 11, "seen": now, "started": now - 65,
+            "generation": 2, "digest": "d1",
+            "workers": [{"id": "a.0", "pid": 12, "state": "running",
+                         "uptime": 64, "handled": 7, "errors": 1}]}, 60)
+        await self.store.beat("b@h2", {"name": "b@h2", "pid": 21,
+                                       "seen": now - 30, "state": "running"}, 60)
+        await self.snqctl("pause", "--site", "ex")
+        lines = (await self.snqctl("status", "--cluster")).splitlines()
+        self.assertIn("1 daemons live, 1 gone", lines[0])
+        self.assertEqual(lines[1], "paused: site ex")
+        self.assertEqual(lines[2].split(), ["daemon", "pid", "state", "heartbeat",
+                                            "uptime", "handled", "errors",
+                                            "config"])
+        self.assertEqual(lines[3].split()[:3] + lines[3].split()[-4:],
+                         ["a@h1", "11", "live", "7", "1", "2", "d1"])
+        self.assertEqual(lines[4].split(), ["a.0", "12", "running", "0:01:04",
+                                            "7", "1"])
+        self.assertEqual(lines[5].split()[:4], ["b@h2", "21", "gone", "(stale)"])
+
+    async def test_pauseResume(self):
+        from snq.scripts.snqctl import CommandError
+
+        out = await self.snqctl("pause", "webhook")
+        self.assertEqual(out, "transport webhook paused on every daemon of the "
+                              "cluster (within 1 s)\n")
+        setting = (await self.store.settings())["pause:transport:webhook"]
+        self.assertEqual(sorted(setting), ["by", "since"])
+        self.assertEqual(await self.snqctl("resume", "webhook"),
+                         "transport webhook resumed\n")
+        with self.assertRaises(CommandError) as e:
+            await self.snqctl("resume", "webhook")
+        self.assertIn("was not paused", str(e.exception))
+
+    async def test_reloadUnanswered(self):
+        """A daemon that does not answer in time, or none live at all: status 1."""
+        from snq.scripts.snqctl import CommandError
+
+        with self.assertRaises(CommandError) as e:
+            await self.snqctl("reload", "--cluster")
+        self.assertIn("no daemon is live", str(e.exception))
+        await self.store.beat("a@h1", {"name": "a@h1", "seen": time.time()}, 60)
+        with self.assertRaises(CommandError) as e:
+            await self.snqctl("reload", "--cluster", "--wait", "0.3")
+        self.assertIn("not done on a@h1", str(e.exception))
+        self.assertIn("reload", await self.store.settings())
