@@ -139,3 +139,19 @@ class LeaseHolderTests(SynchronousTestCase):
         self.assertTrue(other.holding)
         self.assertEqual(self.events, [("a", "gained", 0),
                                        ("b", "gained", TTL / 3)])
+
+    def test_stopWaitsForAnAskInFlight(self):
+        """
+        An ask the store answers after the stop began would take the lease
+        for a worker that is gone: the release waits for it.
+        """
+        answer = defer.Deferred()
+        answers = iter([answer])
+        self.ledgers.ledger = lambda: next(answers, defer.succeed(self.memory))
+        holder = self.holder()
+        stopped = holder.stopService()
+        self.assertNoResult(stopped)
+        answer.callback(self.memory)
+        self.successResultOf(stopped)
+        self.assertNotIn("xmpp", self.memory.entries)
+        self.assertEqual(self.events, [])

@@ -66,7 +66,13 @@ class LeaseHolder(Service):
             if call is not None and call.active():
                 call.cancel()
         self._tick = self._deadline = None
-        held, self.holding, self.until = self.holding, False, None
+        # An ask in flight may yet take or renew it: wait for it (it times
+        # out), so the release comes after it.
+        asking = self._asking
+        held = self.holding or asking is not None
+        self.holding, self.until = False, None
+        if asking is not None:
+            yield asking
         yield self._changing
         if held:
             try:
