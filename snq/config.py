@@ -605,6 +605,14 @@ class ClusterConfig:
     stale: float = field(default=20.0, metadata=_positive)
     #: … and leaves the registry once its last heartbeat is this old.
     forget: float = field(default=86400.0, metadata=_positive)
+    #: Seconds of the lease in the ledger that keeps the "xmpp" group (the
+    #: XMPP connections and the xmpp transports) to one worker among all
+    #: daemons on the backend: on every other host the XMPP worker waits,
+    #: unconnected, and takes over within about 1⅓ of this once the holder
+    #: is gone.  0 = no lease: every daemon's XMPP worker connects (run the
+    #: group on one host only).  Without a ledger (a STOMP queue without
+    #: [ledger] url) there is none either.  A change restarts the workers.
+    xmpp_lease: float = field(default=30.0, metadata=_notNegative)
 
 
 @dataclass(frozen=True)
