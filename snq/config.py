@@ -28,6 +28,8 @@ from snq.xmpp.settings import SettingsError, XmppSettings
 
 ENV_VAR = "SNQ_CONFIG"
 BACKENDS = ("db", "stomp", "redis")
+#: How the URL of a Redis starts.
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
 #: Where an IoManager runs (C{[iomanagers.NAME] worker}): every queue worker,
 #: the pool's first one, a worker of its own, or the XMPP worker.
 PLACEMENTS = ("every", "one", "dedicated", "xmpp")
@@ -94,6 +96,31 @@ def _isSize(value) -> bool:
     return True
 
 
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
+_PER = {"s": 1, "m": 60, "h": 3600}
+
+
+def parseRate(value: str) -> float | None:
+    """C{"50/s"}, C{"600/m"}, C{"10/h"} → items per second; C{""} → None."""
+    if not value.strip():
+        return None
+    m = _RATE.match(value)
+    if not m or not float(m.group(1)):
+        raise ValueError(value)
+    return float(m.group(1)) / _PER[m.group(2)]
+
+
+def _isRate(value) -> bool:
+    try:
+        parseRate(value)
+    except (ValueError, AttributeError):
+        return False
+    return True
+
+
+_RATE_EXPECTED = 'a rate like "50/s", "600/m" or "10/h" ("" = no limit)'
+
+
 #: Secrets are immutable: defaults may be shared.
 _NO_SECRET, _GUEST = Secret(""), Secret("guest")
 _DB_URL = Secret.url("sqlite:///snq.sqlite")
@@ -134,6 +161,15 @@ check = _check
 DURATION = _check(_isDuration, 'seconds as a number or a string like "30s", '
                   '"5m", "1h", "1d"')
 NAME = _name
+
+
+#: The largest C{[sites.NICK] weight}.
+MAX_WEIGHT = 1000
+
+
+def _isWeight(value) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and 1 <= value <= MAX_WEIGHT)
 
 
 @dataclass(frozen=True)
@@ -298,11 +334,18 @@ class StompConfig:
     #: time it was signed: clocks must agree this well.
     control_window: float = field(default=60.0, metadata=_positive)
     #: Messages the broker sends ahead per subscription (prefetch-count), a
-    #: worker's window; 0 = twice [queue] concurrency.
+    #: worker's window; 0 = twice [queue] concurrency (at most 20 with
+    #: max_priority, so that an urgent item waits behind few others).
     prefetch: int = field(default=0, metadata=_count(0, 100_000))
     #: Seconds to connect, log in and subscribe before an attempt counts as
     #: failed.
     connect_timeout: float = field(default=10.0, metadata=_positive)
+    #: RabbitMQ: the queues snq consumes are priority queues (x-max-priority)
+    #: of this many levels above 0, and an item's priority, clamped into 0
+    #: to it, orders what the broker delivers.  0 = plain queues, priorities
+    #: ignored.  Every producer must then declare the same (see the manual's
+    #: floods chapter, also for existing queues).
+    max_priority: int = field(default=0, metadata=_count(0, 255))
     #: Write "/" inside a destination's name as %2F, which RabbitMQ needs:
     #: "auto" (when the broker says it is RabbitMQ), "always" or "never".
     escape_slashes: str = field(default="auto", metadata=_check(
@@ -311,11 +354,14 @@ class StompConfig:
 
 @dataclass(frozen=True)
 class RedisConfig:
-    #: redis://[USER:PASSWORD@]HOST:PORT/DB, or rediss://… for TLS.  A
+    #: redis://[USER:PASSWORD@]HOST:PORT/DB, or rediss://… for TLS, or
+    #: redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER/DB:
+    #: the Sentinels that name the primary (and follow its failover).  A
     #: secret: printed with its password masked.
     url: Secret = field(default=_REDIS_URL, metadata=_check(
-        lambda v: v.startswith(("redis://", "rediss://")),
-        "redis://[USER:PASSWORD@]HOST:PORT/DB or rediss://…", url=True))
+        lambda v: v.startswith(REDIS_SCHEMES),
+        "redis://[USER:PASSWORD@]HOST:PORT/DB, rediss://… or "
+        "redis+sentinel://HOST:PORT[,HOST:PORT…]/MASTER/DB", url=True))
     #: Every key snq reads or writes starts with this: two installations
     #: on one Redis need different prefixes (or database numbers).
     prefix: str = field(default="snq:", metadata=_check(bool, "a non-empty prefix"))
@@ -348,6 +394,14 @@ class TransportConfig:
     #: The group whose queue carries this transport; not set = the
     #: handler's own group (usually "main").
     group: str | None = field(default=None, metadata=_name)
+    #: Most items of this transport started per second, second, minute
+    #: or hour ("50/s", "600/m"), across every worker and host sharing the
+    #: queue (SQL, Redis); an item over the limit waits, uncharged.  Up to
+    #: one second's worth (at least one item) may start at once.
+    rate: str = field(default="", metadata=_check(_isRate, _RATE_EXPECTED))
+
+    def ratePerSecond(self) -> float | None:
+        return parseRate(self.rate)
 
 
 #: The names of this machine's loopback, which a monitor there answers to.
@@ -520,9 +574,29 @@ class LedgerConfig:
     #: queue's own (a STOMP queue has none). May hold a password.
     url: Secret = field(default=_NO_SECRET, metadata=_check(
         lambda v: v == "" or (v.split("://", 1)[0] in (
-            "sqlite", "mysql", "postgresql", "redis", "rediss") and "://" in v),
+            "sqlite", "mysql", "postgresql", "redis", "rediss", "redis+sentinel")
+            and "://" in v),
         'a db URL (sqlite:///…, mysql://…, postgresql://…), a Redis URL '
-        '(redis://…, rediss://…), or "" for the queue\'s own', url=True))
+        '(redis://…, rediss://…, redis+sentinel://…), or "" for the '
+        'queue\'s own', url=True))
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """
+    C{[cluster]}: how daemons sharing a backend see each other (the
+    registry behind C{snqctl status --cluster}, and the cluster-wide
+    pauses).
+    """
+
+    #: Seconds between two heartbeats of a daemon in the registry; workers
+    #: look at the cluster's pauses as often.
+    heartbeat: float = field(default=5.0, metadata=_positive)
+    #: A daemon whose last heartbeat is older than this is shown as gone
+    #: (C{snqctl check --cluster}: a stale heartbeat).
+    stale: float = field(default=20.0, metadata=_positive)
+    #: … and leaves the registry once its last heartbeat is this old.
+    forget: float = field(default=86400.0, metadata=_positive)
 
 
 @dataclass(frozen=True)
@@ -561,6 +635,9 @@ class Config:
     #: Where daemons sharing a backend record what must happen once among
     #: them (see the chapter on IoManagers, "The ledger").
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    #: How daemons sharing a backend see each other (see the chapter on
+    #: scaling, "One view of the cluster").
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     #: The file this came from, or None for the embedded default.
     source: str | None = None
     #: What follows says where this config stands in a running daemon, not
@@ -588,6 +665,35 @@ class Config:
         merged = dict(self.sites.get("default", {}))
         merged.update(self.sites.get(site, {}))
         return merged
+
+    def siteWeight(self, site: str) -> int:
+        """
+        C{[sites.NICK] weight}: the site's share of a shared queue's claims
+        against the other sites with work waiting (1 unless set).
+        """
+        return self.siteConfig(site).get("weight", 1)
+
+    def siteRate(self, site: str) -> float | None:
+        """
+        C{[sites.NICK] rate} in items per second (each site its own limit;
+        C{[sites.default]}'s applies to every site), None = no limit.
+        """
+        return parseRate(self.siteConfig(site).get("rate", ""))
+
+    def rates(self) -> dict[str, float]:
+        """
+        Every rate limit, by bucket name: C{t:TRANSPORT}, C{s:SITE}, and
+        C{s:} for the sites without one of their own.
+        """
+        limits = {f"t:{name}": t.ratePerSecond()
+                  for name, t in self.transports.items() if t.rate}
+        default = self.siteRate("default")
+        if default is not None:
+            limits["s:"] = default
+        limits.update((f"s:{site}", rate) for site in self.sites
+                      if (rate := self.siteRate(site)) is not None
+                      and rate != default)
+        return limits
 
     def knownSites(self) -> frozenset | None:
         """
@@ -640,7 +746,8 @@ class Config:
 _DEFAULT_TRANSPORT = TransportConfig()
 _SECTIONS = {"daemon": DaemonConfig, "queue": QueueConfig, "db": DbConfig,
              "stomp": StompConfig, "redis": RedisConfig, "xmpp": XmppConfig,
-             "monitor": MonitorConfig, "ledger": LedgerConfig}
+             "monitor": MonitorConfig, "ledger": LedgerConfig,
+             "cluster": ClusterConfig}
 
 
 def load(path: str | None = None, environ: typing.Mapping = os.environ) -> Config:
@@ -713,7 +820,14 @@ def parse(data: dict, source: str = "<config>") -> Config:
     for nick, table in sites.items():
         for key, expected in TargetPolicy.problems(table):
             problem(f"sites.{nick}.{key}", expected)
+        if "weight" in table and not _isWeight(table["weight"]):
+            problem(f"sites.{nick}.weight", f"expected an integer from 1 to"
+                    f" {MAX_WEIGHT}, got {table['weight']!r}")
+        if "rate" in table and not _isRate(table["rate"]):
+            problem(f"sites.{nick}.rate",
+                    f"expected {_RATE_EXPECTED}, got {table['rate']!r}")
     _monitor(sections["monitor"], problem)
+    _cluster(sections["cluster"], problem)
     iomanagers = {
         name: _ioManager(name, _asTable(table, f"iomanagers.{name}", problem),
                          problem)
@@ -759,6 +873,16 @@ def _monitor(monitor: MonitorConfig, problem) -> None:
     if monitor.wildcard() and not monitor.hosts:
         problem("monitor.hosts", f"needed when monitor.http ({monitor.http}) "
                 "listens on every address: the names clients reach it by")
+
+
+def _cluster(cluster: ClusterConfig, problem) -> None:
+    """A daemon must not look gone between two of its heartbeats."""
+    if cluster.stale < 2 * cluster.heartbeat:
+        problem("cluster.stale", f"expected at least twice cluster.heartbeat "
+                f"({cluster.heartbeat:g} s), got {cluster.stale:g}")
+    if cluster.forget < cluster.stale:
+        problem("cluster.forget", f"expected at least cluster.stale "
+                f"({cluster.stale:g} s), got {cluster.forget:g}")
 
 
 def _table(data: dict, key: str, problem) -> dict:

@@ -29,8 +29,9 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from snq.backoff import backoff
+from snq.cluster import Pauses
 from snq.files import privateDirectory, writePrivate
-from snq.handlers import HandlerRegistry, Reject, Retry
+from snq.handlers import Defer, HandlerRegistry, Reject, Retry
 from snq.handlers.context import HandlerContext
 from snq.item import BadItem, Item
 from snq.queues.interface import Delivery, Queue
@@ -58,7 +59,7 @@ class Dispatcher:
 
     At most C{concurrency} items run at once, and at most a transport's own
     C{concurrency} of that transport, so one slow remote cannot take every
-    slot; the rest wait in arrival order.
+    slot; the rest wait, the highest priority first, else in arrival order.
 
     Blocking handlers run in a thread pool of the dispatcher's own
     (C{[queue] threads}), apart from the reactor's, where name resolution
@@ -109,6 +110,8 @@ class Dispatcher:
         #: them (the worker's memory watch).
         self.settledHooks: list = []
         self.held: set[Delivery] = set()
+        #: What the cluster has paused (L{snq.cluster.pauses.PauseWatch}).
+        self.pauses = Pauses()
         self._waiting: collections.deque = collections.deque()
         self._running: collections.Counter = collections.Counter()
         self._drained: list[defer.Deferred] = []
@@ -175,6 +178,13 @@ class Dispatcher:
             # again, without an attempt charged.
             return settle(self.queue.retry, item, item.run_at - now,
                           "not due yet")
+        if self.pauses.holds(item.transport, item.site):
+            # Taken while paused (a broker's push, a list of several
+            # transports, any site's items): back uncharged, and not before
+            # the pauses are looked at again, so it cannot spin.
+            return settle(self.queue.retry, item, self.pauses.putBack(
+                item.transport, item.site, now, self.config.cluster.heartbeat),
+                "paused")
         sites = self.config.knownSites()
         if sites is not None and item.site not in sites:
             # Usual while a reload that adds the site spreads over the
@@ -225,7 +235,12 @@ class Dispatcher:
         # replaces that handler meanwhile.
         self._uses[handler] += 1
         done.addBoth(self._used, handler)
-        self._waiting.append((delivery, item, done, handler))
+        # Behind the waiting items of its priority or higher, ahead of the
+        # lower: an urgent item claimed into a full window starts next.
+        index = len(self._waiting)
+        while index and self._waiting[index - 1][1].priority < item.priority:
+            index -= 1
+        self._waiting.insert(index, (delivery, item, done, handler))
         self._pump()
 
     def reconfigService(self, config) -> list[str]:
@@ -470,6 +485,11 @@ class Dispatcher:
         if result.check(Reject):
             reason = str(result.value) or "rejected by the handler"
             return self._deadLetter(delivery, item, "rejected", reason)
+        if result.check(Defer):
+            # Not the item's fault: back as it came, attempts unchanged.
+            self.stats.count("deferred", item.transport, item.site)
+            return self.queue.retry(delivery, item, result.value.delay,
+                                    printable(f"deferred: {result.value}"))
         error = f"{result.type.__name__}: {result.getErrorMessage()}"
         if result.check(Retry):
             self.log.warn("{transport} item {id} failed (attempt {n}): {error}",

@@ -13,6 +13,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from snq.cluster.pauses import PauseWatch
 from snq.dispatch import Dispatcher
 from snq.handlers import HandlerRegistry
 from snq.iomanagers import IoManagers
@@ -177,11 +178,18 @@ class IoMaster(AsyncMultiService):
         self.plugins = IoManagers(config, self.dispatcher.context, self.ledger,
                                   role, workerId, site)
         self.plugins.setServiceParent(self)
+        # Started before the queue manager: it claims nothing paused.
+        self.pauses = PauseWatch(config, self.queue, self._paused, clock)
+        self.pauses.setServiceParent(self)
         managerClass = self.queue.managerClass or QueueManager
         self.manager = managerClass(self.queue, self.dispatcher, config,
                                     self.transports(config), clock,
                                     transportsFor=self.transports)
         self.manager.setServiceParent(self)
+
+    def _paused(self, pauses):
+        self.dispatcher.pauses = pauses
+        self.manager.wake()
 
     @property
     def groups(self) -> list[str]:

@@ -12,7 +12,8 @@ import sys
 
 COUNTERS = ("enqueued", "handled", "error", "requeued", "deadletter",
             "baditem", "badhandler", "badsite", "switch", "siteupdate",
-            "xmpp_process", "claim_failed", "settle_failed")
+            "xmpp_process", "claim_failed", "settle_failed", "deferred",
+            "circuit_open")
 
 #: Upper bounds (seconds) of the handle-time histogram; one more bucket
 #: counts everything slower.  Prometheus' defaults, plus two for slow remotes.

@@ -212,6 +212,7 @@ def _inline(options, config):
 
 def _master(options, config):
     """The master: control socket, monitors, reaper, the pool, the reloader."""
+    from snq.cluster.registry import RegistryService
     from snq.control import ControlService
     from snq.monitor.service import MonitorService
     from snq.pool import WorkerPool
@@ -237,6 +238,9 @@ def _master(options, config):
     # Before the pool, so it stops after it: the last counts and states of
     # the stopping workers still reach the monitors.
     monitor.setServiceParent(daemon)
+    # Before the pool, so its last heartbeat, "stopped", comes after it.
+    monitor.registry = RegistryService(config, monitor.tracker, reloader)
+    monitor.registry.setServiceParent(daemon)
     # Before the pool, so it stops after it: claims left by the workers'
     # last deaths go back.
     Reaper(config, pool).setServiceParent(daemon)

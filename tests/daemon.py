@@ -40,15 +40,16 @@ def snqctl(*args, cwd, stdin=None, check=True):
 class Daemon:
     """
     One twistd process; C{testCase.addCleanup} kills it whatever happens.
-    C{env}: more environment variables (as L{environ} takes them).
+    C{env}: more environment variables (as L{environ} takes them);
+    C{wrap}: what runs it (L{tests.netns.Host.command}, say).
     """
 
-    def __init__(self, testCase, cwd, *args, env=None):
+    def __init__(self, testCase, cwd, *args, env=None, wrap=lambda c: c):
         self.cwd = cwd
         self.logPath = os.path.join(cwd, f"twistd-{time.monotonic_ns()}.log")
         self.log = open(self.logPath, "w")  # noqa: SIM115 (closed in kill)
         self.process = subprocess.Popen(
-            [*TWISTD, "-n", "--pidfile=", "snq", *args], cwd=cwd,
+            wrap([*TWISTD, "-n", "--pidfile=", "snq", *args]), cwd=cwd,
             stdout=self.log, stderr=subprocess.STDOUT, env=environ(**(env or {})))
         testCase.addCleanup(self.kill)
 

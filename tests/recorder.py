@@ -2,7 +2,7 @@
 Handlers for tests that run a real daemon.  C{Record} appends
 C{"ITEM_ID PID ATTEMPTS"} to the file named by the site config's
 C{record_file}, so a test can check from outside who handled what, and how
-often; C{Stamp} adds when it started.
+often; C{Stamp} adds when it started, C{Created} when the item was made.
 """
 
 import os
@@ -54,6 +54,14 @@ class Stamp(QueueHandler):
     def handle(self, item):
         record(self.context.siteConfig(item.site)["record_file"], item,
                f"{time.time():.6f}")
+
+
+class Created(QueueHandler):
+    """Records the item and when it was created (a schedule's tick)."""
+
+    def handle(self, item):
+        record(self.context.siteConfig(item.site)["record_file"], item,
+               f"{item.created:.3f}")
 
 
 class Leak(QueueHandler):

@@ -20,7 +20,7 @@ from stompest.sync import Stomp
 from twisted.internet import defer, reactor, threads
 from twisted.internet.task import deferLater
 
-from snq.handlers import QueueHandler
+from snq.handlers import Defer, QueueHandler
 from snq.item import Item
 from tests import rabbitmq, sqlservers
 from tests.daemon import Daemon, daemonStatus, snqctl, socketPath, waitFor
@@ -66,7 +66,9 @@ class Stamp(QueueHandler):
     Notes C{"ID PID ATTEMPTS start|end TIME"} lines as it starts and ends an
     item,
     after C{payload.sleep} seconds; with C{payload.die}, the worker exits at
-    once (C{os._exit}) C{payload.die} seconds after the item started.
+    once (C{os._exit}) C{payload.die} seconds after the item started; with
+    C{payload.defer}, it raises L{Defer} (0.2 s) until that many seconds
+    after the item was created.
     """
 
     def handle(self, item):
@@ -74,6 +76,8 @@ class Stamp(QueueHandler):
         payload = item.payload if isinstance(item.payload, dict) else {}
         _note(path, item, "start")
         clock = self.context.clock
+        if time.time() < item.created + payload.get("defer", 0):
+            raise Defer("deferred by the test", 0.2)
         if "die" in payload:
             return deferLater(clock, payload["die"], os._exit, 1)
         if payload.get("sleep"):
@@ -247,7 +251,9 @@ class RedisBackend(RedisFixture, Backend):
             self.redis.execute("LLEN", p + "q:main"),
             self.redis.execute("ZCARD", p + "processing"),
             self.redis.execute("ZCARD", p + "delayed:main")])
-        return sum(counts)
+        # Items in line: a line exists only while it holds some.
+        lines = yield self.redis.execute("KEYS", p + "line:*")
+        return sum(counts) + len(lines)
 
     @defer.inlineCallbacks
     def cut(self):
@@ -355,7 +361,8 @@ class PoolDaemonMixin:
         return self.backend.setUp(self)
 
     def daemon(self, workers=2, concurrency=10, prefetch=20, retries=10,
-               http=""):
+               http="", more=""):
+        """A pool daemon; C{more} is added to its config file."""
         path = os.path.join(self.dir, "snq.toml")
         backend = {"SQLite": "db", "PostgreSQL": "db", "MariaDB": "db",
                    "Redis": "redis", "RabbitMQ": "stomp"}[self.backend.name]
@@ -364,7 +371,7 @@ class PoolDaemonMixin:
                 id=self.daemonId, workers=workers, sock=self.sock,
                 backend=backend, concurrency=concurrency, prefetch=prefetch,
                 retries=retries, backendConfig=self.backend.config(),
-                dir=self.dir, http=http))
+                dir=self.dir, http=http) + more)
         self.configPath = path
         return Daemon(self, self.dir, "-c", path)
 

@@ -12,12 +12,13 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import uuid
 from datetime import UTC, datetime, timedelta
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from snq import config as snqconfig
-from snq.client import EnqueueError, Producer, configFor
+from snq.client import EnqueueError, Producer, _newId, configFor
 from snq.client.pool import Pool
 from snq.item import BadItem, Item
 from tests.daemon import environ, snqctl
@@ -61,6 +62,18 @@ class ConfigForTests(SynchronousTestCase):
         self.assertRaises(TypeError, Producer)
         self.assertRaises(TypeError, Producer, "sqlite:///x",
                           config=snqconfig.Config())
+
+
+class IdTests(SynchronousTestCase):
+    def test_randomUUIDs(self):
+        """A producer's ids are what an Item makes its own: uuid4().hex."""
+        ids = {_newId() for _ in range(1000)}
+        self.assertEqual(len(ids), 1000)
+        for itemId in ids:
+            made = uuid.UUID(itemId)
+            self.assertEqual((made.hex, made.version, made.variant),
+                             (itemId, 4, uuid.RFC_4122))
+        self.assertEqual({len(i) for i in ids}, {len(Item("t", {}).id)})
 
 
 class SqliteProducerTests(SynchronousTestCase):
@@ -208,7 +221,8 @@ class NoTwistedTests(SynchronousTestCase):
     def test_importAndUse(self):
         """
         Making a producer for every backend and enqueueing imports nothing
-        of Twisted (the servers' own runs: L{tests.test_client_servers}).
+        of Twisted (the servers' own runs: L{tests.test_client_servers}),
+        nor redis-py (snq speaks to Redis itself: L{snq.client.resp}).
         """
         path = os.path.abspath(self.mktemp())
         code = (
@@ -222,7 +236,8 @@ class NoTwistedTests(SynchronousTestCase):
             "    p.enqueue('xmppout', {})\n"
             "except EnqueueError:\n"
             "    pass\n"
-            "print(sorted(m for m in sys.modules if m.startswith('twisted')))\n")
+            "print(sorted(m for m in sys.modules\n"
+            "             if m.startswith(('twisted', 'redis'))))\n")
         result = subprocess.run([sys.executable, "-c", code], capture_output=True,
                                 text=True, env=environ(), timeout=60)
         self.assertEqual((result.returncode, result.stdout.strip()), (0, "[]"),
@@ -239,34 +254,62 @@ class PoolTests(SynchronousTestCase):
         return self.made[-1]
 
     def test_reusedAfterUse(self):
-        with self.pool.connection() as (first, reused):
-            self.assertFalse(reused)
-        with self.pool.connection() as (second, reused):
-            self.assertTrue(reused)
-        self.assertIs(first, second)
+        first = self.pool.use(lambda conn: conn)
+        self.assertIs(self.pool.use(lambda conn: conn), first)
+        self.assertEqual(len(self.made), 1)
 
     def test_failedConnectionsAreClosed(self):
-        with self.assertRaises(RuntimeError), self.pool.connection() as (conn, _):
+        def fail(conn):
             raise RuntimeError("in use")
-        self.assertEqual(self.closed, [conn])
-        with self.pool.connection() as (_, reused):
-            self.assertFalse(reused)
+
+        self.assertRaises(RuntimeError, self.pool.use, fail)
+        self.assertEqual(self.closed, self.made)
+        self.pool.use(lambda conn: conn)
+        self.assertEqual(len(self.made), 2)
+
+    def test_droppedWhileIdle(self):
+        """
+        A kept connection that fails with a retryable error is closed and
+        the work done again on a new one; a new one's failure is raised.
+        """
+        kept = self.pool.use(lambda conn: conn)
+        used = []
+
+        def work(conn):
+            used.append(conn)
+            if len(used) < 3:
+                raise ConnectionError("dropped")
+            return "done"
+
+        self.assertRaises(ConnectionError, self.pool.use, work, OSError)
+        self.assertEqual(used[0], kept)
+        self.assertEqual(self.closed, used, "the new one failed too: raised")
+        self.assertEqual(self.pool.use(work, OSError), "done")
+
+    def test_notRetryable(self):
+        """Only the errors named are retried, on a kept connection too."""
+        self.pool.use(lambda conn: conn)
+
+        def fail(conn):
+            raise ValueError("refused")
+
+        self.assertRaises(ValueError, self.pool.use, fail, OSError)
+        self.assertEqual(len(self.made), 1)
 
     def test_forkedChildStartsAfresh(self):
         """
         A child never uses, nor closes, what its parent opened: closing
         could say goodbye on the parent's behalf.
         """
-        with self.pool.connection() as (parents, _):
-            pass
+        parents = self.pool.use(lambda conn: conn)
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:
             try:
-                with self.pool.connection() as (conn, reused):
-                    ok = conn is not parents and not reused
+                conn = self.pool.use(lambda conn: conn)
                 self.pool.close()
-                os.write(write, b"ok" if ok and self.closed == [conn] else b"no")
+                ok = conn is not parents and self.closed == [conn]
+                os.write(write, b"ok" if ok else b"no")
             finally:
                 os._exit(0)
         os.close(write)
@@ -274,5 +317,4 @@ class PoolTests(SynchronousTestCase):
         os.close(read)
         os.waitpid(pid, 0)
         self.assertEqual(answer, b"ok")
-        with self.pool.connection() as (conn, reused):
-            self.assertIs(conn, parents)
+        self.assertIs(self.pool.use(lambda conn: conn), parents)

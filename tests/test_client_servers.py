@@ -8,6 +8,8 @@ transaction on SQLite, PostgreSQL and MariaDB.
 """
 
 import json
+import os
+import ssl
 import subprocess
 import sys
 import time
@@ -22,9 +24,15 @@ from twisted.trial.unittest import TestCase
 
 from snq import config as snqconfig
 from snq.client import EnqueueError, Producer
+from snq.client.redis import _oneCommand
+from snq.client.resp import ReplyError, RespConnection
 from snq.client.stomp import BrokerError
+from snq.client.wire import Wire
 from snq.item import Item
-from tests import rabbitmq, sqlservers
+from snq.redis import scripts
+from snq.redis.address import RedisAddress
+from snq.redis.keys import enqueueCall
+from tests import rabbitmq, sqlservers, test_redis
 from tests.daemon import environ, freePort, snqctl
 from tests.stampdaemon import REDIS_URL, OnServer, deleteRedisKeys
 
@@ -222,7 +230,7 @@ class MariaDbTests(SqlServer, ProducerOnServer, ReconnectTests,
 
 class RedisTests(ProducerOnServer, ReconnectTests, TestCase):
     backend = "redis"
-    downError = redis.ConnectionError
+    downError = ConnectionRefusedError
     downWhere = "redis://:***@127.0.0.1"
 
     def setUpServer(self):
@@ -238,12 +246,18 @@ class RedisTests(ProducerOnServer, ReconnectTests, TestCase):
             "url": f"redis://:secret@127.0.0.1:{freePort()}/0", "timeout": 2}})
 
     def dropConnections(self, producer):
-        name = producer._backend.client.client_getname()
+        """CLIENT KILL of the producer's idle connections, by their names."""
+        names = {conn.name for conn in producer._backend.pool._idle}
         killed = 0
         for client in self.redis.client_list():
-            if client["name"] == name:
+            if client["name"] in names:
                 killed += self.redis.client_kill_filter(_id=client["id"])
+        self.assertEqual(killed, len(names))
         self.assertGreater(killed, 0)
+
+    def redisConfig(self, url, **settings):
+        return snqconfig.parse({"queue": {"backend": "redis"}, "redis": {
+            "url": url, "prefix": f"{self.name}:", **settings}})
 
     def test_routesAsTheDaemon(self):
         """A breakout's items go to its own list; others to their group's."""
@@ -252,6 +266,148 @@ class RedisTests(ProducerOnServer, ReconnectTests, TestCase):
         producer.enqueue("log", {}, run_at=4e9)
         self.assertEqual(self.redis.llen(f"{self.name}:q:main/stamp"), 1)
         self.assertEqual(self.redis.zcard(f"{self.name}:delayed:main"), 1)
+
+    def test_bigItems(self):
+        """Frames far beyond a socket buffer, single and batched, whole."""
+        producer = self.producer()
+        big = "é" * 1_500_000
+        itemId = producer.enqueue("log", {"big": big})
+        ids = producer.enqueue_many("log", [{"big": big}] * 3)
+        frames = self.redis.lrange(f"{self.name}:q:main", 0, -1)
+        self.assertEqual([Item.fromJSON(f).id for f in reversed(frames)],
+                         [itemId, *ids])
+        self.assertEqual({Item.fromJSON(f).payload["big"] for f in frames}, {big})
+
+    def test_sameAsTheScript(self):
+        """
+        The producer's one command stores what the daemon's ENQUEUE script
+        stores with the same KEYS and ARGV, ready or later.
+        """
+        now = time.time()
+        items = [Item(transport="log", payload=n, created=now) for n in range(3)]
+        later = [Item(transport="log", payload=n, created=now, run_at=now + 60)
+                 for n in range(3)]
+        conn = RespConnection(Wire("127.0.0.1", 6379, 5.0),
+                              RedisAddress.fromURL(REDIS_URL), "test")
+        self.addCleanup(conn.close)
+        stored = {}
+        for way in ("script", "command"):
+            prefix = f"{self.name}:{way}:"
+            for batch in (items, later):
+                keys, args = enqueueCall(batch, lambda item: "main", prefix,
+                                         now, 0.0, lambda item: item.id)
+                if way == "script":
+                    self.redis.eval(scripts.ENQUEUE.source, len(keys), *keys,
+                                    *args)
+                else:
+                    conn.execute(_oneCommand(keys, args))
+            stored[way] = (
+                self.redis.lrange(f"{prefix}q:main", 0, -1),
+                self.redis.zrange(f"{prefix}delayed:main", 0, -1,
+                                  withscores=True))
+        self.assertEqual(len(stored["script"][0]), 3)
+        self.assertEqual(len(stored["script"][1]), 3)
+        self.assertEqual(stored["command"], stored["script"])
+
+    def test_aclUserAndDatabase(self):
+        """
+        AUTH as an ACL user allowed only what a producer does, on the
+        database the URL names; a wrong password is refused, unshown.
+        """
+        user = f"{self.name}-producer"
+        self.redis.acl_setuser(
+            user, enabled=True, passwords=["+s3cret"], keys=[f"{self.name}:*"],
+            commands=["+lpush", "+zadd", "+select", "+client|setname"])
+        self.addCleanup(self.redis.acl_deluser, user)
+        other = redis.Redis.from_url(REDIS_URL.rpartition("/")[0] + "/2")
+        self.addCleanup(other.close)
+        self.addCleanup(other.delete, f"{self.name}:q:main")
+        producer = self.producer(self.redisConfig(
+            f"redis://{user}:s3cret@127.0.0.1:6379/2"))
+        [itemId] = producer.enqueue_many("log", [{"n": 1}])
+        [frame] = other.lrange(f"{self.name}:q:main", 0, -1)
+        self.assertEqual(Item.fromJSON(frame).id, itemId)
+        self.assertEqual(self.redis.llen(f"{self.name}:q:main"), 0)
+
+        wrong = self.producer(self.redisConfig(
+            f"redis://{user}:wr0ng@127.0.0.1:6379/2"))
+        e = self.assertRaises(EnqueueError, wrong.enqueue, "log", {})
+        self.assertIsInstance(e.__cause__, ReplyError)
+        self.assertIn("WRONGPASS", str(e))
+        self.assertNotIn("wr0ng", str(e))
+        self.assertIn(f"redis://{user}:***@127.0.0.1:6379/2", str(e))
+
+    def test_forkedChildConnectsAnew(self):
+        """
+        A child forked after its parent enqueued uses a connection of its
+        own (named for its pid), and closing its producer leaves the
+        parent's working.
+        """
+        producer = self.producer()
+        producer.enqueue("log", {"parent": 1})
+        [parents] = producer._backend.pool._idle
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                os.close(read)
+                producer.enqueue("log", {"child": 1})
+                [mine] = producer._backend.pool._idle
+                producer.close()
+                os.write(write, mine.name.encode())
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write)
+        with os.fdopen(read, "rb") as answer:
+            childs = answer.read().decode()
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(status, 0)
+        self.assertTrue(childs.endswith(f"-{pid}-" + childs.rpartition("-")[2]))
+        self.assertNotEqual(childs, parents.name)
+        producer.enqueue("log", {"parent": 2})
+        self.assertEqual(producer._backend.pool._idle, [parents])
+        self.assertEqual(self.redis.llen(f"{self.name}:q:main"), 3)
+
+
+class RedisTLSTests(test_redis.RedisFixture, TestCase):
+    """C{rediss://}: the TLS-only redis-server of L{test_redis.TLSTests}."""
+
+    setUp = test_redis.TLSTests.setUp
+    listening = test_redis.TLSTests.listening
+    stopServer = test_redis.TLSTests.stopServer
+    pem = test_redis.TLSTests.pem
+
+    def config(self, **files):
+        return snqconfig.parse({"queue": {"backend": "redis"}, "redis": {
+            "url": f"rediss://127.0.0.1:{self.port}/0", "prefix": self.prefix,
+            "timeout": 5, "cert_file": os.path.join(self.dir, "client.crt"),
+            "key_file": os.path.join(self.dir, "client.key"), **files}})
+
+    def test_rediss(self):
+        """Trusting the private CA, with a client certificate."""
+        producer = Producer(config=self.config(
+            ca_file=os.path.join(self.dir, "ca.crt")))
+        self.addCleanup(producer.close)
+        itemId = producer.enqueue("log", "secret")
+        producer.enqueue("log", "again")
+        files = {f"ssl_{k}": os.path.join(self.dir, v) for k, v in [
+            ("ca_certs", "ca.crt"), ("certfile", "client.crt"),
+            ("keyfile", "client.key")]}
+        client = redis.Redis("127.0.0.1", self.port, ssl=True, **files)
+        self.addCleanup(client.close)
+        frames = client.lrange(f"{self.prefix}q:main", 0, -1)
+        self.assertEqual(Item.fromJSON(frames[-1]).id, itemId)
+        self.assertEqual(len(frames), 2)
+
+    def test_untrustedServerIsRefused(self):
+        """Without the private CA, the system's CAs do not vouch for it."""
+        producer = Producer(config=self.config())
+        self.addCleanup(producer.close)
+        e = self.assertRaises(EnqueueError, producer.enqueue, "log", "secret")
+        self.assertIsInstance(e.__cause__, ssl.SSLCertVerificationError)
+        self.assertIn("certificate verify failed", str(e))
 
 
 class StompTests(ProducerOnServer, ReconnectTests, TestCase):
@@ -272,9 +428,20 @@ class StompTests(ProducerOnServer, ReconnectTests, TestCase):
                         f"tcp://127.0.0.1:{freePort()}"],
             "connect_timeout": 2}})
 
+    def test_refusedLogin(self):
+        """The broker's ERROR frame, read by the producer's own parser."""
+        producer = self.producer(snqconfig.parse({
+            "queue": {"backend": "stomp"},
+            "stomp": {"login": "guest", "passcode": "n0t-this"}}))
+        e = self.assertRaises(EnqueueError, producer.enqueue, "stamp", {})
+        self.assertIsInstance(e.__cause__, BrokerError)
+        self.assertIn("the broker refused: ", str(e))
+        self.assertIn("tcp://127.0.0.1:61613", str(e))
+        self.assertNotIn("n0t-this", str(e))
+
     def dropConnections(self, producer):
         [conn] = producer._backend.pool._idle
-        port = conn.sock.getsockname()[1]
+        port = conn.wire.sock.getsockname()[1]
         killed = rabbitmq.rabbitmqctl("eval", f"""
             [exit(P, kill) || P <- rabbit_stomp:list(),
              rabbit_stomp_reader:info(P, [peer_port]) =:= [{{peer_port, {port}}}]].""")

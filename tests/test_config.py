@@ -13,6 +13,40 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(c.queue.groups, ["main"])
         self.assertEqual(c.maxRetries("anything"), 10)
 
+    def test_siteWeight(self):
+        """[sites.NICK] weight, over [sites.default]'s, 1 unless set."""
+        c = config.parse({"sites": {"default": {"weight": 2},
+                                    "big": {"weight": 10}, "small": {}}})
+        self.assertEqual([c.siteWeight(s) for s in ("big", "small", "other")],
+                         [10, 2, 2])
+        self.assertEqual(config.parse({}).siteWeight("any"), 1)
+        for bad in (0, -1, 1.5, True, "2", 1001):
+            e = self.assertRaises(config.ConfigError, config.parse,
+                                  {"sites": {"x": {"weight": bad}}}, "f")
+            self.assertEqual(e.problems, [
+                f"f: sites.x.weight: expected an integer from 1 to 1000, got"
+                f" {bad!r}"])
+
+    def test_rates(self):
+        """Rate limits of transports and sites, as bucket names → per second."""
+        c = config.parse({
+            "transports": {"webhook": {"rate": "50/s"}, "log": {}},
+            "sites": {"default": {"rate": "600/m"}, "big": {"rate": "2 / s"},
+                      "same": {"rate": "10/s"}, "free": {}}})
+        self.assertEqual(c.transport("webhook").ratePerSecond(), 50)
+        self.assertIsNone(c.transport("log").ratePerSecond())
+        self.assertEqual((c.siteRate("big"), c.siteRate("free")), (2, 10))
+        self.assertEqual(c.rates(), {"t:webhook": 50, "s:": 10, "s:big": 2})
+        self.assertEqual(config.parse({}).rates(), {})
+        self.assertEqual(config.parseRate("36/h"), 0.01)
+        for bad in ("0/s", "fast", "5/d", 5, "-1/s"):
+            e = self.assertRaises(config.ConfigError, config.parse, {
+                "transports": {"x": {"rate": bad}},
+                "sites": {"x": {"rate": bad}}}, "f")
+            self.assertEqual(len(e.problems), 2, e.problems)
+            self.assertIn('f: sites.x.rate: expected a rate like "50/s", "600/m"'
+                          ' or "10/h" ("" = no limit), got', str(e))
+
     def test_environment(self):
         path = self.mktemp()
         with open(path, "w") as f:
@@ -29,9 +63,9 @@ class ConfigTests(SynchronousTestCase):
                     '[handlers]\nx = "not a path"\n[nonsense]\n')
         e = self.assertRaises(config.ConfigError, config.load, path, {})
         self.assertEqual(sorted(e.problems), sorted([
-            f"{path}: nonsense: unknown section (known: daemon, db, handlers, "
-            "iomanagers, ledger, monitor, queue, redis, schedule, sites, stomp, "
-            "transports, xmpp)",
+            f"{path}: nonsense: unknown section (known: cluster, daemon, db, "
+            "handlers, iomanagers, ledger, monitor, queue, redis, schedule, sites, "
+            "stomp, transports, xmpp)",
             f"{path}: queue.typo: unknown key (known: backend, groups, "
             "max_retries, retry_delay, retry_max_delay, prefetch, concurrency, "
             "poll_interval, lease, dead_letter_dir, basename, breakout, "

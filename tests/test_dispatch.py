@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from snq import config as snqconfig
 from snq.backoff import backoff
 from snq.dispatch import Dispatcher
-from snq.handlers import HandlerRegistry, QueueHandler, Reject, Retry
+from snq.handlers import Defer, HandlerRegistry, QueueHandler, Reject, Retry
 from snq.handlers.builtin import FanoutHandler, NoopHandler
 from snq.item import Item
 from snq.journal import Journal
@@ -53,6 +53,8 @@ class Scripted(QueueHandler):
             raise Reject("not a valid address")
         if what == "busy":
             raise Retry("remote busy")
+        if what == "defer":
+            raise Defer("its host is at its limit", 5)
         return True
 
 
@@ -139,6 +141,17 @@ class DispatcherTests(SynchronousTestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
         [event] = [e for e in events if e.get("error") == "Retry: remote busy"]
         self.assertNotIn("log_failure", event)
+
+    def test_deferredItemWaitsUncharged(self):
+        """L{Defer}: back in its delay, attempts unchanged, no error counted."""
+        h = Harness(self)
+        h.put("script", "defer", attempts=2)
+        h.runAll()
+        [row] = h.queue.rows.values()
+        self.assertEqual((row["attempts"], row["run_at"], row["error"]),
+                         (2, 5, "deferred: its host is at its limit"))
+        self.assertEqual((h.stats.total("deferred"), h.stats.total("error"),
+                          h.stats.total("requeued")), (1, 0, 0))
 
     def test_rejectDeadLettersAtOnce(self):
         h = Harness(self)
@@ -251,6 +264,29 @@ class DispatcherTests(SynchronousTestCase):
         self.assertEqual((len(h.gates), h.dispatcher.running), (3, 3))
         h.gates[1].callback(None)
         self.assertEqual(len(h.gates), 4)
+
+    def test_waitingItemsStartByPriority(self):
+        """
+        An urgent item claimed into a full window starts before the waiting
+        items of lower priority, after those of its own or higher.
+        """
+        class Ordered(QueueHandler):
+            def handle(self, item):
+                self.context.seen.append(item.payload)
+                return Gated.handle(self, item)
+
+        h = Harness(self, {"queue": {"concurrency": 1}}, {"ordered": Ordered})
+        for name in ("first", "low1", "low2"):
+            h.put("ordered", name)
+        h.runAll()
+        h.put("ordered", "urgent", priority=5)
+        h.put("ordered", "urgent2", priority=5)
+        h.put("ordered", "middle", priority=1)
+        h.runAll()
+        while len(h.seen) < 6:
+            h.gates[len(h.seen) - 1].callback(None)
+        self.assertEqual(h.seen, ["first", "urgent", "urgent2", "middle", "low1",
+                                  "low2"])
 
     def test_timeout(self):
         h = Harness(self, {"transports": {"gated": {"timeout": 5}}})

@@ -429,6 +429,17 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(sum(self.samples(metrics["snq_deadletter"]).values()), 1)
         self.assertIn("snq_xmpp_process", metrics, "every StatusNet counter")
 
+    def test_remoteHostCounters(self):
+        """Webhook items deferred by a remote host, and its circuits opened."""
+        self.tracker.workerReported(FakeProcess("generic.0"), report(
+            [("deferred", "webhook", "s", 7), ("circuit_open", "webhook", "s", 1)]))
+        metrics = self.metrics()
+        worker = (("site", "s"), ("transport", "webhook"), ("worker", "generic.0"))
+        self.assertEqual(self.samples(metrics["snq_circuit_open"],
+                                      "snq_circuit_open_total"), {worker: 1})
+        self.assertEqual(self.samples(metrics["snq_deferred"],
+                                      "snq_deferred_total"), {worker: 7})
+
     def test_histogram(self):
         self.tracker.workerReported(FakeProcess("generic.0"), report(
             timings=[("t", 0.003), ("t", 0.2), ("t", 0.2), ("t", 90)]))

@@ -167,3 +167,29 @@ class PhpErrorTests(TestCase):
                        " echo $e->getMessage(); }")
         self.assertEqual(out, "transport must be a non-empty name without '/' "
                               "or spaces")
+
+
+class PhpStompPriorityTests(TestCase):
+    """With [stomp] max_priority, PHP declares and prioritises as snq does."""
+
+    php = PhpErrorTests.php
+
+    def test_priorityQueue(self):
+        rabbitmq.requireRabbitMQ()
+        name = rabbitmq.uniqueName()
+        self.addCleanup(rabbitmq.deleteQueues, name)
+        out = self.php(
+            f"$p = new Snq\\Producer(['queue' => ['backend' => 'stomp', "
+            f"'basename' => '/queue/{name}/'], 'stomp' => ['max_priority' => 5]]);"
+            " $p->enqueue('log', 'low'); $p->enqueue('log', 'high', "
+            "['priority' => 9]); echo 'sent';")
+        self.assertEqual(out, "sent")
+        client = rabbitmq.producer()
+        try:
+            client.subscribe(f"/queue/{name}%2Fmain",
+                             {"ack": "auto", "id": "1", "x-max-priority": "5"})
+            frames = [client.receiveFrame() for _ in range(2)]
+        finally:
+            client.close()
+        self.assertEqual([(json.loads(f.body)["payload"], f.headers["priority"])
+                          for f in frames], [("high", "5"), ("low", "0")])

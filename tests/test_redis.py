@@ -30,7 +30,7 @@ from snq.item import Item
 from snq.queues import makeQueue
 from snq.queues.interface import Delivery, Depth
 from snq.queues.redis import Lease, RedisManager, RedisQueue
-from snq.redis.address import RedisAddress
+from snq.redis.address import RedisAddress, masterQuery, primaryFromReply
 from snq.redis.connection import RedisConnection
 from snq.redis.doorbell import BLOCK, Doorbell
 
@@ -118,6 +118,31 @@ class AddressTests(SynchronousTestCase):
 
     def test_badURL(self):
         for url in ("redis://h/x", "redis://h:port/0", "http://h/0"):
+            self.assertRaises(ValueError, RedisAddress.fromURL, url)
+
+    def test_sentinelURL(self):
+        a = RedisAddress.fromURL(
+            "redis+sentinel://:s%40cret@10.0.0.1:26380,s2,[::1]:5000/my%20master/2")
+        self.assertEqual((a.sentinels, a.master, a.db, a.password),
+                         ((("10.0.0.1", 26380), ("s2", 26379), ("::1", 5000)),
+                          "my master", 2, "s@cret"))
+        self.assertEqual(a.describe(), "redis+sentinel://:***@10.0.0.1:26380,"
+                         "s2:26379,[::1]:5000/my%20master/2")
+        self.assertEqual(RedisAddress.fromURL("redis+sentinel://s/m").db, 0)
+
+    def test_primaryFromSentinelReply(self):
+        """What a Sentinel names is a plain address with the URL's login."""
+        a = RedisAddress.fromURL("redis+sentinel://u:pw@s:1/m/3")
+        self.assertEqual(primaryFromReply(a, [b"10.1.1.1", b"6380"]),
+                         RedisAddress("10.1.1.1", 6380, 3, "u", "pw"))
+        self.assertIsNone(primaryFromReply(a, None))
+        self.assertEqual(masterQuery(a),
+                         ("SENTINEL", "get-master-addr-by-name", "m"))
+
+    def test_badSentinelURL(self):
+        for url in ("redis+sentinel://s:x/m", "redis+sentinel://s/",
+                    "redis+sentinel://s/m/x", "redis+sentinel://s/m/1/2",
+                    "redis+sentinel://s1,/m"):
             self.assertRaises(ValueError, RedisAddress.fromURL, url)
 
 
@@ -299,7 +324,7 @@ class RedisQueueTests(RedisFixture, TestCase):
         self.assertEqual((yield self.zcard("processing")), 2, "not yet expired")
         self.clock.advance(2)
         yield b.tend([])
-        self.assertEqual((yield self.llen("q:main")), 2)
+        self.assertEqual((yield b.depth()).ready, 2, "back in line")
         retaken = yield b.claim(10)
         self.assertEqual([Item.fromJSON(d.frame).attempts for d in retaken],
                          [1, 1], "dying with the item counts as an attempt")
@@ -337,7 +362,7 @@ class RedisQueueTests(RedisFixture, TestCase):
         counts = yield defer.gatherResults([q.reap(self.clock.seconds())
                                             for q in queues])
         self.assertEqual(sum(counts), 300)
-        self.assertEqual((yield self.llen("q:main")), 300)
+        self.assertEqual((yield queues[0].depth()).ready, 300)
         self.assertEqual((yield self.zcard("processing")), 0)
 
     @defer.inlineCallbacks
@@ -462,7 +487,7 @@ class RedisQueueTests(RedisFixture, TestCase):
         yield a.reap(self.clock.seconds())
         yield a.deadLetter(d, "rejected", "late", 0)
         self.assertEqual((yield a.deadList()), [])
-        self.assertEqual((yield self.llen("q:main")), 1)
+        self.assertEqual((yield a.depth()).ready, 1)
 
     @defer.inlineCallbacks
     def test_depth(self):

@@ -707,7 +707,7 @@ class SiteOptionTests(SynchronousTestCase):
 
     def test_reloadWired(self):
         daemon = self.make("--site", "a")
-        control, _, _, pool, reloader = list(daemon)
+        control, _, _, _, pool, reloader = list(daemon)
         self.assertIs(control.reloader, reloader)
         self.assertIs(reloader.tree, daemon)
         self.assertEqual(reloader.site, "a")

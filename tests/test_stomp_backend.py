@@ -528,6 +528,10 @@ class StompQueueTests(QueueTestCase):
         self.assertEqual(queue.prefetch, 100, "twice the default concurrency")
         self.assertEqual(StompQueue(stompConfig({"prefetch": 7}),
                                     self.clock).prefetch, 7)
+        urgent = StompQueue(stompConfig({"max_priority": 10}), self.clock)
+        self.assertEqual(urgent.prefetch, 20, "a short window for priorities")
+        self.assertEqual(StompQueue(stompConfig({"max_priority": 10, "prefetch": 50}),
+                                    self.clock).prefetch, 50)
         self.assertIn("tcp://127.0.0.1:61613", queue.describe())
         self.assertNotIn("guest", queue.describe().replace("login guest", ""))
         self.closeQueue()

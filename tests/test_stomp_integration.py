@@ -15,6 +15,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
 from snq import config as snqconfig
+from snq.client import Producer
 from snq.item import Item
 from snq.queues.stomp import NoBrokerError, StompQueue
 from snq.stomp.control import ControlVerifier, controlHeaders, signature
@@ -164,6 +165,78 @@ class RetryTests(RabbitTestCase):
         yield queue.enqueue([Item(transport="t", payload="later")], delay=0.5)
         yield full
         self.assertGreaterEqual(time.monotonic() - start, 0.45)
+
+
+class PriorityTests(RabbitTestCase):
+    @defer.inlineCallbacks
+    def test_urgentItemsFirst(self):
+        """
+        The first SEND declares the queue with x-max-priority; the broker
+        then delivers by the items' priorities, whether a worker or a
+        Producer sent them, given or the transport's default; a retry keeps
+        its priority through the delay queue.
+        """
+        config = snqconfig.parse({
+            "queue": {"backend": "stomp", "basename": f"/queue/{self.name}/"},
+            "stomp": {"max_priority": 10},
+            "transports": {"urgent": {"priority": 3}}})
+        queue = yield self.openQueue(config)
+        yield queue.enqueue([Item(transport="t", payload=n) for n in range(3)])
+        producer = Producer(config=config)
+        self.addCleanup(producer.close)
+        yield threads.deferToThread(producer.enqueue, "t", "producer's",
+                                    priority=7)
+        yield threads.deferToThread(producer.enqueue, "urgent", "default")
+        yield threads.deferToThread(producer.enqueue, "t", "too high",
+                                    priority=99)
+        yield queue.enqueue([Item(transport="t", payload="worker's", priority=5)])
+        deliveries = yield self.received(queue, f"/queue/{self.name}/main", 7)
+        self.assertEqual([Item.fromJSON(d.frame).payload for d in deliveries],
+                         ["too high", "producer's", "worker's", "default", 0, 1, 2])
+        self.assertEqual([d.token.frame.headers["priority"] for d in deliveries],
+                         ["10", "7", "5", "3", "0", "0", "0"])
+        _, producers, workers, *rest = deliveries
+        for delivery in [producers, *rest]:
+            yield queue.ack(delivery)
+        yield queue.retry(workers, Item.fromJSON(workers.frame).retried(), 0.1,
+                          "boom")
+        again = (yield self.collector.wait(8))[-1]
+        self.assertEqual((Item.fromJSON(again.frame).attempts,
+                          again.token.frame.headers["priority"]), (1, "5"))
+        yield queue.ack(again)
+
+    @defer.inlineCallbacks
+    def test_everySendMustDeclareTheSame(self):
+        """
+        Why the manual says every producer must send x-max-priority: a SEND
+        without it to a priority queue is refused (RabbitMQ declares the
+        queue again on each connection's first SEND).  If this ever passes,
+        RabbitMQ changed, and the manual can say so.
+        """
+        queue = yield self.openQueue(self.configure({"max_priority": 10}))
+        yield queue.enqueue([Item(transport="t", payload=1)])
+        failure = yield self.assertFailure(threads.deferToThread(
+            rabbitmq.produce, f"/queue/{self.name}%2Fmain",
+            [Item(transport="t", payload=2).toJSON()]), AssertionError)
+        self.assertIn("inequivalent arg 'x-max-priority'", str(failure))
+        yield threads.deferToThread(
+            rabbitmq.produce, f"/queue/{self.name}%2Fmain",
+            [Item(transport="t", payload=3).toJSON()], {"x-max-priority": "10"})
+
+    @defer.inlineCallbacks
+    def test_plainQueuesByDefault(self):
+        """
+        Without max_priority snq declares plain queues, as it did before: a
+        queue any producer's first SEND made is consumed as it is.
+        """
+        yield threads.deferToThread(rabbitmq.produce, f"/queue/{self.name}%2Fmain",
+                                    [Item(transport="t", payload=1).toJSON()])
+        queue = yield self.openQueue()
+        yield queue.enqueue([Item(transport="t", payload=2, priority=5)])
+        deliveries = yield self.received(queue, f"/queue/{self.name}/main", 2)
+        self.assertEqual([Item.fromJSON(d.frame).payload for d in deliveries],
+                         [1, 2])
+        self.assertNotIn("priority", deliveries[1].token.frame.headers)
 
 
 class DeadLetterTests(RabbitTestCase):

@@ -11,6 +11,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
+from snq.cluster.registry import RegistryService
 from snq.control import ControlService
 from snq.iomaster import IoMaster
 from snq.monitor.service import MonitorService
@@ -69,8 +70,11 @@ class MakeServiceTests(SynchronousTestCase):
         self.write('[daemon]\nworkers = 3\ncontrol_socket = "run/ctl.sock"\n')
         daemon = self.make()
         self.assertIsInstance(daemon, Daemon)
-        control, monitor, reaper, pool, reloader = list(daemon)
+        control, monitor, registry, reaper, pool, reloader = list(daemon)
         self.assertIsInstance(control, ControlService)
+        self.assertIsInstance(registry, RegistryService)
+        self.assertIs(registry.tracker, monitor.tracker)
+        self.assertIs(registry.reloader, reloader)
         self.assertIsInstance(pool, WorkerPool)
         self.assertIsInstance(reaper, Reaper)
         self.assertIs(pool.reaper, reaper)

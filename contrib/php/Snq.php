@@ -345,6 +345,14 @@ final class Producer
             $destination = $basename . $this->route($item['transport'], $item['site']);
             $headers = ['content-type' => 'application/json', 'persistent' => 'true'];
             $delay = ($item['run_at'] ?? $now) - $now;
+            $top = (int) ($this->config['stomp']['max_priority'] ?? 0);
+            if ($top > 0) {
+                // As the daemon declares its queues; a delay queue has its own.
+                $headers['priority'] = (string) max(0, min($item['priority'], $top));
+                if ($delay <= 0) {
+                    $headers['x-max-priority'] = (string) $top;
+                }
+            }
             if ($delay > 0) {
                 // Never late: a worker sends one that comes early round again.
                 $ttl = self::bucket($delay);

@@ -16,6 +16,7 @@ config, through the same code (L{snq.routing}, L{snq.item}).
 from __future__ import annotations
 
 import math
+import os
 import time
 from datetime import datetime, timedelta
 from urllib.parse import unquote, urlsplit
@@ -30,7 +31,8 @@ __all__ = ["EnqueueError", "Producer", "RoutingError"]
 
 #: URL schemes → the backend they name.
 SCHEMES = {"sqlite": "db", "postgresql": "db", "mysql": "db", "redis": "redis",
-           "rediss": "redis", "stomp": "stomp", "stomp+ssl": "stomp"}
+           "rediss": "redis", "redis+sentinel": "redis",
+           "stomp": "stomp", "stomp+ssl": "stomp"}
 
 
 class Producer:
@@ -131,7 +133,8 @@ class Producer:
         now = time.time()
         due = _due(now, delay, runAt)
         return [Item(transport=transport, payload=payload, site=site,
-                     priority=priority, created=now, run_at=due, key=key)
+                     id=_newId(), priority=priority, created=now, run_at=due,
+                     key=key)
                 for payload, key in zip(payloads, keys, strict=True)]
 
     def _store(self, items, connection):
@@ -144,6 +147,21 @@ class Producer:
                 "needs the SQL backend; this producer's is "
                 f"{self.config.queue.backend}")
         storeWith(connection, items)
+
+
+#: The version (4) and variant (RFC 4122) bits of a random UUID.
+_UUID4_KEEP = ~((0xF << 76) | (0x3 << 62))
+_UUID4_SET = (0x4 << 76) | (0x2 << 62)
+
+
+def _newId() -> str:
+    """
+    What an L{Item} makes its own id with, C{uuid.uuid4().hex}, without
+    building a C{UUID} on the way: that took a fifth of a producer's own
+    time per item.
+    """
+    random = int.from_bytes(os.urandom(16), "big")
+    return f"{random & _UUID4_KEEP | _UUID4_SET:032x}"
 
 
 def _due(now: float, delay, runAt) -> float | None:

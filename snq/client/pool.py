@@ -26,23 +26,34 @@ class Pool:
         self._idle: list = []
         self._pid = os.getpid()
 
-    @contextlib.contextmanager
-    def connection(self):
+    def use(self, work, retryable: type[BaseException] | tuple = ()):
         """
-        C{(connection, reused)}: C{reused} says it was made before, so a
-        failure may only mean the server dropped it meanwhile.
+        C{work(connection)}'s result.  A connection kept idle that fails
+        with C{retryable} was most likely dropped by the server meanwhile
+        (a restart, an idle timeout, C{CLIENT KILL}): it is closed, and
+        C{work} runs again on the next, a new one at the latest.  (Had the
+        server taken the request before it went, it is taken twice: at
+        least once.)
         """
-        conn, reused = self._take()
-        try:
-            yield conn, reused
-        except BaseException:
-            self.discard(conn)
-            raise
-        with self._lock:
-            if self._pid == os.getpid():
-                self._idle.append(conn)
+        while True:
+            conn, reused = self._take()
+            try:
+                result = work(conn)
+            except retryable:
+                self.discard(conn)
+                if not reused:
+                    raise
+                continue
+            except BaseException:
+                self.discard(conn)
+                raise
+            with self._lock:
+                if self._pid == os.getpid():
+                    self._idle.append(conn)
+            return result
 
     def _take(self):
+        """C{(connection, reused)}: C{reused} says it was made before."""
         with self._lock:
             if self._pid != os.getpid():
                 # Forked: these belong to the parent.  Forgotten, not

@@ -1,8 +1,10 @@
 # -*- test-case-name: tests.test_client,tests.test_client_servers -*-
 """
-Enqueueing on the Redis backend with redis-py: the daemon's own ENQUEUE
-script, so that ready items go onto their list and later ones into that
-list's delayed set exactly as a worker would put them there.
+Enqueueing on the Redis backend, on snq's own lean RESP client
+(L{snq.client.resp}): one command per call, storing the items where the
+daemon's ENQUEUE script would (L{snq.redis.keys}), in one round trip with
+nothing around it.  Behind Sentinels, each new connection goes to the
+primary they name (L{snq.client.sentinel}).
 """
 
 from __future__ import annotations
@@ -12,40 +14,43 @@ import socket
 import time
 import uuid
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
 from snq.client.errors import EnqueueError
-from snq.redis import scripts
+from snq.client.pool import Pool
+from snq.client.resp import ReplyError, RespConnection, command
+from snq.client.sentinel import checkPrimary, findPrimary
+from snq.client.wire import Wire, tlsContext
 from snq.redis.address import RedisAddress
 from snq.redis.keys import enqueueCall
 
 
 class RedisBackend:
     def __init__(self, config, routing):
-        address = RedisAddress.fromURL(config.redis.url.reveal())
-        self.where = address.describe()
+        self.address = RedisAddress.fromURL(config.redis.url.reveal())
+        self.where = self.address.describe()
         self.prefix = config.redis.prefix
+        self.timeout = config.redis.timeout
         self.routing = routing
         settings = config.redis
-        tls = {}
-        if address.tls:
-            tls = dict(ssl=True, ssl_ca_certs=settings.ca_file or None,
-                       ssl_certfile=settings.cert_file or None,
-                       ssl_keyfile=settings.key_file or None)
-        # redis-py's pool is thread-safe, and starts afresh in a forked
-        # child.  A command that fails on a connection the server dropped is
-        # sent once more, on a new one.
-        self.client = redis.Redis(
-            host=address.host, port=address.port, db=address.db,
-            username=address.username, password=address.password,
-            socket_timeout=settings.timeout,
-            socket_connect_timeout=settings.timeout,
-            retry=Retry(NoBackoff(), 1), client_name=(
-                f"snq-producer-{socket.gethostname()}-{os.getpid()}-"
-                f"{uuid.uuid4().hex[:6]}"), **tls)
-        self.script = self.client.register_script(scripts.ENQUEUE.source)
+        self.tls = None
+        if self.address.tls:
+            self.tls = tlsContext(settings.ca_file, settings.cert_file,
+                                  settings.key_file)
+        self.pool = Pool(self._connect, lambda conn: conn.close())
+
+    def _connect(self) -> RespConnection:
+        # Named for CLIENT LIST, with the process it belongs to.
+        name = (f"snq-producer-{socket.gethostname()}-{os.getpid()}-"
+                f"{uuid.uuid4().hex[:6]}")
+        if self.address.master is None:
+            return RespConnection(self._wire(), self.address, name)
+        primary = findPrimary(self.address, self.timeout, name)
+        conn = RespConnection(Wire(primary.host, primary.port, self.timeout),
+                              primary, name)
+        checkPrimary(conn, primary)
+        return conn
+
+    def _wire(self) -> Wire:
+        return Wire(self.address.host, self.address.port, self.timeout, self.tls)
 
     def route(self, item) -> str:
         return self.routing.route(item.transport, item.site)
@@ -53,11 +58,32 @@ class RedisBackend:
     def store(self, items):
         # The item's id tells apart two delayed items with the same frame.
         keys, args = enqueueCall(items, self.route, self.prefix, time.time(),
-                                 0.0, lambda item: item.id)
+                                 0.0, _token)
+        request = _oneCommand(keys, args)
         try:
-            self.script(keys=keys, args=args)
-        except redis.RedisError as e:
+            self.pool.use(lambda conn: conn.execute(request), OSError)
+        except (OSError, ReplyError) as e:
             raise EnqueueError(f"cannot enqueue on {self.where}: {e}") from e
 
     def close(self):
-        self.client.close()
+        self.pool.close()
+
+
+def _token(item) -> str:
+    return item.id
+
+
+def _oneCommand(keys: list, args: list) -> bytes:
+    """
+    What the ENQUEUE script would do with C{keys} and C{args}, as one
+    plain command: the items of one call share their transport, site and
+    due time, so they go to one list, all ready (C{LPUSH}, in the script's
+    order) or all later (C{ZADD} to its delayed set), all or none.
+    """
+    dues = args[1::3]
+    if len(keys) != 2 or dues.count(dues[0]) != len(dues):
+        raise ValueError("the items of one call go to one list, due at once")
+    if dues[0] == "":
+        return command("LPUSH", keys[0], *args[2::3])
+    scored = [x for pair in zip(dues, args[2::3], strict=True) for x in pair]
+    return command("ZADD", keys[1], *scored)

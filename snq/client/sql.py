@@ -39,21 +39,14 @@ class SqlBackend:
                                f"{_hint(e)}") from e
 
     def _insert(self, rows):
-        while True:
-            reused = False
-            try:
-                with self.pool.connection() as (conn, reused):
-                    cursor = conn.cursor()
-                    self.dialect.begin(cursor)
-                    cursor.executemany(self.statement, rows)
-                    conn.commit()
-                    cursor.close()
-                return
-            except self.dialect.retryable:
-                if not reused:
-                    raise
-                # Kept idle, and dropped by the server meanwhile (a restart,
-                # an idle timeout): the pool closed it; again on the next.
+        def insert(conn):
+            cursor = conn.cursor()
+            self.dialect.begin(cursor)
+            cursor.executemany(self.statement, rows)
+            conn.commit()
+            cursor.close()
+
+        self.pool.use(insert, self.dialect.retryable)
 
     def close(self):
         self.pool.close()

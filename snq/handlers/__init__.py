@@ -33,6 +33,18 @@ class Retry(Exception):
     """
 
 
+class Defer(Exception):
+    """
+    Raised by a handler for an item that cannot run now through no fault of
+    its own (its remote host is at its limit, or known to be down): it goes
+    back, due in C{delay} seconds, without an attempt charged.
+    """
+
+    def __init__(self, reason: str, delay: float):
+        super().__init__(reason)
+        self.delay = delay
+
+
 class HandlerError(Exception):
     """A configured handler could not be loaded."""
 
@@ -44,8 +56,9 @@ class QueueHandler:
     C{handle} returns True or None when done, False to have the item retried;
     it may return a Deferred or be a coroutine.  Raising retries the item too
     (L{Retry} for an expected failure: logged without a traceback), except
-    L{Reject}.  Set C{blocking = True} for a handler that blocks: it
-    then runs in a thread pool, off the event loop.
+    L{Reject}, and L{Defer}, which puts it back for later uncharged.  Set
+    C{blocking = True} for a handler that blocks: it then runs in a thread
+    pool, off the event loop.
 
     Delivery is at least once: the same item can reach C{handle} twice (a
     worker killed between the work and its acknowledgement), so make

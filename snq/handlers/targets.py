@@ -28,7 +28,14 @@ DEFAULT_RESPONSE_LIMIT = 2048
 #: Most redirects C{webhook_redirects} may allow.
 MAX_REDIRECTS = 10
 _KEYS = ("webhook_url", "webhook_allow", "webhook_redirects",
-         "webhook_response_limit")
+         "webhook_response_limit", "webhook_host_concurrency",
+         "webhook_circuit_failures", "webhook_circuit_cooldown")
+#: Requests a worker runs at once to one remote host, by default.
+HOST_CONCURRENCY = 4
+#: Failures in a row (timeouts, connection errors, 5xx) that open a host's
+#: circuit, and the seconds it stays open before one probe may pass.
+CIRCUIT_FAILURES = 5
+CIRCUIT_COOLDOWN = 30.0
 
 
 class TargetRefused(Exception):
@@ -60,6 +67,24 @@ def _kind(address) -> str:
     return "non-public"
 
 
+#: The remote-host guard's keys: default, type, bounds.
+_GUARD = (("webhook_host_concurrency", HOST_CONCURRENCY, int, 1, 10_000),
+          ("webhook_circuit_failures", CIRCUIT_FAILURES, int, 1, 10_000),
+          ("webhook_circuit_cooldown", CIRCUIT_COOLDOWN, float, 0.001, 86_400))
+
+
+def _setting(settings, problems, key, default, kind, low, high):
+    """A number of C{settings} within bounds, else its default and a problem."""
+    value = settings.get(key, default)
+    number = (isinstance(value, (int, float)) if kind is float
+              else isinstance(value, int))
+    if not number or isinstance(value, bool) or not low <= value <= high:
+        what = "an integer" if kind is int else "seconds"
+        problems.append((key, f"expected {what} from {low:g} to {high:g}"))
+        return default
+    return kind(value)
+
+
 def _isURL(value) -> bool:
     if not isinstance(value, str):
         return False
@@ -81,6 +106,12 @@ class TargetPolicy:
     redirects: int = 0
     #: Bytes of an answer read; the rest is not read.
     responseLimit: int = DEFAULT_RESPONSE_LIMIT
+    #: Requests to one host (name and port) a worker runs at once; items
+    #: past it wait, uncharged (L{snq.handlers.hosts}).
+    hostConcurrency: int = HOST_CONCURRENCY
+    #: Failures in a row that open a host's circuit, and for how long.
+    circuitFailures: int = CIRCUIT_FAILURES
+    circuitCooldown: float = CIRCUIT_COOLDOWN
     _problems: tuple = field(default=(), compare=False, repr=False)
 
     @classmethod
@@ -124,8 +155,10 @@ class TargetPolicy:
             problems.append(("webhook_response_limit",
                              "expected bytes as an integer from 0 to 1048576"))
             limit = DEFAULT_RESPONSE_LIMIT
+        guard = [_setting(settings, problems, key, default, kind, low, high)
+                 for key, default, kind, low, high in _GUARD]
         return cls(url, frozenset(names), tuple(networks), redirects, limit,
-                   tuple(problems))
+                   *guard, tuple(problems))
 
     @staticmethod
     def problems(settings: dict) -> list[tuple[str, str]]:

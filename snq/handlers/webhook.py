@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_webhook -*-
+# -*- test-case-name: tests.test_webhook,tests.test_webhook_hosts -*-
 """
 C{webhook}: POST an item's payload as JSON.
 
@@ -21,13 +21,18 @@ the same way before it is followed, so the signature never reaches a
 target the site does not allow.  Only the first C{webhook_response_limit}
 bytes of an answer are read (for the error message); the connection is
 then closed, the rest unread.
+
+One remote host cannot hold every slot: a worker runs at most the site's
+C{webhook_host_concurrency} requests to it at once, and stops trying a host
+that keeps failing for a while (L{snq.handlers.hosts}); the items turned
+away wait without being charged an attempt.
 """
 
 import hashlib
 import hmac
 import io
 import json
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 from twisted.internet import defer
 from twisted.internet.address import IPv6Address
@@ -40,6 +45,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from snq.handlers import QueueHandler, Reject, Retry
+from snq.handlers.hosts import RemoteHosts
 from snq.handlers.targets import TargetPolicy, TargetRefused
 from snq.secret import maskURL, reveal
 from snq.service import defaultReactor
@@ -51,6 +57,17 @@ CONNECT_TIMEOUT = 10.0
 
 class WebhookError(Retry):
     """The remote answered, but not yet usefully: try again later."""
+
+
+def hostOf(url: str) -> str:
+    """The remote host a URL names, as the per-host limits count it."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    default = 443 if parts.scheme == "https" else 80
+    return f"{(parts.hostname or '').rstrip('.')}:{port or default}"
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -206,6 +223,7 @@ class WebhookHandler(QueueHandler):
         self.resolver = resolver or self.reactor.nameResolver
         self.tlsPolicy = tlsPolicy
         self._sites: dict[str, _Site] = {}
+        self.hosts = RemoteHosts(context.clock, context.stats)
 
     def _site(self, site: str, settings: dict) -> _Site:
         """The site's agent, made again when a reload changed its policy."""
@@ -238,6 +256,21 @@ class WebhookHandler(QueueHandler):
         secret = reveal(settings.get("webhook_secret"))
         if secret:
             headers.setRawHeaders("X-Snq-Signature", [signature(secret, body)])
+        host = hostOf(url)
+        probe = self.hosts.enter(host, site.policy, item)
+        answered = False
+        try:
+            result = await self._post(site, url, headers, body)
+            answered = True
+            return result
+        except Reject:
+            answered = True  # It said no, or was never asked.
+            raise
+        finally:
+            self.hosts.leave(host, site.policy, item, probe, answered)
+
+    async def _post(self, site, url, headers, body):
+        """POST, following the redirects the site allows; True when done."""
         from twisted.web.client import FileBodyProducer
 
         for hop in range(site.policy.redirects + 1):

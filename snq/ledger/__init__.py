@@ -30,6 +30,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from snq.config import REDIS_SCHEMES
+
 #: Longest name kept as it is; longer ones (a feed entry id that is a long
 #: URL) are kept as a hash, which the SQL column and Redis take alike.
 MAX_NAME = 150
@@ -129,7 +131,7 @@ def makeLedger(config, queue, clock=None) -> Ledger:
 
             return RedisLedger(queue, shared=True, clock=clock)
         raise LedgerMissing(*checkLedger(config))
-    if url.startswith(("redis://", "rediss://")):
+    if url.startswith(REDIS_SCHEMES):
         from snq.ledger.redis import RedisLedger
         from snq.queues.redis import RedisQueue
 

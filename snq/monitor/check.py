@@ -15,6 +15,11 @@ failing for C{--claim-crit} seconds: the queue cannot be claimed.  What
 keeps the check from knowing (invalid arguments or config, a queue that
 cannot be asked, a socket it may not use, the time running out) is
 UNKNOWN.
+
+With C{--cluster} it reads the cluster's registry (L{snq.cluster}) instead
+of one daemon's control socket, so it can run on any host: CRITICAL with
+fewer than C{--min-daemons} daemons live, WARNING for a daemon whose
+heartbeat is stale or for daemons that run different configs.
 """
 
 import argparse
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from twisted.internet import defer
 
 from snq import config as snqconfig
+from snq.cluster import ClusterMissing, liveness, withStore
 from snq.monitor import master
 from snq.queues import makeQueue
 
@@ -68,7 +74,10 @@ status 0 OK, 1 WARNING, 2 CRITICAL or 3 UNKNOWN.  RANGE is a Nagios range:
 No daemon answering on the control socket is CRITICAL, and so is a worker
 whose claims keep failing (the queue cannot be claimed); what keeps the
 check from knowing (bad arguments or config, a queue that does not answer,
-running out of time) is UNKNOWN."""
+running out of time) is UNKNOWN.  With --cluster, every daemon in the
+cluster's registry instead of this host's: fewer than --min-daemons live is
+CRITICAL; a stale heartbeat, or daemons running different configs, is a
+WARNING."""
 
 
 def _range(text: str) -> Range:
@@ -95,6 +104,15 @@ def addArguments(parser):
         "--claim-crit", type=float, default=5.0, metavar="SECONDS",
         help="CRITICAL when a worker's claims have been failing this long "
              "(default 5)")
+    parser.add_argument(
+        "--cluster", action="store_true",
+        help="check every daemon in the cluster's registry (the backend's), "
+             "not this host's over its control socket; --min-workers counts "
+             "the workers of every live daemon")
+    parser.add_argument(
+        "--min-daemons", type=int, default=1, metavar="N",
+        help="with --cluster: CRITICAL when fewer than N daemons are live "
+             "(default 1)")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                         help="UNKNOWN after this long (default 10)")
 
@@ -147,11 +165,60 @@ class Check:
             self.judge("dead", depth.dead, args.dead_warn, args.dead_crit,
                        f"{depth.dead} dead")
             self.perfdata.append(f"delayed={depth.delayed};;;0;")
-        if args.min_workers > 0:
+        if args.cluster:
+            yield self._cluster()
+        elif args.min_workers > 0:
             running, slots, text, failing = yield self._workers()
             self.judge("workers", running, None, Range.parse(f"{args.min_workers}:"),
                        text, limits=f"0;{slots}")
             self.judgeClaims(failing)
+
+    @defer.inlineCallbacks
+    def _cluster(self):
+        """Judge every daemon in the registry, by its last heartbeat."""
+        try:
+            records = yield withStore(self.config, self.reactor,
+                                      lambda store: store.daemons())
+        except ClusterMissing as e:
+            raise _Unknown(str(e))
+        except Exception as e:
+            raise _Unknown(f"cannot read the cluster's registry: {e}")
+        now, stale = self.reactor.seconds(), self.config.cluster.stale
+        states = {name: liveness(r, now, stale) for name, r in records.items()}
+        live = {n: r for n, r in sorted(records.items()) if states[n] == "live"}
+        self.judge("daemons", len(live), None,
+                   Range.parse(f"{self.args.min_daemons}:"),
+                   f"{len(live)} daemons live", limits=f"0;{len(records)}")
+        silent = sorted(n for n, state in states.items() if state == "stale")
+        for name in silent:
+            self.state = max(self.state, WARNING)
+            self.alerts.append(f"{name} silent for "
+                               f"{now - records[name].get('seen', 0):.0f} s "
+                               "(WARNING)")
+        self.perfdata.append(f"stale={len(silent)};1;;0;")
+        configs: dict = {}
+        for name, record in live.items():
+            configs.setdefault(record.get("digest"), []).append(
+                f"{name} (generation {record.get('generation')})")
+        if len(configs) > 1:
+            self.state = max(self.state, WARNING)
+            self.alerts.append("configs differ: " + "; ".join(
+                f"{digest} on {', '.join(names)}"
+                for digest, names in sorted(configs.items(), key=str)) +
+                " (WARNING)")
+        workers = [w for r in live.values() for w in r.get("workers") or []
+                   if w.get("role") == "current"]
+        if self.args.min_workers > 0:
+            running = sum(w.get("state") == "running" for w in workers)
+            self.judge("workers", running, None,
+                       Range.parse(f"{self.args.min_workers}:"),
+                       f"{running}/{len(workers)} workers running",
+                       limits=f"0;{len(workers)}")
+        self.judgeClaims([
+            f"{w['id']} cannot claim for {w['claims_failing']:.0f} s: "
+            f"{' '.join((w.get('claim_error') or '').split())}"
+            for w in workers
+            if (w.get("claims_failing") or 0) >= self.args.claim_crit])
 
     def judgeClaims(self, failing: list[str]):
         """CRITICAL while a worker cannot claim: items pile up unseen."""

@@ -34,6 +34,10 @@ _HELP = {
     "claim_failed": "Claims that failed (the queue could not be asked)",
     "settle_failed": "Outcomes the queue refused (the item comes back when "
                      "its lease expires)",
+    "deferred": "Items put back uncharged by their handler (a remote host "
+                "at its limit, or its circuit open)",
+    "circuit_open": "Times a remote host's circuit opened (failures in a "
+                    "row): its items wait until a probe passes",
 }
 _DEPTH_STATES = ("ready", "delayed", "held")
 

@@ -33,6 +33,9 @@ class MonitorService(AsyncMultiService):
         self.tracker.setServiceParent(self)
         pool.observers.append(self.tracker)
         self.watch = self._watch(config)
+        #: The daemon's L{snq.cluster.registry.RegistryService}, for the
+        #: dashboard's cluster view (set by whoever makes both).
+        self.registry = None
         self.http = self._http(config)
 
     def _queue(self, config):
@@ -59,15 +62,22 @@ class MonitorService(AsyncMultiService):
         monitor = config.monitor
         if not monitor.http:
             return None
+        from snq.monitor.actions import Actions
         from snq.monitor.metrics import registry
         from snq.monitor.web import HttpService, makeSite
 
+        token = monitor.token.reveal()
         site = makeSite(self.tracker, registry(self.tracker, config.queue.backend,
-                                               self.senders), monitor.token.reveal(),
-                        monitor.hostNames())
+                                               self.senders), token,
+                        monitor.hostNames(),
+                        Actions(config, token, monitor.hostNames(), self.reactor),
+                        self._cluster)
         http = HttpService(monitor.http, site, self.reactor)
         http.setServiceParent(self)
         return http
+
+    def _cluster(self):
+        return self.registry.view() if self.registry is not None else None
 
     @defer.inlineCallbacks
     def reconfigService(self, config):

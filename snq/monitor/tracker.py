@@ -239,10 +239,16 @@ class Tracker(Service):
                 row[counter] = row.get(counter, 0) + n
         for transport, (n, seconds, _) in self.durations.items():
             transports[transport].update(timed=n, seconds=seconds)
+        sites = collections.defaultdict(dict)
+        for (counter, _, site, _), n in self.counts.items():
+            if site and "." not in counter:
+                row = sites[site]
+                row[counter] = row.get(counter, 0) + n
         return {
             "workers": self.workers(),
             "totals": dict(self.totals()),
             "transports": transports,
+            "sites": sites,
             "iomanagers": self.ioManagers(),
             "queue": None if depth is None else dataclasses.asdict(depth),
         }

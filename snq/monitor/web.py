@@ -5,14 +5,17 @@ The master's HTTP side (C{[monitor] http}, C{127.0.0.1:8750} by default):
 * C{/}: the dashboard, one HTML page and one script from the package;
 * C{/metrics}: Prometheus' text format;
 * C{/status.json}: what the dashboard shows; C{?since=T} leaves out the
-  samples up to time C{T}, which the page has already.
+  samples up to time C{T}, which the page has already;
+* C{/action}: what the dashboard does (L{snq.monitor.actions}), a POST
+  without a body, behind the token and a CSRF check.
 
 With C{[monitor] token}, C{/metrics} and C{/status.json} answer only to
 C{Authorization: Bearer TOKEN}.  The dashboard's own files hold no data and
 need none: the page reads the token from its address (C{/#token=TOKEN}; a
 fragment never reaches a server or its logs) and sends it itself.
 
-Nothing here takes a request body, so one is refused as soon as the
+Nothing here takes a request body (an action's arguments are in its
+query), so one is refused as soon as the
 headers announce it, before a byte of it is read (twisted.web would
 otherwise spool it to a temporary file first); and a request whose
 C{Host} is not one of the monitor's names (C{[monitor] hosts}) is
@@ -31,6 +34,7 @@ from twisted.logger import Logger
 from twisted.web import http, resource, server
 
 from snq.config import LOOPBACK_NAMES, parseHostPort
+from snq.monitor.actions import ActionError
 from snq.service import defaultReactor
 
 #: The page loads nothing but its own two files, and runs no inline script.
@@ -74,6 +78,42 @@ class _Data(resource.Resource):
             return b"this needs Authorization: Bearer TOKEN ([monitor] token)\n"
         request.setHeader(b"content-type", self.contentType)
         return self.produce(request)
+
+
+class _Action(resource.Resource):
+    """C{POST /action?do=…}: L{snq.monitor.actions.Actions.run}, if allowed."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, actions):
+        super().__init__()
+        self.actions = actions
+
+    def render_POST(self, request):
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-type", b"application/json")
+        try:
+            self.actions.authorize(request.getHeader)
+            d = self.actions.run(request.args)
+        except ActionError as e:
+            return self._answer(request, e.code, str(e))
+
+        def failed(failure):
+            if failure.check(ActionError):
+                return self._answer(request, failure.value.code,
+                                    str(failure.value))
+            self.log.failure("dashboard action failed", failure)
+            return self._answer(request, 500, failure.getErrorMessage())
+
+        d.addCallbacks(lambda message: self._answer(request, 200, message),
+                       failed)
+        d.addCallback(lambda body: (request.write(body), request.finish()))
+        return server.NOT_DONE_YET
+
+    def _answer(self, request, code: int, message: str) -> bytes:
+        request.setResponseCode(code)
+        return json.dumps({"ok": code == 200, "message": message}).encode()
 
 
 class _NoBodyChannel(http.HTTPChannel):
@@ -131,14 +171,23 @@ class _QuietSite(server.Site):
         pass
 
 
-def makeSite(tracker, registry, token: str = "",
-             hosts=LOOPBACK_NAMES) -> server.Site:
+def makeSite(tracker, registry, token: str = "", hosts=LOOPBACK_NAMES,
+             actions=None, cluster=None) -> server.Site:
+    """
+    C{actions} (L{snq.monitor.actions.Actions}) answers C{/action};
+    C{cluster()}, the cluster's view (L{snq.cluster.registry}), goes into
+    C{/status.json}.
+    """
     def status(request):
         try:
             since = float(request.args[b"since"][0])
         except (KeyError, ValueError):
             since = None
-        return json.dumps(tracker.status(since)).encode()
+        status = tracker.status(since)
+        status["cluster"] = cluster() if cluster is not None else None
+        # Only a page that may read this (the token) learns it.
+        status["csrf"] = actions.csrf if actions is not None and token else None
+        return json.dumps(status).encode()
 
     root = resource.Resource()
     root.putChild(b"", _File("index.html", b"text/html; charset=utf-8"))
@@ -147,6 +196,8 @@ def makeSite(tracker, registry, token: str = "",
     root.putChild(b"metrics", _Data(token, CONTENT_TYPE_LATEST.encode(),
                                     lambda request: generate_latest(registry)))
     root.putChild(b"status.json", _Data(token, b"application/json", status))
+    if actions is not None:
+        root.putChild(b"action", _Action(actions))
     return _QuietSite(root, hosts)
 
 

@@ -97,7 +97,8 @@ class QueueManager(PollingManager):
         if free <= 0:
             self._paused = True
             return None
-        d = self.queue.claim(free, self.transports)
+        # Paused transports are left out where the backend filters claims.
+        d = self.queue.claim(free, self.dispatcher.pauses.narrow(self.transports))
         d.addCallbacks(self._claimed, self._claimFailure)
         return d
 

@@ -76,6 +76,8 @@ MARKER = "snq-browse-marker"
 STALE_MARKER = 3600.0
 #: Longest error text kept in a header.
 ERROR_LENGTH = 1000
+#: The default window per subscription with [stomp] max_priority.
+PRIORITY_WINDOW = 20
 
 
 class NoBrokerError(ConnectionLost):
@@ -247,7 +249,16 @@ class StompQueue(Queue):
 
     @staticmethod
     def _prefetch(config) -> int:
-        return config.stomp.prefetch or 2 * config.queue.concurrency
+        """
+        The window: twice the concurrency, so that a slot never waits for
+        the broker.  With priorities, at most L{PRIORITY_WINDOW}: an urgent
+        message the broker sends waits behind those already on their way,
+        which a worker busy with fast items takes a while to read.
+        """
+        if config.stomp.prefetch:
+            return config.stomp.prefetch
+        window = 2 * config.queue.concurrency
+        return min(window, PRIORITY_WINDOW) if config.stomp.max_priority else window
 
     def reconfigService(self, config):
         """Routing (groups, breakouts) and the prefetch-count follow a reload."""
@@ -306,7 +317,8 @@ class StompQueue(Queue):
         self.consumedPrefetch = self.prefetch
         headers = {"ack": "client-individual",
                    "prefetch-count": str(self.prefetch),
-                   "activemq.prefetchSize": str(self.prefetch)}
+                   "activemq.prefetchSize": str(self.prefetch),
+                   **self.destinations.arguments}
         return defer.gatherResults([
             connection.subscribe(Subscription(destination, functools.partial(
                 self._received, connection, destination, self._onDelivery),
@@ -432,9 +444,15 @@ class StompQueue(Queue):
     def enqueue(self, items, delay=0.0):
         now = self.clock.seconds()
         return self._publish([
-            (self.destinations.route(i.transport, i.site), i.toJSON(), JSON,
-             i.dueAt(now, delay) - now, i.run_at is not None)
+            self._itemMessage(self.destinations.route(i.transport, i.site), i,
+                              i.dueAt(now, delay) - now, i.run_at is not None)
             for i in items])
+
+    def _itemMessage(self, destination, item, delay, early=False):
+        """An item's SEND, for L{_publish}, with its priority."""
+        headers = {**JSON, **self.destinations.itemHeaders(item.priority,
+                                                           delay > 0)}
+        return (destination, item.toJSON(), headers, delay, early)
 
     def claim(self, limit, transports):
         raise NotImplementedError("the broker pushes: see StompManager")
@@ -452,8 +470,8 @@ class StompQueue(Queue):
         # Waiting for its run_at (not a failure's backoff): never late.
         now = self.clock.seconds()
         early = item.dueAt(now) > now
-        yield self._publish([(delivery.token.origin, item.toJSON(), JSON, delay,
-                              early)])
+        yield self._publish([self._itemMessage(delivery.token.origin, item,
+                                               delay, early)])
         yield self.ack(delivery)
 
     def release(self, deliveries):
@@ -559,10 +577,10 @@ class StompQueue(Queue):
             # A frame that never decoded goes back as it came; it will be
             # dead-lettered again, with the same reason.
             return (origin or self.destinations.basename + "main",
-                    letter.frame, JSON, 0)
+                    letter.frame, {**JSON, **self.destinations.arguments}, 0)
         item = dataclasses.replace(item, attempts=0)
-        return (origin or self.destinations.route(item.transport, item.site),
-                item.toJSON(), JSON, 0)
+        return self._itemMessage(
+            origin or self.destinations.route(item.transport, item.site), item, 0)
 
     @defer.inlineCallbacks
     def deadPurge(self, deadIds=None):

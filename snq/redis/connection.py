@@ -4,6 +4,11 @@ Connections to Redis: snq's own L{ClientService}s running txredisapi's
 protocol.  The handshake (AUTH, SELECT, the scripts) is snq's, so a
 failing one is retried with backoff instead of stopping reconnection for
 good, as txredisapi's own factory does (txredisapi#112, #146).
+
+Behind Sentinels each connection attempt asks them where the primary is,
+and the handshake checks that the server is one (C{ROLE}): a failover
+closes the clients of the old primary (Sentinel kills them as it demotes
+it, or it died), and the next attempt finds the new one.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from snq.redis.address import RedisAddress
+from snq.redis.address import RedisAddress, masterQuery, primaryFromReply
 from snq.service import defaultReactor
 
 #: What says "the connection is gone, try again on the next one".
@@ -60,7 +67,7 @@ class _Protocol(txredisapi.RedisProtocol):
         """AUTH, SELECT, a name for CLIENT LIST, the scripts: in one go."""
         c = self.connection
         address = c.address
-        commands = []
+        commands = [("ROLE",)] if address.master is not None else []
         if address.password is not None:
             commands.append(("AUTH", *filter(None, [address.username]),
                              address.password))
@@ -73,8 +80,19 @@ class _Protocol(txredisapi.RedisProtocol):
             self.transport.setTcpKeepAlive(True)
         d = defer.gatherResults([self.execute_command(*cmd) for cmd in commands],
                                 consumeErrors=True)
+        if address.master is not None:
+            d.addCallback(self._checkRole)
         d.addCallbacks(lambda _: c._ready(self), self._refuse)
         d.addCallback(self._shaken)
+
+    def _checkRole(self, replies):
+        """A Sentinel may still name a primary that was just demoted."""
+        role = replies[0][0]
+        if role != b"master":
+            raise txredisapi.ResponseError(
+                f"{self.transport.getPeer().host}:{self.transport.getPeer().port}"
+                f" is a {role.decode()}, not the primary (a failover under way)")
+        return replies
 
     def _refuse(self, failure):
         if failure.check(defer.FirstError):
@@ -112,6 +130,74 @@ class _Factory(Factory):
         return p
 
 
+@implementer(IStreamClientEndpoint)
+class SentinelEndpoint:
+    """
+    Connects to the primary the Sentinels name: they are asked in turn,
+    each time, until one knows the master.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, address: RedisAddress, timeout: float):
+        self.reactor = reactor
+        self.address = address
+        self.timeout = timeout
+        #: The primary connected to last (for the logs).
+        self.primary: RedisAddress | None = None
+
+    @defer.inlineCallbacks
+    def connect(self, factory):
+        primary = yield self.findPrimary()
+        if primary != self.primary:
+            self.log.info("the sentinels name {primary} the primary of {master}",
+                          primary=primary.describe(), master=self.address.master)
+        self.primary = primary
+        endpoint = HostnameEndpoint(self.reactor, primary.host, primary.port,
+                                    timeout=self.timeout)
+        return (yield endpoint.connect(factory))
+
+    @defer.inlineCallbacks
+    def findPrimary(self) -> RedisAddress:
+        problems = []
+        for host, port in self.address.sentinels:
+            try:
+                reply = yield self._ask(host, port)
+            except Exception as e:
+                problems.append(f"{host}:{port}: {e}")
+                continue
+            primary = primaryFromReply(self.address, reply)
+            if primary is not None:
+                return primary
+            problems.append(f"{host}:{port} does not know {self.address.master}")
+        raise error.ConnectError(
+            string=f"no sentinel names the primary: {'; '.join(problems)}")
+
+    def __repr__(self):
+        return f"<SentinelEndpoint {self.address.describe()}>"
+
+    @defer.inlineCallbacks
+    def _ask(self, host, port):
+        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=self.timeout)
+        factory = Factory.forProtocol(lambda: txredisapi.RedisProtocol(
+            charset=None, replyTimeout=self.timeout))
+        factory.noisy = False
+        protocol = yield endpoint.connect(factory)
+        try:
+            return (yield protocol.execute_command(*masterQuery(self.address)))
+        finally:
+            protocol.transport.loseConnection()
+
+
+def endpointFor(reactor, address: RedisAddress, timeout: float, tls=None):
+    """Where a connection to C{address} is made: its server, or the primary."""
+    if address.master is not None:
+        return SentinelEndpoint(reactor, address, timeout)
+    endpoint = HostnameEndpoint(reactor, address.host, address.port,
+                                timeout=timeout)
+    return endpoint if tls is None else wrapClientTLS(tls, endpoint)
+
+
 class RedisConnection:
     """
     One connection to Redis, kept up by a L{ClientService} with backoff.
@@ -139,12 +225,8 @@ class RedisConnection:
         self._connectedBefore = False
         self._policy = backoffPolicy(0.2, 10.0, 2.0,
                                      jitter=lambda: random.uniform(0, 0.1))
-        endpoint = HostnameEndpoint(reactor, address.host, address.port,
-                                    timeout=timeout)
-        if tls is not None:
-            endpoint = wrapClientTLS(tls, endpoint)
         self.service = ClientService(
-            endpoint, _Factory(self), clock=reactor,
+            endpointFor(reactor, address, timeout, tls), _Factory(self), clock=reactor,
             retryPolicy=lambda attempt: self._policy(max(attempt,
                                                          self._refusals)))
 

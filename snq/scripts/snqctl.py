@@ -3,7 +3,9 @@
 snqctl: the operator's command.  C{status}, C{stop}, C{restart},
 C{reload}, and C{snmp} for snmpd, talk to a running daemon over its
 control socket; everything else talks to the queue itself, so it works
-whether or not a daemon is running.
+whether or not a daemon is running.  C{status --cluster}, C{reload
+--cluster}, C{pause} and C{resume} talk to every daemon through the
+cluster's registry in the backend (L{snq.cluster}).
 """
 
 import argparse
@@ -11,6 +13,7 @@ import dataclasses
 import datetime
 import json
 import os
+import socket as sockets
 import sys
 import tomllib
 
@@ -18,6 +21,15 @@ from twisted.internet import defer, error, task
 
 from snq import amp, control
 from snq import config as snqconfig
+from snq.cluster import (
+    RELOAD,
+    ClusterMissing,
+    Pauses,
+    liveness,
+    pauseKey,
+    view,
+    withStore,
+)
 from snq.item import DEFAULT_SITE, Item
 from snq.monitor import check as plugin
 from snq.monitor import snmp
@@ -53,6 +65,12 @@ def parser() -> argparse.ArgumentParser:
                       help="not before TIME: UNIX seconds, or ISO 8601 with a "
                            "timezone (2031-01-01T08:00:00+00:00)")
 
+    cn = sub.add_parser("cancel", help="remove a waiting item (a running one "
+                        "finishes)")
+    which = cn.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?", help="the item's id")
+    which.add_argument("--key", help="every waiting item with this key")
+
     d = sub.add_parser("dead", help="inspect and handle dead letters")
     dsub = d.add_subparsers(dest="action", required=True)
     dl = dsub.add_parser("list", help="newest dead letters first")
@@ -74,14 +92,33 @@ def parser() -> argparse.ArgumentParser:
                         help="the workers of a running daemon")
     st.add_argument("--json", action="store_true",
                     help="everything the master knows, as JSON")
+    st.add_argument("--cluster", action="store_true",
+                    help="every daemon in the cluster's registry (the "
+                         "backend's), live or gone, with its workers, and "
+                         "what is paused")
     sub.add_parser("stop", parents=[socket],
                    help="stop the daemon gracefully and wait until it has")
     sub.add_parser("restart", parents=[socket],
                    help="replace the workers one at a time, losing nothing")
-    sub.add_parser("reload", parents=[socket],
-                   help="reload the daemon's config file and print what "
-                        "changed and how it was applied (exit status 1 if "
-                        "the file is invalid: nothing changed)")
+    rl = sub.add_parser("reload", parents=[socket],
+                        help="reload the daemon's config file and print what "
+                             "changed and how it was applied (exit status 1 "
+                             "if the file is invalid: nothing changed)")
+    rl.add_argument("--cluster", action="store_true",
+                    help="ask every live daemon in the cluster's registry to "
+                         "reload its own file, and print each one's answer "
+                         "(exit status 1 if one failed or did not answer)")
+    rl.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                    help="with --cluster: how long to wait for the answers "
+                         "(default 60)")
+    for action, helpText in (
+            ("pause", "stop every daemon of the cluster from taking a "
+                      "transport's or a site's items, until resumed"),
+            ("resume", "let the daemons take them again")):
+        pr = sub.add_parser(action, help=helpText)
+        what = pr.add_mutually_exclusive_group(required=True)
+        what.add_argument("transport", nargs="?")
+        what.add_argument("--site", metavar="NICK")
     ck = sub.add_parser(
         "check", parents=[socket], description=plugin.DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -144,6 +181,14 @@ def run(reactor, args, out=sys.stdout, stdin=sys.stdin):
     if args.command == "check":
         # A plugin's exit status is its answer, for a bad config too.
         raise SystemExit((yield plugin.run(args, reactor, out)))
+    # status and reload go to the control socket unless --cluster.
+    if args.command in _CLUSTER and getattr(args, "cluster", True):
+        config = snqconfig.load(args.config)
+        try:
+            result = yield _CLUSTER[args.command](config, args, out, reactor)
+        except ClusterMissing as e:
+            raise CommandError(str(e))
+        return result
     if args.command in _CONTROL:
         result = yield _control(_controlConfig(args), args, out, reactor)
         return result
@@ -200,6 +245,26 @@ def _runAt(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} has no timezone (add +00:00 "
                                          "or Z)")
     return when.timestamp()
+
+
+@defer.inlineCallbacks
+def _cancel(queue, config, args, out, stdin, reactor):
+    what = f"item {args.id}" if args.key is None else f"items with key {args.key!r}"
+    try:
+        found = yield queue.cancel(args.id, args.key)
+    except NotImplementedError:
+        raise CommandError(f"cancel: the {config.queue.backend} backend cannot "
+                           "remove an item it has been given")
+    running = (f"{found.running} running, left to finish" if found.running
+               else "")
+    if found.removed:
+        print(f"cancelled {found.removed} waiting "
+              f"{'item' if found.removed == 1 else 'items'}"
+              f"{'; ' + running if running else ''}", file=out)
+    elif found.running:
+        raise CommandError(f"{what}: {running}; nothing waiting to cancel")
+    else:
+        raise CommandError(f"{what}: not found (not waiting, not running)")
 
 
 @defer.inlineCallbacks
@@ -299,7 +364,7 @@ def _table(rows, out):
               file=out)
 
 
-_COMMANDS = {"enqueue": _enqueue, "dead": _dead, "db": _db,
+_COMMANDS = {"enqueue": _enqueue, "cancel": _cancel, "dead": _dead, "db": _db,
              "control": _broadcast, "schedule": _schedule}
 
 
@@ -417,25 +482,161 @@ def _reload(client, args, out):
         answer = (yield client.callRemote(amp.Reload))["reloaded"]
     except amp.ControlError as e:
         raise CommandError(f"reload: {e}")
-    changes = answer["changes"]
-    if not changes:
-        print(f"{answer['source']} has not changed: nothing to do "
-              f"(config generation {answer['generation']})", file=out)
-        return
-    print(f"config generation {answer['generation']} from {answer['source']}, "
-          f"{len(changes)} changes:", file=out)
-    for change in changes:
-        print(f"  {change['text']}", file=out)
-    for line in answer["applied"]:
-        print(line, file=out)
+    _printReload(answer, out)
     if answer["failed"]:
         raise CommandError("reload: config generation "
                            f"{answer['generation']} is the daemon's, but:\n"
                            + "\n".join(answer["failed"]))
 
 
+def _printReload(answer: dict, out, indent=""):
+    """What a daemon's reload changed and how it applied it."""
+    changes = answer["changes"]
+    if not changes:
+        print(f"{indent}{answer['source']} has not changed: nothing to do "
+              f"(config generation {answer['generation']})", file=out)
+        return
+    print(f"{indent}config generation {answer['generation']} from "
+          f"{answer['source']}, {len(changes)} changes:", file=out)
+    for change in changes:
+        print(f"{indent}  {change['text']}", file=out)
+    for line in answer["applied"]:
+        print(f"{indent}{line}", file=out)
+    for line in answer["failed"]:
+        print(f"{indent}not applied: {line}", file=out)
+
+
 _CONTROL = {"status": _status, "stop": _stop, "restart": _restart,
             "reload": _reload}
+
+
+@defer.inlineCallbacks
+def _registry(store):
+    """→ (where, records, settings)."""
+    return store.describe(), (yield store.daemons()), (yield store.settings())
+
+
+def _clusterStatus(config, args, out, reactor):
+    d = withStore(config, reactor, _registry)
+    return d.addCallback(_showCluster, config, args, out, reactor.seconds())
+
+
+def _showCluster(found, config, args, out, now):
+    where, records, settings = found
+    stale = config.cluster.stale
+    states = {name: liveness(r, now, stale) for name, r in records.items()}
+    pauses = Pauses.fromSettings(settings)
+    if args.json:
+        print(json.dumps(view(where, records, settings, now, stale), indent=2,
+                         sort_keys=True), file=out)
+        return
+    live = sum(state == "live" for state in states.values())
+    print(f"cluster in {where}: {live} daemons live, {len(records) - live} "
+          "gone", file=out)
+    paused = [f"transport {t}" for t in sorted(pauses.transports)] + [
+        f"site {s}" for s in sorted(pauses.sites)]
+    print(f"paused: {', '.join(paused) if paused else 'nothing'}", file=out)
+    if not records:
+        return
+    rows = [("daemon", "pid", "state", "heartbeat", "uptime", "handled",
+             "errors", "config")]
+    # The live first, then the gone; by name within each.
+    for name, r in sorted(records.items(),
+                          key=lambda i: (states[i[0]] != "live", i[0])):
+        state = states[name]
+        shown = "live" if state == "live" else f"gone ({state})"
+        workers = r.get("workers") or []
+        rows.append((name, str(r.get("pid", "-")), shown,
+                     f"{max(now - r.get('seen', 0), 0):.1f} s ago",
+                     _duration(r["seen"] - r["started"])
+                     if r.get("started") else "-",
+                     str(sum(w.get("handled") or 0 for w in workers)),
+                     str(sum(w.get("errors") or 0 for w in workers)),
+                     f"{r.get('generation', '-')} {r.get('digest', '')}"))
+        for w in workers:
+            rows.append((f"  {w['id']}", str(w.get("pid") or "-"),
+                         w.get("state") or "-", "",
+                         _duration(w["uptime"]) if w.get("uptime") else "-",
+                         str(w.get("handled", "-")), str(w.get("errors", "-")),
+                         ""))
+    _table(rows, out)
+
+
+@defer.inlineCallbacks
+def _clusterReload(config, args, out, reactor):
+    nonce = os.urandom(8).hex()
+    stale = config.cluster.stale
+
+    @defer.inlineCallbacks
+    def ask(store):
+        now = reactor.seconds()
+        asked = sorted(name for name, r in (yield store.daemons()).items()
+                       if liveness(r, now, stale) == "live")
+        if not asked:
+            raise CommandError(f"reload: no daemon is live in the cluster's "
+                               f"registry in {store.describe()}")
+        yield store.put(RELOAD, {"nonce": nonce, "asked": now})
+        print(f"reload asked of {len(asked)} daemons: {', '.join(asked)}",
+              file=out)
+        deadline = now + args.wait
+        while True:
+            records = yield store.daemons()
+            answers = {name: (records.get(name) or {}).get("reload") or {}
+                       for name in asked}
+            done = {name: a for name, a in answers.items()
+                    if a.get("nonce") == nonce and not a.get("running")}
+            gone = [name for name in asked if name not in done and liveness(
+                records.get(name) or {}, reactor.seconds(), stale) != "live"]
+            if len(done) + len(gone) == len(asked) or reactor.seconds() > deadline:
+                return asked, done, gone
+            yield task.deferLater(reactor, 0.25, lambda: None)
+
+    asked, done, gone = yield withStore(config, reactor, ask)
+    failed = []
+    for name in asked:
+        answer = done.get(name)
+        if answer is None:
+            why = "gone" if name in gone else f"no answer within {args.wait:g} s"
+            print(f"{name}: {why}", file=out)
+            failed.append(name)
+        elif "error" in answer:
+            print(f"{name}: reload failed: {answer['error']}", file=out)
+            failed.append(name)
+        else:
+            print(f"{name}:", file=out)
+            _printReload(answer["result"], out, indent="  ")
+            if answer["result"]["failed"]:
+                failed.append(name)
+    if failed:
+        raise CommandError(f"reload --cluster: not done on {', '.join(failed)}")
+
+
+def _pause(config, args, out, reactor):
+    kind, name = ("site", args.site) if args.site else ("transport",
+                                                       args.transport)
+    key = pauseKey(kind, name)
+
+    def change(store):
+        if args.command == "pause":
+            by = f"{os.environ.get('USER', '?')}@{sockets.gethostname()}"
+            d = store.put(key, {"since": reactor.seconds(), "by": by})
+            return d.addCallback(lambda _: True)
+        return store.remove(key)
+
+    def done(changed):
+        if args.command == "pause":
+            print(f"{kind} {name} paused on every daemon of the cluster "
+                  f"(within {config.cluster.heartbeat:g} s)", file=out)
+        elif changed:
+            print(f"{kind} {name} resumed", file=out)
+        else:
+            raise CommandError(f"resume: {kind} {name} was not paused")
+
+    return withStore(config, reactor, change).addCallback(done)
+
+
+_CLUSTER = {"status": _clusterStatus, "reload": _clusterReload,
+            "pause": _pause, "resume": _pause}
 
 
 def main(argv=None):

@@ -12,6 +12,13 @@ RabbitMQ; ActiveMQ takes the plain names.
 A retry waits in a queue of its own per origin and delay, whose messages
 expire after that delay and are dead-lettered by RabbitMQ back into the
 origin queue (L{Destinations.delayed}).
+
+The queues items are consumed from are RabbitMQ priority queues when
+C{[stomp] max_priority} is set: every SUBSCRIBE and every SEND to one
+declares it with C{x-max-priority} (RabbitMQ refuses a declaration whose
+arguments differ from the queue's, so all must say the same), and each
+item's SEND carries its priority, which the message keeps through a delay
+queue (L{Destinations.itemHeaders}).
 """
 
 from __future__ import annotations
@@ -75,6 +82,24 @@ class Destinations:
         self.dead = self.basename + "dead"
         self.control = config.stomp.control_channel
         self.routing = routing or Routing(config)
+
+    @property
+    def arguments(self) -> dict:
+        """The headers that declare a queue items are consumed from."""
+        top = self.config.stomp.max_priority
+        return {"x-max-priority": str(top)} if top else {}
+
+    def itemHeaders(self, priority: int, delayed: bool) -> dict:
+        """
+        The headers of an item's SEND: its priority, clamped into the
+        broker's 0 to C{max_priority}; and, unless it goes to a delay queue
+        (declared with arguments of its own), the queue's arguments.
+        """
+        top = self.config.stomp.max_priority
+        if not top:
+            return {}
+        headers = {"priority": str(min(max(priority, 0), top))}
+        return headers if delayed else {**headers, **self.arguments}
 
     def consumed(self, groups, site=None) -> list[str]:
         """

@@ -87,7 +87,9 @@ class Outcome:
       - C{"done"}: acknowledged.
       - C{"retry"}: back in C{delay} seconds: the handler raised L{Retry},
         returned False, or ran past its timeout, or the item's site is not
-        under C{[sites]} (yet); C{error} says which.
+        under C{[sites]} (yet); C{error} says which.  Also when it raised
+        L{snq.handlers.Defer}, which charges no attempt (C{error} starts
+        with "deferred:").
       - C{"error"}: back in C{delay} seconds: the handler raised
         C{failure} (the worker logs its traceback).
       - C{"rejected"}: dead-lettered at once: the handler raised L{Reject};

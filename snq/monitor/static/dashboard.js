@@ -13,6 +13,11 @@
 
   let samples = [];
   let lastTime = null;
+  // What /status.json hands out for the actions (with the token only).
+  let csrf = null;
+  // Key ("transport:NAME", "site:NICK") → [[t, handled] ...], for rates.
+  const counted = new Map();
+  const RATE_WINDOW_S = 30;
 
   function $(id) { return document.getElementById(id); }
 
@@ -43,7 +48,9 @@
 
   function cell(row, text, className) {
     const td = document.createElement("td");
-    td.textContent = text;
+    // A cell holds text, or elements (the action buttons).
+    if (Array.isArray(text)) td.append(...text);
+    else td.textContent = text;
     if (className) td.className = className;
     // A long error is cut to one line; all of it shows on hovering.
     if (className === "error") td.title = text;
@@ -142,7 +149,7 @@
     while (samples.length && samples[0].t < oldest) samples.shift();
   }
 
-  function rate(sample, key) {
+  function perSecond(sample, key) {
     return sample.dt > 0 ? sample[key] / sample.dt : 0;
   }
 
@@ -168,8 +175,8 @@
 
     const now = status.time;
     lineChart($("chart-throughput"), [
-      ["handled", samples.map((s) => [s.t, rate(s, "handled")])],
-      ["errors", samples.map((s) => [s.t, rate(s, "errors")])],
+      ["handled", samples.map((s) => [s.t, perSecond(s, "handled")])],
+      ["errors", samples.map((s) => [s.t, perSecond(s, "errors")])],
     ], now);
     lineChart($("chart-depth"), ["ready", "held", "delayed", "dead"].map(
       (key) => [key, samples.map((s) => [s.t, s[key]])]), now);
@@ -192,14 +199,138 @@
       ? `${number(queue.dead)} kept; the newest:` : "";
     fillTable($("dead").tBodies[0], status.dead, (d) => [
       [String(d.id), "num"], [when(d.died)], [d.transport || "–"], [d.site || "–"],
-      [d.reason], [String(d.attempts), "num"], [d.error, "error"],
+      [d.reason], [String(d.attempts), "num"],
+      [[button("retry", {action: "retry", id: d.id}), " ",
+        button("purge", {action: "purge", id: d.id})]],
+      [d.error, "error"],
     ], status.queue ? "no dead letters" : "not known: this backend does not count");
+
+    renderCluster(status);
 
     fillTable($("iomanagers").tBodies[0], ioManagerRows(status.iomanagers || {}), (r) => [
       [r.name], [r.key || "–"], [r.worker || "–"],
       [r.state || "–", r.state ? (r.state === "ok" ? "state-running" : "state-exited") : ""],
       [r.detail || "", "error"], [r.events],
     ], "no IoManager runs");
+  }
+
+  // A button that POSTs an action (see snq.monitor.actions).
+  function button(label, data) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = label;
+    for (const [key, value] of Object.entries(data)) b.dataset[key] = value;
+    if (!csrf) {
+      b.disabled = true;
+      b.title = "actions need [monitor] token (open the page as /#token=TOKEN)";
+    }
+    return b;
+  }
+
+  async function act(b) {
+    const query = new URLSearchParams({do: b.dataset.action});
+    for (const key of ["kind", "name", "id"]) {
+      if (b.dataset[key] !== undefined) query.set(key, b.dataset[key]);
+    }
+    const result = $("action-result");
+    try {
+      const response = await fetch("action?" + query, {
+        method: "POST", cache: "no-store",
+        headers: {Authorization: "Bearer " + token, "X-Snq-Csrf": csrf},
+      });
+      const answer = await response.json();
+      result.className = answer.ok ? "ok" : "down";
+      result.textContent = answer.message;
+    } catch (error) {
+      result.className = "down";
+      result.textContent = error.message;
+    }
+  }
+
+  document.addEventListener("click", (event) => {
+    const b = event.target.closest("button[data-action]");
+    if (b && !b.disabled) act(b);
+  });
+
+  // Handled per second over the last RATE_WINDOW_S, from counter totals
+  // (a daemon's own, or those the cluster's heartbeats carry).
+  function rate(key, now, handled) {
+    const points = counted.get(key) || [];
+    points.push([now, handled]);
+    while (points.length > 2 && points[0][0] < now - RATE_WINDOW_S) points.shift();
+    counted.set(key, points);
+    const [t0, h0] = points[0];
+    return now > t0 ? Math.max(handled - h0, 0) / (now - t0) : 0;
+  }
+
+  // Counters by transport or site ("transports", "sites"): summed over the
+  // live daemons of the cluster, else this daemon's.
+  function counters(status, field) {
+    const cluster = status.cluster;
+    if (!cluster || !cluster.daemons.length) return status[field] || {};
+    const sum = {};
+    for (const d of cluster.daemons) {
+      if (d.liveness !== "live") continue;
+      for (const [name, row] of Object.entries(d[field] || {})) {
+        const into = sum[name] || (sum[name] = {});
+        for (const [counter, n] of Object.entries(row)) into[counter] = (into[counter] || 0) + n;
+      }
+    }
+    return sum;
+  }
+
+  function renderCluster(status) {
+    const cluster = status.cluster;
+    const paused = cluster ? cluster.paused : {transports: [], sites: []};
+    $("cluster-summary").textContent = cluster
+      ? `${cluster.daemons.filter((d) => d.liveness === "live").length} live in ${cluster.store}`
+      : "no registry";
+    fillTable($("cluster").tBodies[0], cluster ? cluster.daemons : [], (d) => {
+      const workers = d.workers || [];
+      const sum = (key) => workers.reduce((total, w) => total + (w[key] || 0), 0);
+      return [
+        [d.name], [String(d.pid), "num"],
+        [d.liveness === "live" ? "live" : `gone (${d.liveness})`,
+          d.liveness === "live" ? "state-running" : "state-exited"],
+        [duration(Math.max(status.time - d.seen, 0)) + " ago", "num"],
+        [`${workers.filter((w) => w.state === "running").length} / ${workers.length}`, "num"],
+        [number(sum("handled")), "num"], [number(sum("errors")), "num"],
+        [`${d.generation} ${d.digest}`],
+      ];
+    }, cluster ? "no daemon registered" : "not known: no cluster registry");
+
+    const now = status.time;
+    const depths = (status.queue && status.queue.transports) || {};
+    const byTransport = counters(status, "transports");
+    const names = [...new Set([...Object.keys(byTransport), ...Object.keys(depths),
+      ...paused.transports])].sort();
+    fillTable($("transports").tBodies[0], names, (name) => {
+      const c = byTransport[name] || {}, depth = depths[name];
+      const isPaused = paused.transports.includes(name);
+      const waiting = depth ? depth.ready + depth.delayed + depth.held : null;
+      return [
+        [name], [isPaused ? "paused" : "running", isPaused ? "state-waiting" : "state-running"],
+        [number(rate("transport:" + name, now, c.handled || 0)), "num"],
+        [number(c.error || 0), "num"], [number(waiting), "num"],
+        [depth ? duration(depth.oldest || 0) : "–", "num"],
+        [[button(isPaused ? "resume" : "pause",
+          {action: isPaused ? "resume" : "pause", kind: "transport", name})]],
+      ];
+    }, "no transport seen yet");
+
+    const bySite = counters(status, "sites");
+    const sites = [...new Set([...Object.keys(bySite), ...paused.sites])].sort();
+    fillTable($("sites").tBodies[0], sites, (name) => {
+      const c = bySite[name] || {};
+      const isPaused = paused.sites.includes(name);
+      return [
+        [name], [isPaused ? "paused" : "running", isPaused ? "state-waiting" : "state-running"],
+        [number(rate("site:" + name, now, c.handled || 0)), "num"],
+        [number(c.error || 0), "num"],
+        [[button(isPaused ? "resume" : "pause",
+          {action: isPaused ? "resume" : "pause", kind: "site", name})]],
+      ];
+    }, "no site seen yet");
   }
 
   // One row per IoManager and key (a feed, a schedule …): what its worker
@@ -237,6 +368,7 @@
       });
       if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
       const status = await response.json();
+      csrf = status.csrf;
       merge(status.history);
       render(status);
       connection(true);
