@@ -187,6 +187,9 @@ class Hosts:
             # next claim: frozen, it changes nothing while they are read.
             for _ in range(100):
                 victim.freeze()
+                # What it wrote just before (a batch's acks) may still be on
+                # its way through the forwarder: let it land first.
+                yield deferLater(reactor, 0.3, lambda: None)
                 result.held = yield defer.maybeDeferred(self.heldBy, victim)
                 if result.held or not self.knowsHeld:
                     break
@@ -270,7 +273,8 @@ class RedisHosts(Hosts, RedisFixture):
     @defer.inlineCallbacks
     def drained(self):
         left = 0
-        for name in ("q:main", "processing"):
+        # Items given back wait in lines (levels:main says whether any do).
+        for name in ("q:main", "levels:main", "processing"):
             left += (yield self.redis.execute("EXISTS", self.key(name)))
         return left == 0
 
