@@ -245,7 +245,7 @@ class Worker:
                 claims=master.manager.claimTrouble,
                 counts=[[*key, n] for key, n in stats.counts.items()],
                 timings=stats.timings, buckets=stats.buckets,
-                iomanagers=master.plugins.status())
+                iomanagers=master.status())
         return snapshot
 
     def activity(self) -> list[str]:

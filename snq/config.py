@@ -346,6 +346,14 @@ class StompConfig:
     #: ignored.  Every producer must then declare the same (see the manual's
     #: floods chapter, also for existing queues).
     max_priority: int = field(default=0, metadata=_count(0, 255))
+    #: RabbitMQ: the type snq declares its queues (consumed, delay and
+    #: dead) with: "classic" (declared as before, with no x-queue-type) or
+    #: "quorum" (replicated over a cluster's nodes, so that one node's stop
+    #: loses nothing; RabbitMQ 3.10 refuses x-max-priority on them).  Fixed
+    #: when a queue is first declared: every producer must send the same
+    #: (see the manual's STOMP chapter, "Quorum queues").
+    queue_type: str = field(default="classic", metadata=_check(
+        lambda v: v in ("classic", "quorum"), "classic | quorum"))
     #: Write "/" inside a destination's name as %2F, which RabbitMQ needs:
     #: "auto" (when the broker says it is RabbitMQ), "always" or "never".
     escape_slashes: str = field(default="auto", metadata=_check(
@@ -597,6 +605,14 @@ class ClusterConfig:
     stale: float = field(default=20.0, metadata=_positive)
     #: … and leaves the registry once its last heartbeat is this old.
     forget: float = field(default=86400.0, metadata=_positive)
+    #: Seconds of the lease in the ledger that keeps the "xmpp" group (the
+    #: XMPP connections and the xmpp transports) to one worker among all
+    #: daemons on the backend: on every other host the XMPP worker waits,
+    #: unconnected, and takes over within about 1⅓ of this once the holder
+    #: is gone.  0 = no lease: every daemon's XMPP worker connects (run the
+    #: group on one host only).  Without a ledger (a STOMP queue without
+    #: [ledger] url) there is none either.  A change restarts the workers.
+    xmpp_lease: float = field(default=30.0, metadata=_notNegative)
 
 
 @dataclass(frozen=True)
@@ -828,6 +844,7 @@ def parse(data: dict, source: str = "<config>") -> Config:
                     f"expected {_RATE_EXPECTED}, got {table['rate']!r}")
     _monitor(sections["monitor"], problem)
     _cluster(sections["cluster"], problem)
+    _stomp(sections["stomp"], problem)
     iomanagers = {
         name: _ioManager(name, _asTable(table, f"iomanagers.{name}", problem),
                          problem)
@@ -883,6 +900,14 @@ def _cluster(cluster: ClusterConfig, problem) -> None:
     if cluster.forget < cluster.stale:
         problem("cluster.forget", f"expected at least cluster.stale "
                 f"({cluster.stale:g} s), got {cluster.forget:g}")
+
+
+def _stomp(stomp: StompConfig, problem) -> None:
+    """What RabbitMQ would refuse at the first SUBSCRIBE."""
+    if stomp.queue_type == "quorum" and stomp.max_priority:
+        problem("stomp.queue_type", f"quorum cannot go with stomp.max_priority "
+                f"({stomp.max_priority}): RabbitMQ refuses x-max-priority on "
+                "quorum queues; set max_priority = 0 or queue_type = \"classic\"")
 
 
 def _table(data: dict, key: str, problem) -> dict:

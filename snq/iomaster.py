@@ -8,6 +8,10 @@ before a leak grows.  A reloaded config is applied in place
 """
 
 
+import os
+import socket
+import uuid
+
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
@@ -17,13 +21,23 @@ from snq.cluster.pauses import PauseWatch
 from snq.dispatch import Dispatcher
 from snq.handlers import HandlerRegistry
 from snq.iomanagers import IoManagers
-from snq.ledger import LedgerService
+from snq.ledger import LedgerService, checkLedger
+from snq.ledger.holder import LeaseHolder
 from snq.queues import makeQueue
 from snq.queues.manager import QueueManager
 from snq.routing import TransportFilter, groupsOf
 from snq.service import AsyncMultiService, defaultReactor
 from snq.stats import Stats, residentMemory
 from snq.xmpp.accounts import XmppAccounts
+
+
+def xmppLeased(config, role: str) -> bool:
+    """
+    Does a worker of C{role} consume the "xmpp" group only while it holds
+    the group's lease (C{[cluster] xmpp_lease}, where there is a ledger)?
+    """
+    return ("xmpp" in groupsOf(config, role) and config.cluster.xmpp_lease > 0
+            and not checkLedger(config))
 
 
 def _mb(size: int) -> str:
@@ -171,9 +185,26 @@ class IoMaster(AsyncMultiService):
         # The ledger is opened when a plugin first asks, and closed last.
         self.ledger = LedgerService(config, self.queue, clock)
         self.ledger.setServiceParent(self)
+        # The "xmpp" group, single among all daemons: connected and
+        # consumed only while this worker holds its lease, which is given
+        # back after the connections are closed.
+        self.xmppLease = None
+        if xmppLeased(config, role):
+            self.xmppLease = LeaseHolder(
+                self.ledger, "xmpp" + (f":{site}" if site else ""),
+                f"{socket.gethostname()}/{os.getpid()}/{workerId}/"
+                f"{uuid.uuid4().hex[:8]}",
+                lambda: self.config.cluster.xmpp_lease,
+                lambda: self._xmppHeld(True), lambda _: self._xmppHeld(False),
+                clock)
+            self.xmppLease.setServiceParent(self)
+        elif "xmpp" in groupsOf(config, role) and config.cluster.xmpp_lease > 0:
+            self.log.warn("the xmpp group is not leased: {why}; run it on one "
+                          "host only", why=" ".join(checkLedger(config)))
         # The XMPP connections and the plugins start before the queue
         # manager and so stop after it: items in flight can still finish.
-        self.xmpp = XmppAccounts(self.dispatcher.context, role, clock)
+        self.xmpp = XmppAccounts(self.dispatcher.context, role, clock,
+                                 active=self.xmppLease is None)
         self.xmpp.setServiceParent(self)
         self.plugins = IoManagers(config, self.dispatcher.context, self.ledger,
                                   role, workerId, site)
@@ -191,14 +222,48 @@ class IoMaster(AsyncMultiService):
         self.dispatcher.pauses = pauses
         self.manager.wake()
 
+    def _waiting(self) -> tuple:
+        """The groups not consumed now: "xmpp" while another holds its lease."""
+        if self.xmppLease is not None and not self.xmppLease.holding:
+            return ("xmpp",)
+        return ()
+
     @property
     def groups(self) -> list[str]:
-        return groupsOf(self.config, self.role)
+        """The groups this worker consumes now (brokers subscribe by them)."""
+        return [g for g in groupsOf(self.config, self.role)
+                if g not in self._waiting()]
 
     def transports(self, config) -> TransportFilter:
-        """What this worker claims under C{config}."""
+        """What this worker claims under C{config} (not the groups waiting)."""
         return TransportFilter.forWorker(config, self.dispatcher.registry,
-                                         self.role, self.site)
+                                         self.role, self.site,
+                                         without=self._waiting())
+
+    def _xmppHeld(self, holding: bool) -> defer.Deferred:
+        """
+        Connect, then consume the "xmpp" group (C{holding}); or stop both
+        at once: the connections must be closed before the lease lapses,
+        whatever items in flight still wait for.
+        """
+        self.log.info("worker {wid} {what} the xmpp group", wid=self.workerId,
+                      what="takes" if holding else "leaves")
+        connected = self.xmpp.activate(holding)
+        if holding:
+            return connected.addCallback(
+                lambda _: self.manager.reconfigService(self.config))
+        return defer.gatherResults(
+            [connected, self.manager.reconfigService(self.config)])
+
+    def status(self) -> dict[str, list[dict]]:
+        """Status rows of the plugins, and of the xmpp group's lease."""
+        rows = self.plugins.status()
+        lease = self.xmppLease
+        if lease is not None:
+            detail = ("held by this worker" if lease.holding else
+                      "waiting: another worker holds it")
+            rows["xmpp"] = [{"key": "lease", "state": "ok", "detail": detail}]
+        return rows
 
     @defer.inlineCallbacks
     def reconfigService(self, config):

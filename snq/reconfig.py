@@ -28,7 +28,7 @@ ROLLING = "rolling"
 #: queue they talk to.
 _ROLLING_KEYS = {
     "daemon.id", "queue.backend", "queue.basename", "db", "stomp", "redis",
-    "ledger",
+    "ledger", "cluster.xmpp_lease",
 }
 
 

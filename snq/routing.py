@@ -41,11 +41,15 @@ class TransportFilter:
 
     @classmethod
     def forWorker(cls, config, registry: HandlerRegistry, role: str,
-                  site: str | None = None) -> TransportFilter:
-        """What a worker of C{role} (see L{groupsOf}) claims under C{config}."""
+                  site: str | None = None, without=()) -> TransportFilter:
+        """
+        What a worker of C{role} (see L{groupsOf}) claims under C{config},
+        leaving out the groups C{without}.
+        """
         groupOf = {name: registry.groupOf(name, config.transport(name).group)
                    for name in {*registry.classes, *config.transports}}
-        return cls.forGroups(groupsOf(config, role), groupOf, site)
+        groups = [g for g in groupsOf(config, role) if g not in without]
+        return cls.forGroups(groups, groupOf, site)
 
     def accepts(self, transport: str) -> bool:
         if self.include is not None:

@@ -117,3 +117,21 @@ class ConfigTests(SynchronousTestCase):
         e = self.assertRaises(config.ConfigError, config.parse,
                               {"queue": {"softlimit": "lots"}}, "f")
         self.assertIn("f: queue.softlimit: expected bytes", str(e))
+
+    def test_quorumQueues(self):
+        """
+        [stomp] queue_type is classic or quorum; quorum with max_priority is
+        refused, naming the file, the key and why (RabbitMQ would refuse it
+        at the first SUBSCRIBE).
+        """
+        self.assertEqual(config.parse({}).stomp.queue_type, "classic")
+        self.assertEqual(config.parse({"stomp": {"queue_type": "quorum"}})
+                         .stomp.queue_type, "quorum")
+        e = self.assertRaises(config.ConfigError, config.parse,
+                              {"stomp": {"queue_type": "stream"}}, "f")
+        self.assertIn("f: stomp.queue_type: expected classic | quorum", str(e))
+        e = self.assertRaises(config.ConfigError, config.parse, {"stomp": {
+            "queue_type": "quorum", "max_priority": 5}}, "f")
+        self.assertIn("f: stomp.queue_type: quorum cannot go with "
+                      "stomp.max_priority (5): RabbitMQ refuses x-max-priority",
+                      str(e))

@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 
 from snq import config as snqconfig
 from snq.item import Item
-from snq.queues.db import DbQueue
+from snq.queues.db import ALONE, DbQueue
 from snq.queues.dialects import DIALECTS
 from snq.queues.redis import RedisQueue
 from snq.routing import TransportFilter
@@ -198,6 +198,19 @@ class DbFloodMixin(FloodTestsMixin):
         self.assertEqual((yield self.claimed(10)), [("flood", i) for i in range(10)])
         self.assertEqual(len([s for s, _ in (yield self.claimed(10))
                               if s == "quiet"]), 3)
+
+    @defer.inlineCallbacks
+    def test_loneFloodLooksForOthersNowAndThen(self):
+        """
+        Claims that found a single site with work do not look for others
+        again for ALONE seconds: another site's item waits that much more.
+        """
+        yield self.queue.enqueue(self.items(500, site="flood"))
+        yield self.claimed(10)
+        yield self.queue.enqueue(self.items(1, site="quiet"))
+        self.assertNotIn("quiet", {s for s, _ in (yield self.claimed(10))})
+        self.clock.advance(ALONE)
+        self.assertIn(("quiet", 0), (yield self.claimed(10)))
 
     @defer.inlineCallbacks
     def test_versionOneSchemaUpgradedInPlace(self):

@@ -21,6 +21,7 @@ from snq.child import Worker, check
 from snq.handlers import HandlerError, QueueHandler
 from snq.iomaster import IoMaster
 from snq.item import Item
+from snq.ledger.memory import MemoryLedger
 from snq.queues.db import DbQueue
 from snq.queues.memory import MemoryQueue
 from snq.routing import TransportFilter
@@ -244,6 +245,7 @@ class XmppTests(SynchronousTestCase):
             "b": {"xmpp": self.account(jid="bot@b.example")}})
         master = IoMaster(config, clock=reactor, queue=MemoryQueue(reactor),
                           role="xmpp")
+        master.ledger._ledger = MemoryLedger(reactor)
         self.successResultOf(master.startService())
         managers = dict(master.dispatcher.context.xmppManagers)
         self.assertEqual(len(reactor.tcpClients), 2)

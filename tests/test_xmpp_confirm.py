@@ -219,7 +219,10 @@ class ProsodyTests(ProsodyTestCase):
         master = IoMaster(config, "it.xmpp", role="xmpp")
         await master.startService()
         self.addCleanup(master.stopService)
-        xmpp = master.dispatcher.context.xmppManagers["default"]
+        managers = master.dispatcher.context.xmppManagers
+        await waitFor(lambda: "default" in managers, timeout=10,
+                      what="the xmpp group's lease")
+        xmpp = managers["default"]
         await xmpp.client.whenInitialized()
         snq = xmpp.client.jid.full()
 

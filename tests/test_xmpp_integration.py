@@ -19,6 +19,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import time
 
 from twisted.internet import defer, reactor
 from twisted.internet.interfaces import ISSLTransport
@@ -203,6 +204,10 @@ class XmppIntegrationTests(ProsodyTestCase):
         master = IoMaster(config, "it.xmpp", role="xmpp")
         yield master.startService()
         self.addCleanup(master.stopService)
+        # It connects once it holds the xmpp group's lease (in the SQLite file).
+        yield waitFor(lambda: master.dispatcher.context.xmppManagers.keys() ==
+                      config.xmppAccounts().keys(), timeout=10,
+                      what="the xmpp group's lease")
         return master
 
     def startPeer(self, session=None):
@@ -333,7 +338,12 @@ class TwistdTests(TestCase):
 
     timeout = 60
 
-    async def test_enqueueAndReply(self):
+    async def startDaemon(self):
+        """
+        C{twistd snq} with the account (its resource: C{self.snqResource})
+        and an xmppin recorder, and alice; → (config path, record path,
+        daemon, alice's client, her peer).
+        """
         requireProsody()
         work = os.path.abspath(self.mktemp())
         os.makedirs(work)
@@ -360,6 +370,12 @@ record_file = "{record}"
 """)
         client, peer = await connectPeer(self)
         daemon = Daemon(self, work, "-c", path)
+        self.snqResource = snqResource
+        return path, record, daemon, client, peer
+
+    async def test_enqueueAndReply(self):
+        path, record, daemon, client, peer = await self.startDaemon()
+        work, snqResource = os.path.dirname(path), self.snqResource
         to = client.jid.full()
         snqctl("-c", path, "enqueue", "xmppout",
                json.dumps({"to": to, "body": "hi"}), cwd=work)
@@ -379,3 +395,32 @@ record_file = "{record}"
         logins = re.findall(r"\[(generic\.\w+):\d+#info\] XMPP stream "
                             r"initialized as (\S+)", output)
         self.assertEqual(logins, [("generic.xmpp", message["from"])])
+
+    async def test_restartHandsTheLeaseOn(self):
+        """
+        C{snqctl restart}: the new generic.xmpp waits while the old one
+        holds the xmpp group's lease (in the SQLite file), takes it once
+        the old one gives it back on stop, and sends; never two sessions
+        at once, so no conflict.
+        """
+        path, _, daemon, client, peer = await self.startDaemon()
+        work, to = os.path.dirname(path), client.jid.full()
+        snqctl("-c", path, "enqueue", "xmppout",
+               json.dumps({"to": to, "body": "before"}), cwd=work)
+        self.assertEqual(str((await peer.messages.get()).body), "before")
+        started = time.monotonic()
+        snqctl("-c", path, "restart", cwd=work)
+        snqctl("-c", path, "enqueue", "xmppout",
+               json.dumps({"to": to, "body": "after"}), cwd=work)
+        self.assertEqual(str((await peer.messages.get()).body), "after")
+        handover = time.monotonic() - started
+        output = daemon.output()
+        takes = re.findall(r"\[generic\.xmpp:(\d+)#info\] worker generic\.xmpp "
+                           r"takes the xmpp group", output)
+        self.assertEqual(len(takes), 2, output)
+        self.assertNotEqual(*takes)
+        self.assertNotIn("conflict", output)
+        # The rolling restart, then at most a third of the 30 s lease.
+        self.assertLess(handover, 40)
+        print(f"\nsnqctl restart: the new xmpp worker sent {handover:.1f} s "
+              "after the restart began")

@@ -10,7 +10,7 @@ import json
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.words.protocols.jabber import xmlstream
@@ -20,6 +20,7 @@ from snq import config as snqconfig
 from snq.child import Worker
 from snq.handlers import Reject
 from snq.iomaster import IoMaster
+from snq.ledger.memory import MemoryLedger
 from snq.pool import WorkerPool
 from snq.queues.memory import MemoryQueue
 from snq.routing import groupsOf
@@ -120,7 +121,9 @@ def makeConfig(xmpp=None, **sections):
 
 class WorkerMixin:
     """
-    A worker of the given role on a fake reactor; stopped at the end.
+    A worker of the given role on a fake reactor; stopped at the end.  Its
+    ledger is C{self.ledger}, in memory (the config says SQL), so the
+    "xmpp" group's lease is taken there.
     """
 
     def startWorker(self, config=None, role="xmpp"):
@@ -129,6 +132,10 @@ class WorkerMixin:
         self.master = IoMaster(config or makeConfig(), "test.xmpp",
                                clock=self.reactor, queue=self.queue,
                                role=role)
+        if not hasattr(self, "ledger"):
+            self.ledger = MemoryLedger(None)
+        self.ledger.clock = self.reactor
+        self.master.ledger._ledger = self.ledger
         self.context = self.master.dispatcher.context
         self.server = FakeServer(self.reactor)
         self.successResultOf(self.master.startService())
@@ -326,6 +333,100 @@ class OutboundTests(WorkerMixin, SynchronousTestCase):
         [dead] = self.queue.dead.values()
         self.assertIn("site 'quiet' has no XMPP account", dead.error)
         self.assertEqual(self.server.sentOf("message"), [])
+
+
+class SingleTests(WorkerMixin, SynchronousTestCase):
+    """
+    The "xmpp" group is single among the daemons on a backend: a worker
+    connects and claims xmpp items only while it holds the group's lease
+    in the ledger (C{[cluster] xmpp_lease}, 30 s by default).
+    """
+
+    def sendHi(self):
+        return self.enqueue("xmppout", {"to": "alice@example.org",
+                                        "body": "hi"})
+
+    def test_standbyNeitherConnectsNorClaims(self):
+        """
+        While another worker holds the lease: no connection, the items
+        wait unclaimed; once the lease lapses (30 s) the worker takes it
+        at its next ask (every 10 s), connects and sends them.
+        """
+        self.ledger = MemoryLedger(None)
+        self.ledger.entries["xmpp"] = ("other host", 30.0)
+        self.startWorker()
+        rowId = self.sendHi()
+        self.elapse(29.5)
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertEqual(self.context.xmppManagers, {})
+        row = self.queue.rows[rowId]
+        self.assertEqual((row["attempts"], row["lease_until"]), (0, None))
+        # Brokers (Redis lists, STOMP queues) subscribe by the groups.
+        self.assertEqual(self.master.groups, [])
+        self.assertEqual(self.master.status()["xmpp"][0]["detail"],
+                         "waiting: another worker holds it")
+        self.elapse(10)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertEqual(self.master.groups, ["xmpp"])
+        self.server.accept()
+        self.elapse(5)  # Claimed while connecting, it is retried.
+        [message] = self.server.sentOf("message")
+        self.assertEqual(str(message.body), "hi")
+        [ping] = self.server.sentOf("iq")
+        self.server.answer(ping)
+        self.assertNotIn(rowId, self.queue.rows)
+        self.assertEqual(self.master.status()["xmpp"][0]["detail"],
+                         "held by this worker")
+
+    def test_lostLeaseDisconnectsAndStopsClaiming(self):
+        """
+        A renewal the store refuses (another holds it) closes the stream
+        and stops the claims at once; xmpp items then wait for the holder.
+        """
+        self.startWorker()
+        self.server.accept()
+        manager = self.context.xmppManagers["default"]
+        self.assertTrue(self.master.manager.transports.accepts("xmppout"))
+        self.ledger.entries["xmpp"] = ("other host", 1000.0)
+        self.elapse(10.5)
+        self.assertFalse(manager.running)
+        self.assertEqual(self.context.xmppManagers, {})
+        self.assertFalse(self.master.manager.transports.accepts("xmppout"))
+        rowId = self.sendHi()
+        self.elapse(5)
+        self.assertEqual(self.queue.rows[rowId]["attempts"], 0)
+
+    def test_noLedgerNoLease(self):
+        """
+        A STOMP queue without [ledger] url has nowhere to keep the lease:
+        the worker connects at once and says so.
+        """
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.startWorker(makeConfig(queue={"backend": "stomp"}))
+        self.assertIsNone(self.master.xmppLease)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        [warning] = [formatEvent(e) for e in events
+                     if "not leased" in e.get("log_format", "")]
+        self.assertIn("set [ledger] url", warning)
+        self.assertIn("run it on one host only", warning)
+
+    def test_withoutLease(self):
+        """C{xmpp_lease = 0}: connected at once, whatever the ledger holds."""
+        self.ledger = MemoryLedger(None)
+        self.ledger.entries["xmpp"] = ("other host", 1e9)
+        self.startWorker(makeConfig(cluster={"xmpp_lease": 0}))
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertNotIn("xmpp", self.master.status())
+
+    def test_stopGivesTheLeaseBack(self):
+        self.startWorker()
+        self.server.accept()
+        self.assertEqual(self.ledger.entries["xmpp"][0].split("/")[2],
+                         "test.xmpp")
+        self.stopWorker()
+        self.assertNotIn("xmpp", self.ledger.entries)
 
 
 class PerSiteTests(WorkerMixin, SynchronousTestCase):

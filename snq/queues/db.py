@@ -48,6 +48,11 @@ from snq.service import defaultReactor
 ITEM_COLUMNS = frozenset({"id", "frame", "transport", "site", "priority", "created",
                           "run_at", "attempts", "claimed_by", "lease_until"})
 
+#: Seconds during which claims do not look for other sites with work after
+#: finding a single one: what a lone flood's claims save, and what another
+#: site's item may wait more.
+ALONE = 0.01
+
 #: Ids per statement in C{id IN (…)} lists (SQLite allows 32,766 parameters,
 #: PostgreSQL 65,535; shorter statements also keep lock times short).
 CHUNK = 500
@@ -121,6 +126,11 @@ class DbQueue(Queue):
         self._cursor = None
         #: Whether the last claim left items waiting (at first: maybe).
         self._crowded = True
+        #: Until when claims do not look for turns (see L{ALONE}).
+        self._aloneUntil = 0.0
+        #: The site part of the last claim's filter (L{_siteFilter}), and
+        #: its transports when it names them (for L{Dialect.nextPair}).
+        self._sites = ("", [], None)
         self._listeners = []
 
     def describe(self) -> str:
@@ -253,6 +263,9 @@ class DbQueue(Queue):
 
     def claim(self, limit, transports: TransportFilter):
         where, params = self._filter(transports)
+        self._sites = (*self._siteFilter(transports),
+                       None if transports.include is None
+                       else sorted(transports.include))
         d = self._write(self._claim, self.clock.seconds(), limit, where, params)
         d.addCallback(self._claimed)
         return d
@@ -273,8 +286,12 @@ class DbQueue(Queue):
         # When the last claim took all there was, whatever came since is
         # claimed in plain order, without looking for turns first: an idle
         # worker's claims stay one statement.
-        turns = self._turns(txn, limit, where, params) if (
-            self._crowded or self.rates) else []
+        # Nor again for ALONE seconds after finding a single site with work
+        # (a lone flood), so that its claims stay as cheap as they were.
+        look = self.rates or (self._crowded and now >= self._aloneUntil)
+        turns = self._turns(txn, limit, where, params) if look else []
+        if look and len(turns) == 1:
+            self._aloneUntil = now + ALONE
         if len(turns) < 2 and not self.rates:
             rows = claim(limit, where, params)
         else:
@@ -345,7 +362,7 @@ class DbQueue(Queue):
         """
         pairs, after, start, wrapped = [], self._cursor, self._cursor, False
         while len(pairs) < limit:
-            pair = self.dialect.nextPair(txn, after, where, params)
+            pair = self.dialect.nextPair(txn, after, where, params, *self._sites)
             if pair is None:
                 if wrapped or start is None:
                     break
@@ -403,11 +420,14 @@ class DbQueue(Queue):
     def journalKey(self, delivery) -> bytes:
         return b"%d" % delivery.token
 
+    def _siteFilter(self, transports: TransportFilter):
+        """The part of L{_filter} that is about sites."""
+        if transports.site is None:
+            return "", []
+        return f" AND site = {self.dialect.placeholder}", [transports.site]
+
     def _filter(self, transports: TransportFilter):
-        where, params = "", []
-        if transports.site is not None:
-            where, params = f" AND site = {self.dialect.placeholder}", [
-                transports.site]
+        where, params = self._siteFilter(transports)
         if transports.include is not None:
             names = sorted(transports.include)
             if not names:

@@ -135,27 +135,50 @@ class Dialect:
         # RETURNING comes in no particular order.
         return sorted(txn.fetchall(), key=claimOrder)
 
-    def pairAfter(self, after) -> tuple[str, list]:
-        """Rows whose (transport, site) comes after C{after}'s: SQL, params."""
-        p = self.placeholder
-        return f"(transport, site) > ({p}, {p})", list(after)
+    #: How the pair probes name their table (an index hint where the
+    #: planner would otherwise sort the backlog).
+    pairTable = "queue_item"
 
-    def nextPair(self, txn, after, where, params):
+    def nextPair(self, txn, after, where, params, siteWhere="", siteParams=(),
+                 include=None):
         """
         The first (transport, site) after C{after} (None: the first of all)
         with rows waiting, among those C{where} selects; None if none.  One
-        step of an index skip scan: the sites with work, not their rows.
+        step of an index skip scan (the next site of the same transport,
+        else the first pair of the next transport: each the first entry of
+        a range of C{queue_item_site}): the sites with work, not their rows.
+
+        C{where} is C{siteWhere} and, for a worker of some transports only,
+        C{transport IN include}: within a transport only the site part
+        applies, and the next transport is sought among the others, so
+        that no planner walks that transport's rows to check the list.
         """
-        since, args = "", []
-        if after is not None:
-            since, args = self.pairAfter(after)
-            since = f" AND {since}"
-        txn.execute(
-            f"SELECT {self.raw('transport')}, {self.raw('site')} FROM queue_item"
-            f" WHERE claimed_by IS NULL{since}{where}"
-            " ORDER BY transport, site LIMIT 1", (*args, *params))
+        p = self.placeholder
+        if after is None:
+            return self._first(txn, "", params, where)
+        transport, site = after
+        pair = self._first(txn, f" AND transport = {p} AND site > {p}",
+                           [transport, site, *siteParams], siteWhere)
+        if pair is not None:
+            return pair
+        if include is not None:
+            others = [name for name in include if name != transport]
+            if not others:
+                return None
+            where = f"{siteWhere} AND transport IN ({self.params(len(others))})"
+            params = [*siteParams, *others]
+        return self._first(txn, f" AND transport > {p}", [transport, *params],
+                           where)
+
+    def _first(self, txn, since, params, where):
+        """
+        The first pair of the rows waiting that C{since} and C{where} select
+        (as stored: text if it is UTF-8), or None.
+        """
+        txn.execute(f"SELECT {self.raw('transport')}, {self.raw('site')} FROM"
+                    f" {self.pairTable} WHERE claimed_by IS NULL{since}{where}"
+                    " ORDER BY transport, site LIMIT 1", params)
         row = txn.fetchone()
-        # As the column holds it, to compare again: text if it is UTF-8.
         return None if row is None else tuple(asStored(v) for v in row)
 
     #: Ends the SELECT of the buckets a claim draws on: held until it
@@ -312,6 +335,7 @@ class Sqlite(Dialect):
         return f"length(CAST({column} AS BLOB))"
 
     due = "(run_at <= {p} OR typeof(run_at) NOT IN ('integer', 'real'))"
+    pairTable = "queue_item INDEXED BY queue_item_site"
     oddRunAt = ("CASE WHEN typeof(run_at) IN ('integer', 'real') THEN NULL"
                 " ELSE CAST(run_at AS BLOB) END")
 
@@ -370,8 +394,10 @@ class Mysql(Dialect):
         CLUSTER_TABLE + " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
     ), (
         # Version 3: the sites with work waiting, per transport (fairness).
+        # Without claimed_by in front: MariaDB would sort the rows instead
+        # of reading the index in order (claimed rows are few).
         lambda txn: Mysql.addIndex(
-            txn, "queue_item_site", "claimed_by, transport, site, priority DESC, id"),
+            txn, "queue_item_site", "transport, site, priority DESC, id"),
     ), (
         # Version 4: token buckets of rate limits, shared by every worker.
         """CREATE TABLE IF NOT EXISTS queue_bucket (
@@ -385,12 +411,8 @@ class Mysql(Dialect):
                  " VALUES ({p}, {p}, {p})")
 
     currentSchema = "DATABASE()"
+    pairTable = "queue_item FORCE INDEX (queue_item_site)"
 
-    def pairAfter(self, after):
-        # Spelled out: the form MariaDB's range optimizer reads on the index.
-        transport, site = after
-        return ("(transport > %s OR (transport = %s AND site > %s))",
-                [transport, transport, site])
     #: URL query parameters passed on to PyMySQL.
     OPTIONS = ("unix_socket",)
 

@@ -10,7 +10,7 @@
 -- members packed into one string, each as LENGTH:MEMBER: txredisapi's
 -- pure-Python parser reads each element of an array in a reactor turn of
 -- its own, one string in one go.
-local SORT = 2000
+local SORT = 1000
 local now, deadline, limit = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local prefix = ARGV[5]
 local packed, claimed, nextDue = {}, 0, nil
