@@ -257,8 +257,13 @@ def rateLimited(run, items=500):
         return {"backend": run.backend.name, "measured /s": "no rate limits"}
     yield run.start(workers=4, transports=transports)
     found = yield run.backlog(items)
+    # A bucket starts full: its first second's worth goes at once.  The
+    # middle 80% of the items show the steady rate.
+    started = sorted(s for k, _, s in found if k == "a")
+    low, high = len(started) // 10, len(started) * 9 // 10
     return {"backend": run.backend.name, "items": items,
-            "measured /s": drainRate(found)}
+            "overall /s": drainRate(found),
+            "measured /s": (high - low) / (started[high] - started[low])}
 
 
 class _Dead(protocol.Protocol):
@@ -352,7 +357,8 @@ def main(reactor):
                                      "high n", "high p50 ms", "high p99 ms"])
         if results.get("rate"):
             print("\nrate = \"50/s\", 4 workers\n")
-            table(results["rate"], ["backend", "items", "measured /s"])
+            table(results["rate"], ["backend", "items", "overall /s",
+                                    "measured /s"])
         if "webhook" in results:
             print("\na dead webhook host (10 s timeout) beside a live one\n")
             table(results["webhook"], list(results["webhook"][0]))
