@@ -28,6 +28,10 @@ from snq.xmpp.settings import SettingsError, XmppSettings
 
 ENV_VAR = "SNQ_CONFIG"
 BACKENDS = ("db", "stomp", "redis")
+#: [transports.NAME] unique: off, drop or replace.
+UNIQUE_MODES = ("", "drop", "replace")
+#: The backends that keep items unique by key.
+UNIQUE_BACKENDS = ("db",)
 #: How the URL of a Redis starts.
 REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
 #: Where an IoManager runs (C{[iomanagers.NAME] worker}): every queue worker,
@@ -407,6 +411,15 @@ class TransportConfig:
     #: queue (SQL, Redis); an item over the limit waits, uncharged.  Up to
     #: one second's worth (at least one item) may start at once.
     rate: str = field(default="", metadata=_check(_isRate, _RATE_EXPECTED))
+    #: What an item enqueued with a key does while an item of this
+    #: transport with the same key waits: "drop" (the new one is not
+    #: stored), "replace" (it takes the waiting one's place), or "" (off:
+    #: keys are only carried).  SQL backend only.
+    unique: str = field(default="", metadata=_check(
+        lambda v: v in UNIQUE_MODES, " | ".join(f'"{m}"' for m in UNIQUE_MODES)))
+    #: Whether a running item with the key counts too (the new one is then
+    #: dropped, even with unique = "replace").
+    unique_running: bool = False
 
     def ratePerSecond(self) -> float | None:
         return parseRate(self.rate)
@@ -821,6 +834,7 @@ def parse(data: dict, source: str = "<config>") -> Config:
                      f"transports.{name}", problem)
         for name, table in _table(data, "transports", problem).items()
     }
+    _unique(transports, sections["queue"].backend, problem)
     handlers = {}
     for name, path in _table(data, "handlers", problem).items():
         if not isinstance(path, str) or not re.match(r"^[\w.]+:[\w.]+$", path):
@@ -900,6 +914,19 @@ def _cluster(cluster: ClusterConfig, problem) -> None:
     if cluster.forget < cluster.stale:
         problem("cluster.forget", f"expected at least cluster.stale "
                 f"({cluster.stale:g} s), got {cluster.forget:g}")
+
+
+def _unique(transports: dict, backend: str, problem) -> None:
+    if backend in UNIQUE_BACKENDS:
+        return
+    why = {"stomp": "a message broker cannot look up a waiting message by its "
+                    "key (RabbitMQ has no keyed deduplication snq could use)",
+           "redis": "the Redis backend does not keep items unique yet"}
+    for name, transport in transports.items():
+        if transport.unique:
+            problem(f"transports.{name}.unique",
+                    f"not available with backend = {backend!r}: "
+                    f"{why.get(backend, '')}; only with backend = \"db\"")
 
 
 def _stomp(stomp: StompConfig, problem) -> None:

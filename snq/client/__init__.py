@@ -67,13 +67,18 @@ class Producer:
                 priority: int | None = None,
                 delay: float | timedelta | None = None,
                 run_at: float | datetime | None = None, key: str | None = None,
-                connection=None) -> str:
+                connection=None) -> str | None:
         """
-        Store one item; → its id.  C{payload} is any JSON value.
+        Store one item; → its id, or None when it was not taken: its
+        transport is unique (C{[transports.NAME] unique = "drop"}) and an
+        item with the same C{key} waits (or runs).  C{payload} is any JSON
+        value.
         C{priority} defaults to C{[transports.NAME] priority} (higher runs
         first); C{delay} (seconds) or C{run_at} (UNIX seconds, or an aware
         datetime) holds it back until then.  C{key} is carried to the
-        handler as C{item.key}.
+        handler as C{item.key}; with C{unique} set for the transport it
+        also keeps a second item with that key from being queued (see the
+        chapter on floods).
 
         With C{connection} (SQL backend only): written with the
         application's own connection, in its open transaction, and there
@@ -85,18 +90,19 @@ class Producer:
         """
         [item] = self._items(transport, [payload], site, priority, delay,
                              run_at, [key])
-        self._store([item], connection)
-        return item.id
+        [taken] = self._store([item], connection)
+        return item.id if taken else None
 
     def enqueue_many(self, transport: str, payloads, *, site: str = DEFAULT_SITE,
                      priority: int | None = None,
                      delay: float | timedelta | None = None,
                      run_at: float | datetime | None = None, keys=None,
-                     connection=None) -> list[str]:
+                     connection=None) -> list[str | None]:
         """
         Store one item per payload, all or none (one transaction on SQL,
-        one script on Redis); → their ids.  C{keys}, if given, has one key
-        (or None) per payload.  Otherwise as L{enqueue}.
+        one script on Redis); → their ids, None for each one not taken.
+        C{keys}, if given, has one key (or None) per payload.  Otherwise as
+        L{enqueue}.
         """
         payloads = list(payloads)
         keys = [None] * len(payloads) if keys is None else list(keys)
@@ -104,9 +110,9 @@ class Producer:
             raise ValueError(f"{len(keys)} keys for {len(payloads)} payloads")
         items = self._items(transport, payloads, site, priority, delay, run_at,
                             keys)
-        if items:
-            self._store(items, connection)
-        return [item.id for item in items]
+        taken = self._store(items, connection) if items else []
+        return [item.id if t else None for item, t in zip(items, taken,
+                                                          strict=True)]
 
     def close(self):
         """Close the connections this process opened."""
@@ -137,16 +143,24 @@ class Producer:
                      key=key)
                 for payload, key in zip(payloads, keys, strict=True)]
 
-    def _store(self, items, connection):
+    def _store(self, items, connection) -> list[bool]:
+        """→ whether each item was taken."""
         if connection is None:
-            self._backend.store(items)
-            return
+            taken = self._backend.store(items)
+            return [True] * len(items) if taken is None else taken
         if self.config.queue.backend != "db":
             raise ValueError(
                 "connection= (enqueueing in the application's transaction) "
                 "needs the SQL backend; this producer's is "
                 f"{self.config.queue.backend}")
+        for item in items:
+            if item.key is not None and self.config.transport(item.transport).unique:
+                raise ValueError(
+                    f"connection= cannot enqueue an item with a key on "
+                    f"{item.transport!r}, whose items are unique: the check "
+                    f"needs the producer's own connection")
         storeWith(connection, items)
+        return [True] * len(items)
 
 
 #: The version (4) and variant (RFC 4122) bits of a random UUID.

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from snq.client.errors import EnqueueError
 from snq.client.pool import Pool
 from snq.queues.dialects import DIALECTS
-from snq.queues.sqlitems import insertStatement, itemRow
+from snq.queues.sqlitems import insertStatement, itemRow, storeItems
 from snq.secret import maskURL
 
 #: Seconds to connect to a server before giving up.
@@ -26,27 +26,27 @@ class SqlBackend:
         self.where = maskURL(url)
         self.url = urlsplit(url)
         self.dialect = DIALECTS[self.url.scheme]()
-        self.statement = insertStatement(self.dialect.paramstyle)
+        self.transports = config.transport
         self.pool = Pool(lambda: self.dialect.connect(self.url, CONNECT_TIMEOUT),
                          lambda conn: conn.close())
 
-    def store(self, items):
+    def store(self, items) -> list[bool]:
+        """→ whether each item was taken (see L{storeItems})."""
         rows = _rows(items, self.dialect.paramstyle)
-        try:
-            self._insert(rows)
-        except Exception as e:
-            raise EnqueueError(f"cannot enqueue on {self.where}: {e}"
-                               f"{_hint(e)}") from e
 
-    def _insert(self, rows):
         def insert(conn):
             cursor = conn.cursor()
             self.dialect.begin(cursor)
-            cursor.executemany(self.statement, rows)
+            taken = storeItems(cursor, self.dialect, items, rows, self.transports)
             conn.commit()
             cursor.close()
+            return taken
 
-        self.pool.use(insert, self.dialect.retryable)
+        try:
+            return self.pool.use(insert, self.dialect.retryable)
+        except Exception as e:
+            raise EnqueueError(f"cannot enqueue on {self.where}: {e}"
+                               f"{_hint(e)}") from e
 
     def close(self):
         self.pool.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from snq.item import DEFAULT_SITE, Item
+from snq.queues.interface import takenOf
 
 if TYPE_CHECKING:
     from snq.queues.interface import Queue
@@ -58,10 +59,15 @@ class HandlerContext:
             [self.item(transport, payload, site, priority, run_at)], delay)
 
     def enqueueItems(self, items: list[Item], delay: float = 0.0):
-        """Store several items at once (in one transaction where there is one)."""
+        """
+        Store several items at once (in one transaction where there is one);
+        fires with None (what a handler may return) once stored.  A keyed
+        item a unique transport did not take is not counted as enqueued.
+        """
 
-        def counted(_):
-            for item in items:
-                self.stats.count("enqueued", item.transport, item.site)
+        def counted(result):
+            for item, stored in zip(items, takenOf(result, items), strict=True):
+                if stored:
+                    self.stats.count("enqueued", item.transport, item.site)
 
         return self.queue.enqueue(items, delay).addCallback(counted)

@@ -18,7 +18,8 @@ def makeQueue(config, clock=None, claimant=None):
 
         return DbQueue(config.db.url.reveal(), config.queue.lease, clock=clock,
                        claimant=claimant, maxFrame=config.queue.maxFrameBytes(),
-                       weight=config.siteWeight, rates=config.rates())
+                       weight=config.siteWeight, rates=config.rates(),
+                       transports=config.transport)
     if backend == "redis":
         from snq.queues.redis import RedisQueue
 

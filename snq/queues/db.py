@@ -39,7 +39,7 @@ from snq.queues.interface import (
     Queue,
     TransportDepth,
 )
-from snq.queues.sqlitems import insertStatement, itemRow
+from snq.queues.sqlitems import insertStatement, itemRow, storeItems
 from snq.routing import TransportFilter
 from snq.secret import maskURL
 from snq.service import defaultReactor
@@ -98,7 +98,8 @@ class DbQueue(Queue):
 
     def __init__(self, url: str, lease: float, clock=None, claimant=None,
                  reactor=None, maxFrame: int | None = None,
-                 weight=lambda site: 1, rates: dict[str, float] | None = None):
+                 weight=lambda site: 1, rates: dict[str, float] | None = None,
+                 transports=lambda name: None):
         reactor = defaultReactor(reactor)
         self._url = url
         self.url = urlsplit(url)
@@ -122,6 +123,9 @@ class DbQueue(Queue):
         self.weight = weight
         #: Rate limits by bucket name (L{snq.config.Config.rates}).
         self.rates = rates or {}
+        #: A transport's settings (L{snq.config.Config.transport}): which
+        #: keep their items unique.
+        self.transports = transports
         #: The (transport, site) pair the last claim in turns ended with.
         self._cursor = None
         #: Whether the last claim left items waiting (at first: maybe).
@@ -206,6 +210,7 @@ class DbQueue(Queue):
         self.maxFrame = config.queue.maxFrameBytes()
         self.weight = config.siteWeight
         self.rates = config.rates()
+        self.transports = config.transport
 
     def listen(self, wake):
         listener = self.dialect.listener(self.url, wake, self.reactor)
@@ -246,12 +251,16 @@ class DbQueue(Queue):
     def enqueue(self, items, delay=0.0):
         return self._write(self.insertItems, items, delay)
 
-    def insertItems(self, txn, items, delay=0.0):
-        """Insert C{items} within C{txn} (also the ledger's, L{transaction})."""
+    def insertItems(self, txn, items, delay=0.0) -> list[bool]:
+        """
+        Insert C{items} within C{txn} (also the ledger's, L{transaction});
+        → whether each was taken (unique items: L{storeItems}).
+        """
         now = self.clock.seconds()
         style = self.dialect.paramstyle
-        txn.executemany(insertStatement(style),
-                        [itemRow(i, i.dueAt(now, delay), style) for i in items])
+        return storeItems(txn, self.dialect, items,
+                          [itemRow(i, i.dueAt(now, delay), style) for i in items],
+                          self.transports)
 
     def transaction(self, interaction, *args):
         """

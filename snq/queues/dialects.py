@@ -8,12 +8,16 @@ the rest.
 import contextlib
 import importlib
 import os
+import zlib
 from urllib.parse import parse_qsl, unquote
 
 from snq.files import createPrivate, privateDirectory
 
 #: No limit on a frame's size, as a number SQL can compare with.
 NO_LIMIT = 2**62
+
+#: Rows of queue_key_lock: enqueues of keys hashed to one wait for each other.
+KEY_SLOTS = 256
 
 #: Connections per worker on a server: one claim, one acknowledgement
 #: batch, housekeeping and handlers' enqueues can then run side by side.
@@ -90,6 +94,23 @@ class Dialect:
                     f" WHERE table_schema = {self.currentSchema}"
                     f" AND table_name = {self.placeholder}", (table,))
         return {name.lower() for (name,) in txn.fetchall()}
+
+    def addColumn(self, txn, name: str, definition: str):
+        """A column of queue_item unless it is there (not every server has
+        ADD COLUMN IF NOT EXISTS)."""
+        if name not in self.columns(txn, "queue_item"):
+            txn.execute(f"ALTER TABLE queue_item ADD COLUMN {name} {definition}")
+
+    def lockKey(self, txn, transport: str, key: str):
+        """
+        Hold, until the transaction ends, what keeps another enqueue of
+        C{key} from looking at the same rows meanwhile: one of
+        C{queue_key_lock}'s rows (SQLite's write lock is held already).
+        """
+        slot = zlib.crc32(f"{transport}\n{key}".encode()) % KEY_SLOTS
+        txn.execute(f"SELECT slot FROM queue_key_lock WHERE slot ="
+                    f" {self.placeholder} FOR UPDATE", (slot,))
+        txn.fetchall()
 
     def raw(self, column: str) -> str:
         """
@@ -297,6 +318,11 @@ class Sqlite(Dialect):
             name VARCHAR(80) PRIMARY KEY,
             tokens DOUBLE PRECISION NOT NULL,
             stamp DOUBLE PRECISION NOT NULL)""",
+    ), (
+        # Version 5: items' keys, looked up by unique transports.
+        lambda txn: Sqlite().addColumn(txn, "item_key", "VARCHAR(255) NULL"),
+        """CREATE INDEX IF NOT EXISTS queue_item_key
+            ON queue_item (transport, item_key) WHERE item_key IS NOT NULL""",
     ))
 
     @staticmethod
@@ -338,6 +364,9 @@ class Sqlite(Dialect):
     pairTable = "queue_item INDEXED BY queue_item_site"
     oddRunAt = ("CASE WHEN typeof(run_at) IN ('integer', 'real') THEN NULL"
                 " ELSE CAST(run_at AS BLOB) END")
+
+    def lockKey(self, txn, transport, key):
+        """The transaction holds the database's one write lock already."""
 
     def begin(self, txn):
         # Take the write lock up front: a reader upgrading to a writer later
@@ -405,6 +434,16 @@ class Mysql(Dialect):
             tokens DOUBLE NOT NULL,
             stamp DOUBLE NOT NULL
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
+    ), (
+        # Version 5: items' keys, looked up by unique transports, and the
+        # rows that serialize enqueues of one key.
+        lambda txn: Mysql().addColumn(txn, "item_key", "VARCHAR(255) NULL"),
+        lambda txn: Mysql.addIndex(txn, "queue_item_key", "transport, item_key"),
+        """CREATE TABLE IF NOT EXISTS queue_key_lock (
+            slot INT NOT NULL PRIMARY KEY
+        ) ENGINE=InnoDB""",
+        lambda txn: txn.executemany("INSERT IGNORE INTO queue_key_lock (slot)"
+                                    " VALUES (%s)", [(n,) for n in range(KEY_SLOTS)]),
     ))
     lockBuckets = " FOR UPDATE"
     newBucket = ("INSERT IGNORE INTO queue_bucket (name, tokens, stamp)"
@@ -550,6 +589,15 @@ class Postgres(Dialect):
             name VARCHAR(80) PRIMARY KEY,
             tokens DOUBLE PRECISION NOT NULL,
             stamp DOUBLE PRECISION NOT NULL)""",
+    ), (
+        # Version 5: items' keys, looked up by unique transports, and the
+        # rows that serialize enqueues of one key.
+        "ALTER TABLE queue_item ADD COLUMN IF NOT EXISTS item_key VARCHAR(255) NULL",
+        """CREATE INDEX IF NOT EXISTS queue_item_key
+            ON queue_item (transport, item_key) WHERE item_key IS NOT NULL""",
+        """CREATE TABLE IF NOT EXISTS queue_key_lock (slot INTEGER PRIMARY KEY)""",
+        f"""INSERT INTO queue_key_lock (slot) SELECT generate_series(0, {KEY_SLOTS - 1})
+            ON CONFLICT DO NOTHING""",
     ))
     lockBuckets = " FOR UPDATE"
 

@@ -150,7 +150,11 @@ class Queue:
         return None
 
     def enqueue(self, items: list[Item], delay: float = 0.0):
-        """Store new items, each due at its C{run_at}, else in C{delay} s."""
+        """
+        Store new items, each due at its C{run_at}, else in C{delay} s.
+        A backend that keeps items unique by key (L{snq.queues.db}) fires
+        with whether each was taken (L{takenOf} reads any backend's answer).
+        """
         raise NotImplementedError
 
     def claim(self, limit: int, transports: TransportFilter):
@@ -233,3 +237,9 @@ class Queue:
 
     def deadPurge(self, deadIds=None):
         raise NotImplementedError
+
+
+def takenOf(result, items) -> list[bool]:
+    """Whether each of C{items} was taken, from what L{Queue.enqueue} fired
+    with: only a list says, anything else means all."""
+    return result if isinstance(result, list) else [True] * len(items)

@@ -39,3 +39,52 @@ def itemRow(item: Item, runAt: float, paramstyle: str = "qmark"):
     row = (item.toJSON().decode("utf-8"), item.transport, item.site,
            item.priority, item.created, runAt, item.attempts)
     return dict(zip(COLUMNS, row, strict=True)) if paramstyle == "named" else row
+
+
+def storeItems(cursor, dialect, items, rows, transports) -> list[bool]:
+    """
+    Store C{items} (their L{itemRow}s C{rows}) in the open write
+    transaction of C{cursor}, keyed ones of a unique transport
+    (C{transports(name)}, its L{snq.config.TransportConfig}) only if no item
+    with their key waits (or runs, with C{unique_running}): → whether each
+    was taken.
+    """
+    plain, taken = [], []
+    for item, row in zip(items, rows, strict=True):
+        settings = transports(item.transport) if item.key is not None else None
+        if settings is None or not settings.unique:
+            plain.append(row)
+            taken.append(True)
+        else:
+            taken.append(_storeUnique(cursor, dialect, item, row, settings))
+    if plain:
+        cursor.executemany(insertStatement(dialect.paramstyle), plain)
+    return taken
+
+
+def _storeUnique(cursor, dialect, item, row, settings) -> bool:
+    """
+    A waiting item with the key is kept (drop) or takes the new one's
+    frame, site, priority and due time (replace); a running one is never
+    replaced, so with C{unique_running} the new one is then dropped.
+    """
+    p = dialect.placeholder
+    dialect.lockKey(cursor, item.transport, item.key)
+    cursor.execute(f"SELECT id, claimed_by FROM queue_item WHERE transport = {p}"
+                   f" AND item_key = {p}", (item.transport, item.key))
+    found = cursor.fetchall()
+    waiting = [rowId for rowId, claimant in found if claimant is None]
+    if waiting and settings.unique == "replace":
+        frame, _, site, priority, created, due, attempts = row
+        cursor.execute(f"UPDATE queue_item SET frame = {p}, site = {p},"
+                       f" priority = {p}, created = {p}, run_at = {p},"
+                       f" attempts = {p} WHERE id = {p}",
+                       (frame, site, priority, created, due, attempts,
+                        min(waiting)))
+        return True
+    if waiting or (settings.unique_running and found):
+        return False
+    cursor.execute(f"INSERT INTO queue_item ({', '.join(COLUMNS)}, item_key)"
+                   f" VALUES ({dialect.params(len(COLUMNS) + 1)})",
+                   (*row, item.key))
+    return True

@@ -34,6 +34,7 @@ from snq.item import DEFAULT_SITE, Item
 from snq.monitor import check as plugin
 from snq.monitor import snmp
 from snq.queues import makeQueue
+from snq.queues.interface import takenOf
 from snq.stomp import control as stompcontrol
 
 
@@ -64,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
     when.add_argument("--run-at", type=_runAt, default=None, metavar="TIME",
                       help="not before TIME: UNIX seconds, or ISO 8601 with a "
                            "timezone (2031-01-01T08:00:00+00:00)")
+    e.add_argument("--key", default=None,
+                   help="the item's key (a unique transport takes one item "
+                        "per key: see [transports.NAME] unique)")
 
     cn = sub.add_parser("cancel", help="remove a waiting item (a running one "
                         "finishes)")
@@ -219,15 +223,22 @@ def _enqueue(queue, config, args, out, stdin, reactor):
         priority = config.transport(args.transport).priority
     items = [Item(transport=args.transport, payload=p, site=args.site,
                   priority=priority, created=reactor.seconds(),
-                  run_at=args.run_at)
+                  run_at=args.run_at, key=args.key)
              for p in _payloads(args.payload, stdin)]
+    taken = 0
     # Large batches go in chunks: one transaction each, bounded memory.
     for start in range(0, len(items), 1000):
-        yield queue.enqueue(items[start:start + 1000], args.delay)
+        chunk = items[start:start + 1000]
+        taken += sum(takenOf((yield queue.enqueue(chunk, args.delay)), chunk))
     if args.payload == "-":
-        print(f"enqueued {len(items)} items on {args.transport}", file=out)
-    else:
+        print(f"enqueued {taken} items on {args.transport}" if taken == len(items)
+              else f"enqueued {taken} of {len(items)} items on {args.transport}"
+                   f" (the others' keys were taken)", file=out)
+    elif taken:
         print(items[0].id, file=out)
+    else:
+        print(f"not enqueued: an item with key {args.key!r} is already on "
+              f"{args.transport}", file=out)
 
 
 def _runAt(text: str) -> float:
