@@ -87,6 +87,9 @@ class StompStore(ClusterStore):
                                          endpoint=endpoint)
                         for url, endpoint in zip(stomp.servers, endpoints,
                                                  strict=True)]
+        for broker in self.brokers:
+            # A session or more every heartbeat: not a line each in the log.
+            broker.factory.noisy = False
 
     def describe(self) -> str:
         return f"{self.brokers[0].url} (STOMP, queues {self.base}*)"
