@@ -2,17 +2,21 @@
 """
 The cluster's registry on a RabbitMQ broker alone (no [ledger] url): the
 store's contract, expiry, forged messages ignored and a slot read by two
-at once, on the real RabbitMQ.
+at once, on the real RabbitMQ; its frames, waits and failures on the fake
+broker.
 """
 
+from stompest.protocol import StompSpec
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
+from twisted.internet.error import ConnectionLost
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from snq import config as snqconfig
 from snq.cluster import ClusterMissing, makeStore, pauseKey
-from snq.cluster.stomp import StompStore, slotSignature
+from snq.cluster.stomp import EMPTY_WAIT, NotRabbitMQ, StompStore, slotSignature
 from tests import rabbitmq
+from tests.stomp_fakes import FakeBroker
 from tests.test_cluster import StoreMixin
 
 SECRET = "cluster-secret"
@@ -139,3 +143,153 @@ class UnsignedStoreTests(RabbitMQStoreMixin, TestCase):
                          {"pause:transport:record": {"by": "anyone"}})
         self.assertTrue(await self.store.remove("pause:transport:record"))
         self.assertEqual(await self.store.settings(), {})
+
+
+class SlotBroker(FakeBroker):
+    """
+    The fake broker with RabbitMQ's one-message queues as the store uses
+    them: a SEND replaces what a queue holds, a subscriber (prefetch 1)
+    gets it after SUBSCRIBE's receipt and holds it until it ACKs or its
+    connection ends, which puts it back unless a newer one came meanwhile.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        #: destination → (headers, body) ready.
+        self.ready = {}
+        #: (connection, subscription id) → (destination, headers, body, ack).
+        self.held = {}
+
+    def pump(self):
+        super().pump()
+        while self._putBack() or self._deliver():
+            super().pump()
+
+    def _handle(self, conn, frame):
+        headers = frame.headers
+        if frame.command == StompSpec.SEND:
+            self.ready[headers["destination"]] = headers, frame.body
+        elif frame.command == StompSpec.ACK:
+            self.held = {k: v for k, v in self.held.items()
+                         if v[3] != headers["id"]}
+        super()._handle(conn, frame)
+
+    def _putBack(self):
+        back = False
+        for (conn, subId), (dest, headers, body, _) in list(self.held.items()):
+            if not conn.open:
+                del self.held[conn, subId]
+                self.ready.setdefault(dest, (headers, body))
+                back = True
+        return back
+
+    def _deliver(self):
+        delivered = False
+        for conn in self.connections:
+            for subId, (dest, _) in conn.subscriptions.items():
+                if (conn.open and dest in self.ready
+                        and (conn, subId) not in self.held):
+                    headers, body = self.ready.pop(dest)
+                    ackId = conn.deliver(dest, body, {
+                        k: v for k, v in headers.items()
+                        if k not in ("destination", "receipt")})
+                    self.held[conn, subId] = dest, headers, body, ackId
+                    delivered = True
+        return delivered
+
+
+class FakeBrokerStoreTests(SynchronousTestCase):
+    """The store's frames and waits, on the fake broker and a Clock."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.broker = SlotBroker(clock=self.clock)
+        self.store = self.makeStore([self.broker])
+
+    def makeStore(self, brokers, **stomp):
+        config = stompConfig("snq", control_secret=SECRET, servers=[
+            f"tcp://broker{n}:61613" for n in range(len(brokers))], **stomp)
+        return StompStore(config, self.clock,
+                          endpoints=[b.endpoint() for b in brokers])
+
+    def pumped(self, d, wait=0.0):
+        """Pump the broker (and wait C{wait} s) until C{d} has its result."""
+        self.broker.pump()
+        if wait:
+            self.clock.advance(wait)
+            self.broker.pump()
+        return d
+
+    def sends(self):
+        return [(f.headers["destination"], f.headers, f.body)
+                for f in self.broker.sent(StompSpec.SEND)]
+
+    def test_signedSlots(self):
+        self.successResultOf(self.pumped(self.store.put("reload", {"nonce": "1"}),
+                                      EMPTY_WAIT))
+        self.successResultOf(self.pumped(
+            self.store.beat("a@h1", {"seen": 1.0}, 60), EMPTY_WAIT))
+        (settings, first, _), (record, second, body), (index, third, _) = \
+            self.sends()
+        self.assertEqual([settings, record, index], [
+            "/queue/snq%2Fcluster.settings",
+            "/queue/snq%2Fcluster.daemon.a@h1", "/queue/snq%2Fcluster.daemons"])
+        for headers in (first, second, third):
+            self.assertEqual((headers["x-max-length"], headers["persistent"]),
+                             ("1", "true"))
+        self.assertNotIn("expiration", first)
+        self.assertEqual(second["expiration"], "60000")
+        self.assertEqual(second["snq-signature"], slotSignature(
+            SECRET, "/queue/snq/cluster.daemon.a@h1", body))
+        for subscribe in self.broker.sent(StompSpec.SUBSCRIBE):
+            self.assertEqual((subscribe.headers["ack"],
+                              subscribe.headers["prefetch-count"],
+                              subscribe.headers["x-max-length"]),
+                             ("client-individual", "1", "1"))
+        # Read back, each slot held and put back.
+        self.assertEqual(self.successResultOf(self.pumped(self.store.daemons())),
+                         {"a@h1": {"seen": 1.0}})
+        self.assertEqual(self.successResultOf(self.pumped(self.store.settings())),
+                         {"reload": {"nonce": "1"}})
+        self.assertEqual(self.broker.held, {})
+        self.assertEqual(len(self.broker.ready), 3)
+
+    def test_emptyWaits(self):
+        """An empty slot is known so only after EMPTY_WAIT."""
+        d = self.pumped(self.store.settings())
+        self.assertNoResult(d)
+        self.clock.advance(EMPTY_WAIT - 0.1)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        self.broker.pump()
+        self.assertEqual(self.successResultOf(d), {})
+        self.assertFalse(any(c.open for c in self.broker.connections))
+
+    def test_forged(self):
+        self.broker.ready["/queue/snq%2Fcluster.settings"] = (
+            {"x-max-length": "1"}, b'{"pause:site:ex":{}}')
+        d = self.pumped(self.store.settings())
+        self.assertEqual(self.successResultOf(d), {})
+        # Ignored, and put back as it was.
+        self.assertIn("/queue/snq%2Fcluster.settings", self.broker.ready)
+
+    def test_notRabbitMQ(self):
+        self.broker.server = "ActiveMQ/5.17.0"
+        failure = self.failureResultOf(self.pumped(self.store.settings()),
+                                       NotRabbitMQ)
+        self.assertIn("set [ledger] url", str(failure.value))
+        self.assertEqual(self.broker.sent(StompSpec.SUBSCRIBE), [])
+        self.assertFalse(any(c.open for c in self.broker.connections))
+
+    def test_nextServer(self):
+        down = SlotBroker(clock=self.clock)
+        down.refuse = True
+        self.store = self.makeStore([down, self.broker])
+        d = self.pumped(self.store.put("reload", {"nonce": "1"}), EMPTY_WAIT)
+        self.successResultOf(d)
+        self.assertEqual(len(self.sends()), 1)
+
+    def test_lostWhileReading(self):
+        d = self.pumped(self.store.settings())
+        self.broker.last.lose()
+        self.failureResultOf(d, ConnectionLost)

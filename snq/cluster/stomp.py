@@ -37,6 +37,7 @@ from urllib.parse import quote
 
 from stompest.error import StompProtocolError
 from twisted.internet import defer
+from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 
 from snq.cluster import ClusterStore, decode, encode
@@ -285,7 +286,8 @@ class _Session:
             if timer.active():
                 timer.cancel()
             if lost:
-                raise lost[0]
+                raise ConnectionLost(f"the STOMP connection closed while "
+                                     f"reading the cluster: {lost[0]}")
         return found
 
     def _check(self, slot, frame):
