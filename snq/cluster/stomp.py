@@ -144,20 +144,29 @@ class StompStore(ClusterStore):
 
         return self._session(use)
 
+    @defer.inlineCallbacks
     def daemons(self):
-        @defer.inlineCallbacks
-        def use(session):
-            found = yield session.read([self.index])
-            names = _names(found.get(self.index))
-            slots = {self.slot(n): n for n in names}
-            records = yield session.read(list(slots))
-            gone = [n for s, n in slots.items() if s not in records]
-            if gone:
-                yield session.replace(self.index, found, {"names": sorted(
-                    set(names) - set(gone))})
-            return {slots[s]: value for s, (value, _) in records.items()}
+        # Three sessions, so that the index is not held while the records
+        # are read (a beat waiting for it would take it for empty).
+        names = yield self._session(self._names)
+        slots = {self.slot(n): n for n in names}
+        records = yield self._session(lambda session: session.read(list(slots)))
+        gone = {n for s, n in slots.items() if s not in records}
+        if gone:
+            yield self._session(lambda session: self._prune(session, gone))
+        return {slots[s]: value for s, (value, _) in records.items()}
 
-        return self._session(use)
+    @defer.inlineCallbacks
+    def _names(self, session):
+        return _names((yield session.read([self.index])).get(self.index))
+
+    @defer.inlineCallbacks
+    def _prune(self, session, gone):
+        found = yield session.read([self.index])
+        names = _names(found.get(self.index))
+        if gone & set(names):
+            yield session.replace(self.index, found,
+                                  {"names": sorted(set(names) - gone)})
 
     def settings(self):
         @defer.inlineCallbacks
