@@ -97,6 +97,18 @@ class RabbitMQStoreTests(RabbitMQStoreMixin, StoreMixin, TestCase):
         await self.store.beat("a@h1", {"seen": 2.0}, 60)
         self.assertEqual(sorted(await self.store.daemons()), ["a@h1", "b@h2"])
 
+    async def test_concurrentBeats(self):
+        """Daemons writing the index at once: whoever is left out is back
+        after its next heartbeat."""
+        names = [f"d{n}@h" for n in range(4)]
+        for seen in (1.0, 2.0):
+            await defer.gatherResults([self.store.beat(n, {"seen": seen}, 60)
+                                       for n in names])
+        for name in names:
+            await self.store.beat(name, {"seen": 3.0}, 60)
+        self.assertEqual(await self.store.daemons(),
+                         {n: {"seen": 3.0} for n in names})
+
     async def test_forged(self):
         """Unsigned or wrongly signed: as if it were not there."""
         self.forge("settings", '{"pause:transport:record":{}}')
