@@ -6,9 +6,10 @@ RabbitMQ: snq over STOMP, the peers over AMQP), in the same run, one
 thread, no worker running.  Each figure is items stored per second of wall
 time, with what each call waits for:
 
-* snq: every call returns once the item is stored: committed (SQL), the
-  script's answer (Redis), the broker's RECEIPT for a persistent message
-  (STOMP; RabbitMQ answers once the message is safe).
+* snq: every call returns once the item is stored: committed (SQL),
+  Redis's answer to its LPUSH (one command per call, on snq's own RESP
+  client), the broker's RECEIPT for a persistent message (STOMP; RabbitMQ
+  answers once the message is safe).
 * Celery 5 with its defaults: on Redis, LPUSH's answer; on AMQP, nothing
   (no publisher confirms), so also with C{confirm_publish}.
 * Dramatiq 2 with its defaults: on Redis, its enqueue script's answer; on
@@ -18,11 +19,14 @@ Run from the repository root (the servers of the integration tests, see
 L{tests.sqlservers} and L{tests.rabbitmq}; C{pip install -e .[bench]}):
 
     python -m bench.enqueue [--items 2000] [--batch 100] [--rounds 3]
+                            [--slices 10]
 
-Every contender runs once per round, the rounds one after another, and the
-median of its rounds is shown, so that a burst of load elsewhere on the
-machine does not fall on one contender alone; every round's figure, with
-the machine and its load, goes to C{bench/results/enqueue-TIME.json}.
+A round gives every contender its items in slices, taking turns slice by
+slice, so that a burst of load elsewhere on the machine (a second or two)
+falls on all contenders alike rather than on one; a contender's figure for
+the round is its items over the sum of its slices' times.  The median of
+the rounds is shown; every round's figure, with the machine and its load
+before and after, goes to C{bench/results/enqueue-TIME.json}.
 
 Uses a database of its own on PostgreSQL and MariaDB (dropped
 afterwards), database 15 of the Redis on 127.0.0.1:6379 (emptied before
@@ -39,7 +43,7 @@ import time
 
 import redis
 
-from bench.common import save, table
+from bench.common import machine, save, table
 from snq import config as snqconfig
 from snq.client import Producer
 from tests import rabbitmq, sqlservers
@@ -78,7 +82,8 @@ class Contender:
         else:
             self.send(-1)
 
-    def run(self, items):
+    def run(self, items) -> float:
+        """Send C{items}; → the seconds it took."""
         start = time.perf_counter()
         if self.batch:
             for first in range(0, items, self.batch):
@@ -86,7 +91,7 @@ class Contender:
         else:
             for n in range(items):
                 self.send(n)
-        self.rates.append(items / (time.perf_counter() - start))
+        return time.perf_counter() - start
 
     def close(self):
         pass
@@ -190,7 +195,12 @@ def main():
                              "a time (batches: ten times as many)")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=10,
+                        help="turns the contenders take within a round")
     args = parser.parse_args()
+    slice_ = max(1, args.items // args.slices)
+    args.items = slice_ * args.slices
+    before = machine()
     name = rabbitmq.uniqueName().replace("snqtest", "snqbench")
     directory = tempfile.mkdtemp(prefix="bench-enqueue-")
     client = redis.Redis.from_url(REDIS_URL)
@@ -208,8 +218,15 @@ def main():
             running.append(contender)
             contender.warm()
         for _ in range(args.rounds):
+            seconds = dict.fromkeys(running, 0.0)
+            for _ in range(args.slices):
+                for contender in running:
+                    seconds[contender] += contender.run(
+                        slice_ * (10 if contender.batch else 1))
             for contender in running:
-                contender.run(args.items * (10 if contender.batch else 1))
+                contender.rates.append(
+                    slice_ * args.slices * (10 if contender.batch else 1)
+                    / seconds[contender])
     finally:
         for contender in running:
             contender.close()
@@ -219,7 +236,9 @@ def main():
         client.close()
         rabbitmq.deleteQueues(name)
     rows = report(running, args.items)
-    save("enqueue", {"args": vars(args), "rows": rows})
+    print(f"load average before: {before['load average']}, "
+          f"after: {machine()['load average']}")
+    save("enqueue", {"args": vars(args), "before": before, "rows": rows})
 
 
 def report(contenders, items):

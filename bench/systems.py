@@ -123,7 +123,8 @@ class System:
         return self.process.pid
 
     def workerPids(self):
-        return [p for p in tree(self.process.pid)[1:] if p not in self.helperPids()]
+        helpers = self.helperPids()
+        return [p for p in tree(self.process.pid)[1:] if p not in helpers]
 
     def helperPids(self):
         """Processes of the tree that are neither master nor worker."""
@@ -162,9 +163,18 @@ class Snq(System):
         raise NotImplementedError
 
     def helperPids(self):
-        """The fork server: a template that handles nothing."""
+        """
+        The fork server: the master's child that handles nothing (the
+        workers it forks, its children, show its command line too).
+        """
+        master = self.process.pid
+        try:
+            with open(f"/proc/{master}/task/{master}/children") as f:
+                children = [int(p) for p in f.read().split()]
+        except FileNotFoundError:
+            return []
         found = []
-        for pid in tree(self.process.pid)[1:]:
+        for pid in children:
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     if b"snq.forkserver" in f.read():

@@ -96,6 +96,31 @@ def _isSize(value) -> bool:
     return True
 
 
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
+_PER = {"s": 1, "m": 60, "h": 3600}
+
+
+def parseRate(value: str) -> float | None:
+    """C{"50/s"}, C{"600/m"}, C{"10/h"} → items per second; C{""} → None."""
+    if not value.strip():
+        return None
+    m = _RATE.match(value)
+    if not m or not float(m.group(1)):
+        raise ValueError(value)
+    return float(m.group(1)) / _PER[m.group(2)]
+
+
+def _isRate(value) -> bool:
+    try:
+        parseRate(value)
+    except (ValueError, AttributeError):
+        return False
+    return True
+
+
+_RATE_EXPECTED = 'a rate like "50/s", "600/m" or "10/h" ("" = no limit)'
+
+
 #: Secrets are immutable: defaults may be shared.
 _NO_SECRET, _GUEST = Secret(""), Secret("guest")
 _DB_URL = Secret.url("sqlite:///snq.sqlite")
@@ -136,6 +161,15 @@ check = _check
 DURATION = _check(_isDuration, 'seconds as a number or a string like "30s", '
                   '"5m", "1h", "1d"')
 NAME = _name
+
+
+#: The largest C{[sites.NICK] weight}.
+MAX_WEIGHT = 1000
+
+
+def _isWeight(value) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and 1 <= value <= MAX_WEIGHT)
 
 
 @dataclass(frozen=True)
@@ -312,6 +346,14 @@ class StompConfig:
     #: ignored.  Every producer must then declare the same (see the manual's
     #: floods chapter, also for existing queues).
     max_priority: int = field(default=0, metadata=_count(0, 255))
+    #: RabbitMQ: the type snq declares its queues (consumed, delay and
+    #: dead) with: "classic" (declared as before, with no x-queue-type) or
+    #: "quorum" (replicated over a cluster's nodes, so that one node's stop
+    #: loses nothing; RabbitMQ 3.10 refuses x-max-priority on them).  Fixed
+    #: when a queue is first declared: every producer must send the same
+    #: (see the manual's STOMP chapter, "Quorum queues").
+    queue_type: str = field(default="classic", metadata=_check(
+        lambda v: v in ("classic", "quorum"), "classic | quorum"))
     #: Write "/" inside a destination's name as %2F, which RabbitMQ needs:
     #: "auto" (when the broker says it is RabbitMQ), "always" or "never".
     escape_slashes: str = field(default="auto", metadata=_check(
@@ -360,6 +402,14 @@ class TransportConfig:
     #: The group whose queue carries this transport; not set = the
     #: handler's own group (usually "main").
     group: str | None = field(default=None, metadata=_name)
+    #: Most items of this transport started per second, second, minute
+    #: or hour ("50/s", "600/m"), across every worker and host sharing the
+    #: queue (SQL, Redis); an item over the limit waits, uncharged.  Up to
+    #: one second's worth (at least one item) may start at once.
+    rate: str = field(default="", metadata=_check(_isRate, _RATE_EXPECTED))
+
+    def ratePerSecond(self) -> float | None:
+        return parseRate(self.rate)
 
 
 #: The names of this machine's loopback, which a monitor there answers to.
@@ -624,6 +674,35 @@ class Config:
         merged.update(self.sites.get(site, {}))
         return merged
 
+    def siteWeight(self, site: str) -> int:
+        """
+        C{[sites.NICK] weight}: the site's share of a shared queue's claims
+        against the other sites with work waiting (1 unless set).
+        """
+        return self.siteConfig(site).get("weight", 1)
+
+    def siteRate(self, site: str) -> float | None:
+        """
+        C{[sites.NICK] rate} in items per second (each site its own limit;
+        C{[sites.default]}'s applies to every site), None = no limit.
+        """
+        return parseRate(self.siteConfig(site).get("rate", ""))
+
+    def rates(self) -> dict[str, float]:
+        """
+        Every rate limit, by bucket name: C{t:TRANSPORT}, C{s:SITE}, and
+        C{s:} for the sites without one of their own.
+        """
+        limits = {f"t:{name}": t.ratePerSecond()
+                  for name, t in self.transports.items() if t.rate}
+        default = self.siteRate("default")
+        if default is not None:
+            limits["s:"] = default
+        limits.update((f"s:{site}", rate) for site in self.sites
+                      if (rate := self.siteRate(site)) is not None
+                      and rate != default)
+        return limits
+
     def knownSites(self) -> frozenset | None:
         """
         The sites items may be for: the nicks under C{[sites]} and
@@ -749,8 +828,15 @@ def parse(data: dict, source: str = "<config>") -> Config:
     for nick, table in sites.items():
         for key, expected in TargetPolicy.problems(table):
             problem(f"sites.{nick}.{key}", expected)
+        if "weight" in table and not _isWeight(table["weight"]):
+            problem(f"sites.{nick}.weight", f"expected an integer from 1 to"
+                    f" {MAX_WEIGHT}, got {table['weight']!r}")
+        if "rate" in table and not _isRate(table["rate"]):
+            problem(f"sites.{nick}.rate",
+                    f"expected {_RATE_EXPECTED}, got {table['rate']!r}")
     _monitor(sections["monitor"], problem)
     _cluster(sections["cluster"], problem)
+    _stomp(sections["stomp"], problem)
     iomanagers = {
         name: _ioManager(name, _asTable(table, f"iomanagers.{name}", problem),
                          problem)
@@ -806,6 +892,14 @@ def _cluster(cluster: ClusterConfig, problem) -> None:
     if cluster.forget < cluster.stale:
         problem("cluster.forget", f"expected at least cluster.stale "
                 f"({cluster.stale:g} s), got {cluster.forget:g}")
+
+
+def _stomp(stomp: StompConfig, problem) -> None:
+    """What RabbitMQ would refuse at the first SUBSCRIBE."""
+    if stomp.queue_type == "quorum" and stomp.max_priority:
+        problem("stomp.queue_type", f"quorum cannot go with stomp.max_priority "
+                f"({stomp.max_priority}): RabbitMQ refuses x-max-priority on "
+                "quorum queues; set max_priority = 0 or queue_type = \"classic\"")
 
 
 def _table(data: dict, key: str, problem) -> dict:

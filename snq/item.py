@@ -23,6 +23,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 VERSION = 1
+
+# One encoder for every frame: json.dumps with options builds a new one per
+# call (16 µs an encode against 9 µs, measured for the producer).
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
 DEFAULT_SITE = "default"
 #: Deepest nesting of arrays and objects: far below where Python's JSON
 #: modules give up (about 1,000 levels, less the caller's stack), so an item
@@ -77,8 +82,7 @@ class Item:
             envelope["run_at"] = self.run_at
         if self.key is not None:
             envelope["key"] = self.key
-        return json.dumps(envelope, separators=(",", ":"),
-                          ensure_ascii=False).encode("utf-8")
+        return _encode(envelope).encode("utf-8")
 
     def dueAt(self, now: float, delay: float = 0.0) -> float:
         """When it may run: its C{run_at}, else C{delay} seconds from C{now}."""
@@ -206,6 +210,15 @@ def _name(obj: dict, key: str, default: str | None) -> str:
         raise BadItem(f"envelope has no '{key}'")
     checkName(key, value)
     return value
+
+
+def plainPart(value: str) -> str:
+    """
+    The longest part of an id or key that every JSON encoder writes as is
+    (no escapes, whatever its options): what a frame holding it holds, to
+    find it without decoding every frame.
+    """
+    return max(re.findall(r"[\w.:-]+", value, re.ASCII), key=len, default="")
 
 
 def checkName(key: str, value: Any) -> None:

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_pool -*-
 """
-The master's worker pool: N child processes (C{python -m snq.child}), each
-a competing consumer on the queues.  The pool hands out no work; it starts
+The master's worker pool: N worker processes (L{snq.child}, started by a
+spawner, L{snq.spawner}: forked from a template or spawned), each a
+competing consumer on the queues.  The pool hands out no work; it starts
 the children, respawns them by their exit status (with procmon's backoff
 for children that die young), replaces them one at a time on request,
 keeps what they report, and on stop waits until every one is gone.
@@ -51,7 +52,7 @@ from snq.journal import Journal
 from snq.reconfig import diff, needsRollingRestart
 from snq.routing import dedicatedRoles, groupsOf
 from snq.service import PartlyApplied, defaultReactor
-from snq.spawner import ExecSpawner
+from snq.spawner import ExecSpawner, ForkSpawner
 
 TO_CHILD, FROM_CHILD, JOURNAL = 3, 4, 5
 CHILD_FDS = {0: "w", 1: "r", 2: "r", TO_CHILD: "w", FROM_CHILD: "r"}
@@ -610,6 +611,8 @@ class WorkerPool(Service):
                 c.key == "daemon.workers" for c in changes):
             applied.append(f"daemon.workers: --workers {self.override} on the "
                            "command line wins")
+        if old.daemon.fork_server != new.daemon.fork_server:
+            applied.append((yield self._replaceSpawner(new)))
         applied += self.resize()
         if needsRollingRestart(changes):
             try:
@@ -680,6 +683,24 @@ class WorkerPool(Service):
                 started.append(f"{worker.wid} (pid {process.pid}): started on "
                                f"config generation {generation}")
         return started, failed
+
+    @defer.inlineCallbacks
+    def _replaceSpawner(self, config):
+        """
+        C{[daemon] fork_server} reloaded: the next processes start the new
+        way; the running ones stay (a template retired exits with them).
+        """
+        old = self.spawner
+        if config.daemon.fork_server:
+            self.spawner = ForkSpawner(self.reactor,
+                                       startTimeout=config.daemon.start_timeout)
+            yield self.spawner.start(config)
+            how = "new workers are forked from a template"
+        else:
+            self.spawner = ExecSpawner(self.reactor)
+            how = "new workers are spawned"
+        old.stop()
+        return f"daemon.fork_server: {how}"
 
     def resize(self) -> list[str]:
         """

@@ -4,6 +4,7 @@ signal it, and make sure it never outlives the test.
 """
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -96,13 +97,38 @@ def startMonitored(testCase, cwd, config, workers=2):
     return daemon, f"http://127.0.0.1:{found[0]}/"
 
 
+def _ephemeralLow() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_given = set()
+
+
 def freePort() -> int:
-    """A port on 127.0.0.1 that nothing listens on (for the moment)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    """
+    A port on 127.0.0.1 that nothing listens on (for the moment), below the
+    kernel's ephemeral range: a server that binds it seconds later (a broker
+    booting) must not find it taken as the source port of some outgoing
+    connection, which a port the kernel handed out for bind(0) can be.
+    """
+    low = _ephemeralLow()
+    while True:
+        port = random.randrange(max(1024, low - 12000), low)
+        if port in _given:
+            continue
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            s.close()
+        _given.add(port)
+        return port
 
 
 @defer.inlineCallbacks

@@ -49,11 +49,19 @@ class Record(QueueHandler):
 
 
 class Stamp(QueueHandler):
-    """Records the item and the time it started (UNIX seconds)."""
+    """
+    Records the item and the time it started (UNIX seconds); C{payload.sleep}
+    seconds later if it says so.
+    """
 
     def handle(self, item):
-        record(self.context.siteConfig(item.site)["record_file"], item,
-               f"{time.time():.6f}")
+        path = self.context.siteConfig(item.site)["record_file"]
+        started = f"{time.time():.6f}"
+        pause = item.payload.get("sleep") if isinstance(item.payload, dict) else None
+        if pause:
+            return deferLater(self.context.clock, pause, record, path, item, started)
+        record(path, item, started)
+        return None
 
 
 class Created(QueueHandler):

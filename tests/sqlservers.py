@@ -74,6 +74,13 @@ class Server:
         finally:
             conn.close()
 
+    #: The names of queue_item's indexes, as a query.
+    indexQuery = ("SELECT index_name FROM information_schema.statistics"
+                  " WHERE table_schema = DATABASE() AND table_name = 'queue_item'")
+
+    def indexes(self) -> set[str]:
+        return {name for (name, *_) in self.sql(self.indexQuery)}
+
     def count(self, table="queue_item") -> int:
         return self.sql(f"SELECT count(*) FROM {table}")[0][0]
 
@@ -116,6 +123,7 @@ class Postgres(Server):
         "VALUES (%(frame)s, %(transport)s, %(site)s,\n"
         "        extract(epoch FROM now()), extract(epoch FROM now()));")
     ROOT = "postgresql://postgres@127.0.0.1:5432/"
+    indexQuery = "SELECT indexname FROM pg_indexes WHERE tablename = 'queue_item'"
 
     def url(self):
         return self.ROOT + self.database
@@ -217,6 +225,7 @@ class Sqlite(Server):
     name = "SQLite"
     scheme = "sqlite"
     placeholder = "?"
+    indexQuery = "SELECT name FROM pragma_index_list('queue_item')"
 
     def __init__(self, directory, prefix="snq_test"):
         super().__init__(prefix)

@@ -251,7 +251,9 @@ class RedisBackend(RedisFixture, Backend):
             self.redis.execute("LLEN", p + "q:main"),
             self.redis.execute("ZCARD", p + "processing"),
             self.redis.execute("ZCARD", p + "delayed:main")])
-        return sum(counts)
+        # Items in line: a line exists only while it holds some.
+        lines = yield self.redis.execute("KEYS", p + "line:*")
+        return sum(counts) + len(lines)
 
     @defer.inlineCallbacks
     def cut(self):
@@ -359,7 +361,8 @@ class PoolDaemonMixin:
         return self.backend.setUp(self)
 
     def daemon(self, workers=2, concurrency=10, prefetch=20, retries=10,
-               http=""):
+               http="", more=""):
+        """A pool daemon; C{more} is added to its config file."""
         path = os.path.join(self.dir, "snq.toml")
         backend = {"SQLite": "db", "PostgreSQL": "db", "MariaDB": "db",
                    "Redis": "redis", "RabbitMQ": "stomp"}[self.backend.name]
@@ -368,7 +371,7 @@ class PoolDaemonMixin:
                 id=self.daemonId, workers=workers, sock=self.sock,
                 backend=backend, concurrency=concurrency, prefetch=prefetch,
                 retries=retries, backendConfig=self.backend.config(),
-                dir=self.dir, http=http))
+                dir=self.dir, http=http) + more)
         self.configPath = path
         return Daemon(self, self.dir, "-c", path)
 

@@ -267,6 +267,17 @@ class RedisTests(ProducerOnServer, ReconnectTests, TestCase):
         self.assertEqual(self.redis.llen(f"{self.name}:q:main/stamp"), 1)
         self.assertEqual(self.redis.zcard(f"{self.name}:delayed:main"), 1)
 
+    def test_bigItems(self):
+        """Frames far beyond a socket buffer, single and batched, whole."""
+        producer = self.producer()
+        big = "é" * 1_500_000
+        itemId = producer.enqueue("log", {"big": big})
+        ids = producer.enqueue_many("log", [{"big": big}] * 3)
+        frames = self.redis.lrange(f"{self.name}:q:main", 0, -1)
+        self.assertEqual([Item.fromJSON(f).id for f in reversed(frames)],
+                         [itemId, *ids])
+        self.assertEqual({Item.fromJSON(f).payload["big"] for f in frames}, {big})
+
     def test_sameAsTheScript(self):
         """
         The producer's one command stores what the daemon's ENQUEUE script

@@ -389,6 +389,26 @@ class StompProducerTests(SynchronousTestCase):
         self.assertIn(b"x-message-ttl:%d" % ttl, head)
         self.assertLessEqual(ttl, 30_000)
 
+    def test_quorumQueues(self):
+        """
+        With [stomp] queue_type = "quorum" each SEND declares its queue, or
+        its delay queue, as the daemon does.
+        """
+        self.config = snqconfig.parse({
+            "queue": {"backend": "stomp", "basename": "/queue/t/"},
+            "stomp": {"servers": ["tcp://127.0.0.1:1"], "queue_type": "quorum"}})
+        self.producer = Producer(config=self.config)
+        self.patch(self.producer._backend, "_wire", self.newWire)
+        self.answers = [receipt(0) + receipt(1)]
+        self.producer.enqueue_many("log", [1])
+        self.producer.enqueue("log", 2, delay=30)
+        sends = [w for w in self.wires[0].written if w.startswith(b"SEND")]
+        self.assertEqual(len(sends), 2)
+        for write in sends:
+            head = write.partition(b"\n\n")[0].split(b"\n")
+            self.assertIn(b"x-queue-type:quorum", head)
+            self.assertNotIn(b"x-max-priority", write)
+
     def test_refused(self):
         """An ERROR frame is the cause: its message and body."""
         self.answers = [b"ERROR\nmessage:access_refused\ncontent-length:3\n\nno!\0"]

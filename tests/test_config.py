@@ -13,6 +13,40 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(c.queue.groups, ["main"])
         self.assertEqual(c.maxRetries("anything"), 10)
 
+    def test_siteWeight(self):
+        """[sites.NICK] weight, over [sites.default]'s, 1 unless set."""
+        c = config.parse({"sites": {"default": {"weight": 2},
+                                    "big": {"weight": 10}, "small": {}}})
+        self.assertEqual([c.siteWeight(s) for s in ("big", "small", "other")],
+                         [10, 2, 2])
+        self.assertEqual(config.parse({}).siteWeight("any"), 1)
+        for bad in (0, -1, 1.5, True, "2", 1001):
+            e = self.assertRaises(config.ConfigError, config.parse,
+                                  {"sites": {"x": {"weight": bad}}}, "f")
+            self.assertEqual(e.problems, [
+                f"f: sites.x.weight: expected an integer from 1 to 1000, got"
+                f" {bad!r}"])
+
+    def test_rates(self):
+        """Rate limits of transports and sites, as bucket names → per second."""
+        c = config.parse({
+            "transports": {"webhook": {"rate": "50/s"}, "log": {}},
+            "sites": {"default": {"rate": "600/m"}, "big": {"rate": "2 / s"},
+                      "same": {"rate": "10/s"}, "free": {}}})
+        self.assertEqual(c.transport("webhook").ratePerSecond(), 50)
+        self.assertIsNone(c.transport("log").ratePerSecond())
+        self.assertEqual((c.siteRate("big"), c.siteRate("free")), (2, 10))
+        self.assertEqual(c.rates(), {"t:webhook": 50, "s:": 10, "s:big": 2})
+        self.assertEqual(config.parse({}).rates(), {})
+        self.assertEqual(config.parseRate("36/h"), 0.01)
+        for bad in ("0/s", "fast", "5/d", 5, "-1/s"):
+            e = self.assertRaises(config.ConfigError, config.parse, {
+                "transports": {"x": {"rate": bad}},
+                "sites": {"x": {"rate": bad}}}, "f")
+            self.assertEqual(len(e.problems), 2, e.problems)
+            self.assertIn('f: sites.x.rate: expected a rate like "50/s", "600/m"'
+                          ' or "10/h" ("" = no limit), got', str(e))
+
     def test_environment(self):
         path = self.mktemp()
         with open(path, "w") as f:
@@ -83,3 +117,21 @@ class ConfigTests(SynchronousTestCase):
         e = self.assertRaises(config.ConfigError, config.parse,
                               {"queue": {"softlimit": "lots"}}, "f")
         self.assertIn("f: queue.softlimit: expected bytes", str(e))
+
+    def test_quorumQueues(self):
+        """
+        [stomp] queue_type is classic or quorum; quorum with max_priority is
+        refused, naming the file, the key and why (RabbitMQ would refuse it
+        at the first SUBSCRIBE).
+        """
+        self.assertEqual(config.parse({}).stomp.queue_type, "classic")
+        self.assertEqual(config.parse({"stomp": {"queue_type": "quorum"}})
+                         .stomp.queue_type, "quorum")
+        e = self.assertRaises(config.ConfigError, config.parse,
+                              {"stomp": {"queue_type": "stream"}}, "f")
+        self.assertIn("f: stomp.queue_type: expected classic | quorum", str(e))
+        e = self.assertRaises(config.ConfigError, config.parse, {"stomp": {
+            "queue_type": "quorum", "max_priority": 5}}, "f")
+        self.assertIn("f: stomp.queue_type: quorum cannot go with "
+                      "stomp.max_priority (5): RabbitMQ refuses x-max-priority",
+                      str(e))

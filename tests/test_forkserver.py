@@ -25,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from snq.client import Producer
 from snq.forkserver import TEMPLATE_FD, prepare
 from snq.pool import JOURNAL, WorkerPool
-from snq.spawner import ForkSpawner
+from snq.spawner import ExecSpawner, ForkSpawner
 from tests.daemon import Daemon, handledIds, waitFor
 from tests.test_pool import FakeProcessReactor, makeConfig
 from tests.test_pool_integration import CONFIG, PoolTestCase, alive
@@ -108,6 +108,25 @@ class PoolSpawnerTests(SynchronousTestCase):
         self.pool.restart()
         self.assertEqual(self.spawner.calls[3:5],
                          ["renew", ("spawn", "generic.0", [0, 1, 2, 3, 4, JOURNAL])])
+
+
+    def test_forkServerFollowsAReload(self):
+        """[daemon] fork_server reloaded: the next processes start the new way."""
+        pool = WorkerPool(makeConfig(daemon={"fork_server": False}), 1,
+                          reactor=self.reactor)
+        d = pool._replaceSpawner(makeConfig(daemon={"fork_server": True}))
+        template = self.reactor.processes[-1]
+        self.addCleanup(template.proto.socket.close)
+        self.assertEqual(template.args[1:3], ["-m", "snq.forkserver"])
+        template.proto.outReceived(b"ready\n")
+        self.assertEqual(self.successResultOf(d), "daemon.fork_server: new "
+                         "workers are forked from a template")
+        self.assertIsInstance(pool.spawner, ForkSpawner)
+        d = pool._replaceSpawner(makeConfig(daemon={"fork_server": False}))
+        self.assertEqual(self.successResultOf(d),
+                         "daemon.fork_server: new workers are spawned")
+        self.assertIsInstance(pool.spawner, ExecSpawner)
+        self.assertFalse(template.proto.serving, "the template is retired")
 
 
 class _Forked:

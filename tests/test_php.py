@@ -170,7 +170,10 @@ class PhpErrorTests(TestCase):
 
 
 class PhpStompPriorityTests(TestCase):
-    """With [stomp] max_priority, PHP declares and prioritises as snq does."""
+    """
+    With [stomp] max_priority or queue_type, PHP declares (and
+    prioritises) as snq does.
+    """
 
     php = PhpErrorTests.php
 
@@ -193,3 +196,36 @@ class PhpStompPriorityTests(TestCase):
             client.close()
         self.assertEqual([(json.loads(f.body)["payload"], f.headers["priority"])
                           for f in frames], [("high", "5"), ("low", "0")])
+
+    def test_quorumQueue(self):
+        """
+        With [stomp] queue_type = "quorum", PHP's SENDs declare the queue
+        and the delay queue as the daemon does (RabbitMQ would refuse them
+        otherwise, once the daemon declared them).
+        """
+        rabbitmq.requireRabbitMQ()
+        name = rabbitmq.uniqueName()
+        self.addCleanup(rabbitmq.deleteQueues, name)
+        out = self.php(
+            f"$p = new Snq\\Producer(['queue' => ['backend' => 'stomp', "
+            f"'basename' => '/queue/{name}/'], 'stomp' => ['queue_type' => "
+            "'quorum']]); $p->enqueue('log', 'now'); $p->enqueue('log', "
+            "'later', ['delay' => 0.2]); echo 'sent';")
+        self.assertEqual(out, "sent")
+        kinds = sorted(
+            (queue.partition(".retry")[0], kind) for queue, _, kind in (
+                line.partition("\t") for line in rabbitmq.rabbitmqctl(
+                    "list_queues", "-q", "--no-table-headers", "name", "type"
+                ).splitlines())
+            if queue.startswith(name))
+        self.assertEqual(kinds, [(f"{name}/main", "quorum")] * 2,
+                         "the queue and its delay queue")
+        client = rabbitmq.producer()
+        try:
+            client.subscribe(f"/queue/{name}%2Fmain", {
+                "ack": "auto", "id": "1", "x-queue-type": "quorum"})
+            frames = [client.receiveFrame() for _ in range(2)]
+        finally:
+            client.close()
+        self.assertEqual(sorted(json.loads(f.body)["payload"] for f in frames),
+                         ["later", "now"])

@@ -324,7 +324,7 @@ class RedisQueueTests(RedisFixture, TestCase):
         self.assertEqual((yield self.zcard("processing")), 2, "not yet expired")
         self.clock.advance(2)
         yield b.tend([])
-        self.assertEqual((yield self.llen("q:main")), 2)
+        self.assertEqual((yield b.depth()).ready, 2, "back in line")
         retaken = yield b.claim(10)
         self.assertEqual([Item.fromJSON(d.frame).attempts for d in retaken],
                          [1, 1], "dying with the item counts as an attempt")
@@ -362,7 +362,7 @@ class RedisQueueTests(RedisFixture, TestCase):
         counts = yield defer.gatherResults([q.reap(self.clock.seconds())
                                             for q in queues])
         self.assertEqual(sum(counts), 300)
-        self.assertEqual((yield self.llen("q:main")), 300)
+        self.assertEqual((yield queues[0].depth()).ready, 300)
         self.assertEqual((yield self.zcard("processing")), 0)
 
     @defer.inlineCallbacks
@@ -487,7 +487,7 @@ class RedisQueueTests(RedisFixture, TestCase):
         yield a.reap(self.clock.seconds())
         yield a.deadLetter(d, "rejected", "late", 0)
         self.assertEqual((yield a.deadList()), [])
-        self.assertEqual((yield self.llen("q:main")), 1)
+        self.assertEqual((yield a.depth()).ready, 1)
 
     @defer.inlineCallbacks
     def test_depth(self):

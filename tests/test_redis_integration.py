@@ -97,13 +97,26 @@ class RedisDaemonTests(RedisFixture, TestCase):
 
     @defer.inlineCallbacks
     def readyIds(self, spec="main"):
+        """
+        The list's items (not its rings), and those a claim put in line
+        (lines.lua).
+        """
         frames = yield self.redis.execute("LRANGE", self.key(f"q:{spec}"), 0, -1)
-        return {json.loads(f)["id"] for f in frames}
+        for p in (yield self.redis.execute("ZRANGE", self.key(f"levels:{spec}"),
+                                           0, -1)):
+            p = p.decode() if isinstance(p, bytes) else p
+            for pair in (yield self.redis.execute(
+                    "LRANGE", self.key(f"ring:{spec}/{p}"), 0, -1)):
+                pair = pair.decode() if isinstance(pair, bytes) else pair
+                frames += yield self.redis.execute(
+                    "LRANGE", self.key(f"line:{spec}/{p}/{pair}"), 0, -1)
+        return {json.loads(f)["id"] for f in frames if f != b"\0"}
 
     @defer.inlineCallbacks
     def assertEmpty(self):
         """Nothing ready, held or waiting: every item settled."""
-        for name in ("q:main", "q:main/fast", "processing", "delayed:main"):
+        for name in ("q:main", "q:main/fast", "levels:main", "levels:main/fast",
+                     "processing", "delayed:main"):
             exists = yield self.redis.execute("EXISTS", self.key(name))
             self.assertEqual(exists, 0, f"{name} is not empty")
 

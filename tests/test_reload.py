@@ -33,6 +33,7 @@ from snq.reload import Reloader, ReloadError
 from snq.routing import groupsOf
 from snq.scripts import snqctl
 from snq.service import AsyncMultiService
+from snq.spawner import ExecSpawner
 from snq.tap import Options, makeService
 from tests.daemon import socketPath, waitFor
 from tests.test_pool import FakeProcessReactor
@@ -683,6 +684,7 @@ class SiteOptionTests(SynchronousTestCase):
         self.assertEqual(pool.site, "a")
         self.assertIn("1 workers, site a", sys.stderr.getvalue())
         pool.reactor = FakeProcessReactor()
+        pool.spawner = ExecSpawner(pool.reactor)
         pool.startService()
         pool.reactor.advance(0)
         args = pool.reactor.processes[0].args

@@ -79,6 +79,26 @@ class SnqctlTests(TestCase):
                          "nothing stored from a bad batch")
 
     @defer.inlineCallbacks
+    def test_cancel(self):
+        """A waiting item goes; a running one is said to be running."""
+        first = (yield self.ctl("enqueue", "log", "1")).strip()
+        second = (yield self.ctl("enqueue", "log", "2")).strip()
+        out = yield self.ctl("cancel", second)
+        self.assertEqual(out, "cancelled 1 waiting item\n")
+        self.assertEqual(len(self.rows("SELECT id FROM queue_item")), 1)
+        with sqlite3.connect(self.db) as conn:
+            conn.execute("UPDATE queue_item SET claimed_by = 'w', lease_until = 1e12")
+        e = yield self.assertFailure(self.ctl("cancel", first), snqctl.CommandError)
+        self.assertEqual(str(e), f"item {first}: 1 running, left to finish;"
+                         " nothing waiting to cancel")
+        e = yield self.assertFailure(self.ctl("cancel", "--key", "k"),
+                                     snqctl.CommandError)
+        self.assertEqual(str(e), "items with key 'k': not found (not waiting,"
+                         " not running)")
+        self.assertRaises(SystemExit, snqctl.parser().parse_args,
+                          ["cancel", "x", "--key", "k"])
+
+    @defer.inlineCallbacks
     def test_deadLetters(self):
         out = yield self.ctl("dead", "list")
         self.assertEqual(out.strip(), "no dead letters")

@@ -783,6 +783,68 @@ class StompQueueTests(QueueTestCase):
         self.successResultOf(closed)
 
 
+class QuorumQueueTests(QueueTestCase):
+    """
+    With [stomp] queue_type = "quorum" every SUBSCRIBE and SEND to one of
+    snq's queues declares it so (RabbitMQ refuses one that says otherwise);
+    the control topic is no queue.
+    """
+
+    QUORUM = {"x-queue-type": "quorum"}
+
+    def configure(self, **extra):
+        config = super().configure(**extra)
+        return snqconfig.parse({
+            "queue": {"backend": "stomp", "concurrency": 3, "retry_delay": 1.0},
+            "stomp": {"servers": list(config.stomp.servers),
+                      "queue_type": "quorum"}})
+
+    def assertQuorum(self, frame):
+        self.assertEqual(frame.headers.get("x-queue-type"), "quorum",
+                         (frame.command, frame.headers))
+        self.assertNotIn("x-max-priority", frame.headers)
+
+    def test_destinations(self):
+        d = Destinations(self.config)
+        self.assertEqual(d.queueType, self.QUORUM)
+        self.assertEqual(d.arguments, self.QUORUM)
+        self.assertEqual(d.itemHeaders(5, False), self.QUORUM)
+        self.assertEqual(d.itemHeaders(5, True), {}, "the delay queue's own")
+        _, headers = d.delayed("/queue/snq/main", 1.0, rabbitmq=True)
+        self.assertEqual(headers["x-queue-type"], "quorum")
+        self.assertEqual(d.delayed("/queue/snq/main", 1.0, rabbitmq=False)[1],
+                         {"AMQ_SCHEDULED_DELAY": "1024"})
+        classic = Destinations(stompConfig())
+        self.assertEqual((classic.queueType, classic.arguments,
+                          classic.itemHeaders(5, False)), ({}, {}, {}),
+                         "classic queues are declared as before the option")
+        self.closeQueue()
+
+    def test_subscribeEnqueueRetryAndDeadLetterDeclareQuorum(self):
+        got = self.consume()
+        self.queue.listenControl(lambda body, headers: None)
+        self.pump()
+        subscribe, control = self.broker.sent(StompSpec.SUBSCRIBE)
+        self.assertQuorum(subscribe)
+        self.assertNotIn("x-queue-type", control.headers)
+        self.settled(self.queue.enqueue([Item(transport="webhook", payload=1)]))
+        self.settled(self.queue.enqueue([Item(transport="webhook", payload=2)],
+                                        delay=5))
+        self.broker.last.deliver("/queue/snq%2Fmain", Item(
+            transport="t", payload=0).toJSON())
+        self.broker.last.deliver("/queue/snq%2Fmain", b"junk")
+        self.settled(self.queue.retry(got[0], Item(transport="t", payload=0),
+                                      1.0, "boom"))
+        self.settled(self.queue.deadLetter(got[1], "baditem", "junk", 0))
+        sends = self.broker.sent(StompSpec.SEND)
+        self.assertEqual([s.headers["destination"] for s in sends], [
+            "/queue/snq%2Fmain", "/queue/snq%2Fmain.retry-4871ms",
+            "/queue/snq%2Fmain.retry-1024ms", "/queue/snq%2Fdead"])
+        for send in sends:
+            self.assertQuorum(send)
+        self.closeQueue()
+
+
 class ManagerTestCase(QueueTestCase):
     """A StompManager started under a fake worker, on the two servers."""
 

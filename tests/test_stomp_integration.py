@@ -239,6 +239,56 @@ class PriorityTests(RabbitTestCase):
         self.assertNotIn("priority", deliveries[1].token.frame.headers)
 
 
+class QuorumTests(RabbitTestCase):
+    """
+    [stomp] queue_type = "quorum" on the real broker (one node is enough
+    for a quorum queue; the cluster is L{tests.test_failover_rabbitmq}).
+    """
+
+    def kinds(self):
+        """Queue name → type, for this test's queues."""
+        out = rabbitmq.rabbitmqctl("list_queues", "-q", "--no-table-headers",
+                                   "name", "type")
+        return dict(line.split("\t") for line in out.splitlines()
+                    if line.startswith(self.name))
+
+    @defer.inlineCallbacks
+    def test_everyQueueDeclaredQuorum(self):
+        """
+        Enqueued by a worker and a Producer, a retry through its delay queue,
+        a dead letter listed and retried: every queue on the way is a quorum
+        queue, and a SEND without the header is refused (why every producer
+        must send it).
+        """
+        config = self.configure({"queue_type": "quorum"})
+        queue = yield self.openQueue(config)
+        yield queue.enqueue([Item(transport="t", payload="worker's")])
+        producer = Producer(config=config)
+        self.addCleanup(producer.close)
+        yield threads.deferToThread(producer.enqueue, "t", "producer's")
+        deliveries = yield self.received(queue, f"/queue/{self.name}/main", 2)
+        self.assertEqual(sorted(Item.fromJSON(d.frame).payload for d in deliveries),
+                         ["producer's", "worker's"])
+        first, second = deliveries
+        yield queue.retry(first, Item.fromJSON(first.frame).retried(), 0.1, "boom")
+        again = (yield self.collector.wait(3))[-1]
+        self.assertEqual(Item.fromJSON(again.frame).attempts, 1)
+        yield queue.ack(again)
+        yield queue.deadLetter(second, "rejected", "no", 0)
+        [letter] = yield queue.deadList()
+        self.assertEqual(letter.frame, second.frame)
+        self.assertEqual((yield queue.deadRetry([letter.id])), 1)
+        back = (yield self.collector.wait(4))[-1]
+        yield queue.ack(back)
+        kinds = self.kinds()
+        self.assertEqual(len(kinds), 3, kinds)
+        self.assertEqual(set(kinds.values()), {"quorum"}, kinds)
+        failure = yield self.assertFailure(threads.deferToThread(
+            rabbitmq.produce, f"/queue/{self.name}%2Fmain",
+            [Item(transport="t", payload=2).toJSON()]), AssertionError)
+        self.assertIn("inequivalent arg 'x-queue-type'", str(failure))
+
+
 class DeadLetterTests(RabbitTestCase):
     @defer.inlineCallbacks
     def deadLetters(self, queue, frames):

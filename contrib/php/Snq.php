@@ -346,6 +346,11 @@ final class Producer
             $headers = ['content-type' => 'application/json', 'persistent' => 'true'];
             $delay = ($item['run_at'] ?? $now) - $now;
             $top = (int) ($this->config['stomp']['max_priority'] ?? 0);
+            // [stomp] queue_type: every queue declared as the daemon does
+            // (a quorum queue refuses a SEND that says otherwise).
+            if (($this->config['stomp']['queue_type'] ?? 'classic') === 'quorum') {
+                $headers['x-queue-type'] = 'quorum';
+            }
             if ($top > 0) {
                 // As the daemon declares its queues; a delay queue has its own.
                 $headers['priority'] = (string) max(0, min($item['priority'], $top));

@@ -17,7 +17,8 @@ def makeQueue(config, clock=None, claimant=None):
         from snq.queues.db import DbQueue
 
         return DbQueue(config.db.url.reveal(), config.queue.lease, clock=clock,
-                       claimant=claimant, maxFrame=config.queue.maxFrameBytes())
+                       claimant=claimant, maxFrame=config.queue.maxFrameBytes(),
+                       weight=config.siteWeight, rates=config.rates())
     if backend == "redis":
         from snq.queues.redis import RedisQueue
 

@@ -29,9 +29,16 @@ from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from snq.item import BadItem, Item
-from snq.queues.dialects import DIALECTS, NO_LIMIT
-from snq.queues.interface import DeadLetter, Delivery, Depth, Queue, TransportDepth
+from snq.item import BadItem, Item, plainPart
+from snq.queues.dialects import DIALECTS, NO_LIMIT, asStored, claimOrder
+from snq.queues.interface import (
+    Cancelled,
+    DeadLetter,
+    Delivery,
+    Depth,
+    Queue,
+    TransportDepth,
+)
 from snq.queues.sqlitems import insertStatement, itemRow
 from snq.routing import TransportFilter
 from snq.secret import maskURL
@@ -58,6 +65,11 @@ def _chunks(ids):
         yield ids[start:start + CHUNK]
 
 
+def _likeEscaped(text: str) -> str:
+    """C{text} as itself in a LIKE pattern with C{ESCAPE '!'}."""
+    return "".join("!" + c if c in "!%_" else c for c in text)
+
+
 def _bytes(value) -> bytes:
     """A frame as the dispatcher takes it, whatever the column held."""
     if isinstance(value, bytes):
@@ -74,21 +86,14 @@ def _text(value) -> str | None:
     return None if value is None else str(value)
 
 
-def _stored(value):
-    """A raw column's value to store again: text if it is UTF-8, else bytes."""
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return value
-    return value
 
 
 class DbQueue(Queue):
     log = Logger()
 
     def __init__(self, url: str, lease: float, clock=None, claimant=None,
-                 reactor=None, maxFrame: int | None = None):
+                 reactor=None, maxFrame: int | None = None,
+                 weight=lambda site: 1, rates: dict[str, float] | None = None):
         reactor = defaultReactor(reactor)
         self._url = url
         self.url = urlsplit(url)
@@ -108,6 +113,14 @@ class DbQueue(Queue):
         self._flushing = False
         #: Rows claimed and not yet settled: the leases L{tend} renews.
         self._out: set[int] = set()
+        #: A site's weight (L{snq.config.Config.siteWeight}).
+        self.weight = weight
+        #: Rate limits by bucket name (L{snq.config.Config.rates}).
+        self.rates = rates or {}
+        #: The (transport, site) pair the last claim in turns ended with.
+        self._cursor = None
+        #: Whether the last claim left items waiting (at first: maybe).
+        self._crowded = True
         self._listeners = []
 
     def describe(self) -> str:
@@ -145,7 +158,10 @@ class DbQueue(Queue):
             self._checkItemTable(txn)
             for step in steps[version:]:
                 for statement in step:
-                    txn.execute(statement)
+                    if callable(statement):
+                        statement(txn)
+                    else:
+                        txn.execute(statement)
             txn.execute("DELETE FROM snq_schema")
             txn.execute("INSERT INTO snq_schema (version) VALUES"
                         f" ({self.dialect.placeholder})", (len(steps),))
@@ -178,6 +194,8 @@ class DbQueue(Queue):
     def reconfigService(self, config):
         self.lease = config.queue.lease
         self.maxFrame = config.queue.maxFrameBytes()
+        self.weight = config.siteWeight
+        self.rates = config.rates()
 
     def listen(self, wake):
         listener = self.dialect.listener(self.url, wake, self.reactor)
@@ -234,12 +252,124 @@ class DbQueue(Queue):
         return self._write(interaction, *args)
 
     def claim(self, limit, transports: TransportFilter):
-        now = self.clock.seconds()
         where, params = self._filter(transports)
-        d = self._write(self.dialect.claim, self.claimant, now + self.lease,
-                        now, limit, where, params, self.maxFrame or NO_LIMIT)
+        d = self._write(self._claim, self.clock.seconds(), limit, where, params)
         d.addCallback(self._claimed)
         return d
+
+    def _claim(self, txn, now, limit, where, params):
+        """
+        Claim in turns when several (transport, site) pairs have work: each
+        its weight's share of the window (L{_turns}), the rest of the window
+        in plain order; one pair alone (the usual case, and a flood's) is
+        the plain claim: priority, then age.  With rate limits, each pair's
+        share is what its buckets allow, and the rest of the window is
+        filled only with items no limit applies to.
+        """
+        def claim(n, where, params):
+            return self.dialect.claim(txn, self.claimant, now + self.lease, now,
+                                      n, where, params, self.maxFrame or NO_LIMIT)
+
+        # When the last claim took all there was, whatever came since is
+        # claimed in plain order, without looking for turns first: an idle
+        # worker's claims stay one statement.
+        turns = self._turns(txn, limit, where, params) if (
+            self._crowded or self.rates) else []
+        if len(turns) < 2 and not self.rates:
+            rows = claim(limit, where, params)
+        else:
+            rows = self._claimInTurns(claim, txn, now, turns, limit, where,
+                                      params)
+        self._crowded = len(rows) >= limit
+        return rows
+
+    def _claimInTurns(self, claim, txn, now, turns, limit, where, params):
+        limits = {pair: self._limits(pair) for pair, _ in turns}
+        rates = dict(bucket for both in limits.values() for bucket in both)
+        tokens = self.dialect.takeTokens(txn, rates, now) if rates else {}
+        p = self.dialect.placeholder
+        rows, rank, drawn = [], {}, {}
+        for pair, quota in turns:
+            quota = min([quota, *(int(tokens[b]) for b, _ in limits[pair])])
+            if quota <= 0:
+                continue
+            taken = claim(quota, f"{where} AND transport = {p} AND site = {p}",
+                          [*params, *pair])
+            for bucket, _ in limits[pair]:
+                tokens[bucket] -= len(taken)
+                drawn[bucket] = tokens[bucket]
+            rank.update((row[0], n) for n, row in enumerate(taken))
+            rows += taken
+        if drawn:
+            # Only what changed: a claim that took nothing writes nothing
+            # (on SQLite, a write wakes every idle worker).
+            self.dialect.putTokens(txn, drawn, now)
+        free = self._unlimited(where, params)
+        if len(rows) < limit and free is not None:
+            rows += claim(limit - len(rows), *free)
+        # Urgent first; within a priority, the pairs' turns interleaved.
+        return sorted(rows, key=lambda row: (claimOrder(row)[0],
+                                             rank.get(row[0], limit), row[0]))
+
+    def _limits(self, pair) -> list[tuple[str, float]]:
+        """
+        The token buckets a pair draws on, with their rates: its
+        transport's, its site's (at C{[sites.default]}'s rate when it has
+        none of its own).
+        """
+        transport, site = (_text(v) for v in pair)
+        t, s = f"t:{transport}", f"s:{site}"
+        rate = self.rates.get(s, self.rates.get("s:"))
+        return ([(t, self.rates[t])] if t in self.rates else []) + (
+            [(s, rate)] if rate is not None else [])
+
+    def _unlimited(self, where, params):
+        """C{where} narrowed to the items no rate limit applies to; None if
+        every item has one."""
+        if "s:" in self.rates:
+            return None
+        for column, prefix in (("transport", "t:"), ("site", "s:")):
+            names = [n[2:] for n in self.rates if n.startswith(prefix)]
+            if names:
+                where += f" AND {column} NOT IN ({self.dialect.params(len(names))})"
+                params = [*params, *names]
+        return where, params
+
+    def _turns(self, txn, limit, where, params):
+        """
+        The (transport, site) pairs with work, from the one after the last
+        served, each with its quota: its site's weight, scaled so the window
+        is shared out when all the pairs fit in it (a pair alone: all of
+        it).  Finding them costs an index probe per pair with work: nothing
+        for the idle sites.
+        """
+        pairs, after, start, wrapped = [], self._cursor, self._cursor, False
+        while len(pairs) < limit:
+            pair = self.dialect.nextPair(txn, after, where, params)
+            if pair is None:
+                if wrapped or start is None:
+                    break
+                after, wrapped = None, True
+                continue
+            if pair in pairs:
+                break
+            pairs.append(pair)
+            if pair == start:
+                break
+            after = pair
+        if len(pairs) < 2:
+            return [(pair, limit) for pair in pairs]
+        weights = [self.weight(_text(site)) for _, site in pairs]
+        scale = max(limit // sum(weights), 1)
+        turns, left = [], limit
+        for pair, weight in zip(pairs, weights, strict=True):
+            quota = min(weight * scale, left)
+            turns.append((pair, quota))
+            left -= quota
+            self._cursor = pair
+            if not left:
+                break
+        return turns
 
     def _claimed(self, rows):
         deliveries = [self._delivery(row) for row in rows]
@@ -466,6 +596,32 @@ class DbQueue(Queue):
 
         return self._run(count, "depth")
 
+    def cancel(self, itemId=None, key=None):
+        needle = plainPart(itemId if key is None else key)
+        match = (lambda item: item.id == itemId) if key is None else (
+            lambda item: item.key == key)
+        raw = self.dialect.raw
+
+        def remove(txn):
+            txn.execute(f"SELECT id, claimed_by, {raw('frame')} FROM queue_item"
+                        f" WHERE frame LIKE {self.dialect.placeholder} ESCAPE '!'",
+                        (f"%{_likeEscaped(needle)}%",))
+            waiting, running = [], 0
+            for rowId, claimant, frame in txn.fetchall():
+                try:
+                    if not match(Item.fromJSON(_bytes(frame))):
+                        continue
+                except BadItem:
+                    continue
+                if claimant is None:
+                    waiting.append(rowId)
+                else:
+                    running += 1
+            self._deleteIds(txn, "queue_item", waiting)
+            return Cancelled(removed=len(waiting), running=running)
+
+        return self._write(remove)
+
     def _deadColumns(self) -> str:
         raw = self.dialect.raw
         return (f"id, item_id, {raw('transport')}, {raw('site')}, reason, error,"
@@ -506,8 +662,8 @@ class DbQueue(Queue):
                 except BadItem:
                     # A frame that never decoded goes back as it came; it
                     # will be dead-lettered again, with the same reason.
-                    items.append((_stored(frame), _stored(transport) or "",
-                                  _stored(site) or "default", 0, now, now, 0))
+                    items.append((asStored(frame), asStored(transport) or "",
+                                  asStored(site) or "default", 0, now, now, 0))
                     continue
                 item = dataclasses.replace(item, attempts=0)
                 items.append(itemRow(item, now, self.dialect.paramstyle))

@@ -33,9 +33,9 @@ class Dialect:
     poolSize = POOL_SIZE
     #: The driver's keyword for a connect timeout in seconds; None = none.
     connectTimeout: str | None = None
-    #: One tuple of statements per schema version, oldest first.  Each
-    #: statement is idempotent, so a step interrupted half-way (MySQL cannot
-    #: roll DDL back) simply runs again.
+    #: One tuple of statements per schema version, oldest first: SQL, or a
+    #: function of the cursor.  Each is idempotent, so a step interrupted
+    #: half-way (MySQL cannot roll DDL back) simply runs again.
     schema: tuple[tuple[str, ...], ...] = ()
     #: Errors after which the transaction was rolled back (or its connection
     #: is gone) and is worth running again on a fresh connection.
@@ -133,7 +133,60 @@ class Dialect:
             f" RETURNING {self.claimColumns()}",
             (claimant, leaseUntil, now, *params, limit, maxFrame))
         # RETURNING comes in no particular order.
-        return sorted(txn.fetchall(), key=_claimOrder)
+        return sorted(txn.fetchall(), key=claimOrder)
+
+    def pairAfter(self, after) -> tuple[str, list]:
+        """Rows whose (transport, site) comes after C{after}'s: SQL, params."""
+        p = self.placeholder
+        return f"(transport, site) > ({p}, {p})", list(after)
+
+    def nextPair(self, txn, after, where, params):
+        """
+        The first (transport, site) after C{after} (None: the first of all)
+        with rows waiting, among those C{where} selects; None if none.  One
+        step of an index skip scan: the sites with work, not their rows.
+        """
+        since, args = "", []
+        if after is not None:
+            since, args = self.pairAfter(after)
+            since = f" AND {since}"
+        txn.execute(
+            f"SELECT {self.raw('transport')}, {self.raw('site')} FROM queue_item"
+            f" WHERE claimed_by IS NULL{since}{where}"
+            " ORDER BY transport, site LIMIT 1", (*args, *params))
+        row = txn.fetchone()
+        # As the column holds it, to compare again: text if it is UTF-8.
+        return None if row is None else tuple(asStored(v) for v in row)
+
+    #: Ends the SELECT of the buckets a claim draws on: held until it
+    #: commits, so that claims on many hosts spend each token once.
+    lockBuckets = ""
+    #: Adds a bucket unless it is there.
+    newBucket = ("INSERT INTO queue_bucket (name, tokens, stamp) VALUES ({p}, {p},"
+                 " {p}) ON CONFLICT (name) DO NOTHING")
+
+    def takeTokens(self, txn, rates: dict[str, float], now) -> dict[str, float]:
+        """
+        The tokens in each of the buckets C{rates} names (bucket → items per
+        second), refilled up to now: a bucket holds at most one second's
+        worth, at least one item, and starts full.
+        """
+        p = self.placeholder
+        names = sorted(rates)
+        txn.executemany(self.newBucket.format(p=p),
+                        [(name, max(rates[name], 1.0), now) for name in names])
+        txn.execute(f"SELECT name, tokens, stamp FROM queue_bucket WHERE name IN"
+                    f" ({self.params(len(names))}){self.lockBuckets}", names)
+        return {name: min(max(rates[name], 1.0),
+                          tokens + max(now - stamp, 0.0) * rates[name])
+                for name, tokens, stamp in txn.fetchall()}
+
+    def putTokens(self, txn, tokens: dict[str, float], now):
+        """What is left in the buckets after a claim took from them."""
+        p = self.placeholder
+        txn.executemany(
+            f"UPDATE queue_bucket SET tokens = {p}, stamp = {p} WHERE name = {p}",
+            [(left, now, name) for name, left in sorted(tokens.items())])
 
     def listener(self, url, wake, reactor):
         """
@@ -146,7 +199,18 @@ class Dialect:
         return ", ".join([self.placeholder] * n)
 
 
-def _claimOrder(row):
+def asStored(value):
+    """A raw column's value (L{Dialect.raw}) to store or compare again: text
+    if it is UTF-8, else bytes."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return value
+
+
+def claimOrder(row):
     """Priority first, as the claim chose them; a priority that is no number
     (SQLite stores anything) counts as 0."""
     priority = row[6]
@@ -196,7 +260,21 @@ class Sqlite(Dialect):
             error TEXT NOT NULL,
             attempts INTEGER NOT NULL DEFAULT 0,
             died DOUBLE PRECISION NOT NULL)""",
-    ), (CLUSTER_TABLE,))
+    ), (
+        # Version 2: the cluster's registry (snq.cluster).
+        CLUSTER_TABLE,
+    ), (
+        # Version 3: the sites with work waiting, per transport (fairness).
+        """CREATE INDEX IF NOT EXISTS queue_item_site
+            ON queue_item (transport, site, priority DESC, id)
+            WHERE claimed_by IS NULL""",
+    ), (
+        # Version 4: token buckets of rate limits, shared by every worker.
+        """CREATE TABLE IF NOT EXISTS queue_bucket (
+            name VARCHAR(80) PRIMARY KEY,
+            tokens DOUBLE PRECISION NOT NULL,
+            stamp DOUBLE PRECISION NOT NULL)""",
+    ))
 
     @staticmethod
     def path(url) -> str:
@@ -287,10 +365,32 @@ class Mysql(Dialect):
             attempts INT NOT NULL DEFAULT 0,
             died DOUBLE NOT NULL
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
-    ), (CLUSTER_TABLE
-        + " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",))
+    ), (
+        # Version 2: the cluster's registry (snq.cluster).
+        CLUSTER_TABLE + " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+    ), (
+        # Version 3: the sites with work waiting, per transport (fairness).
+        lambda txn: Mysql.addIndex(
+            txn, "queue_item_site", "claimed_by, transport, site, priority DESC, id"),
+    ), (
+        # Version 4: token buckets of rate limits, shared by every worker.
+        """CREATE TABLE IF NOT EXISTS queue_bucket (
+            name VARCHAR(80) NOT NULL PRIMARY KEY,
+            tokens DOUBLE NOT NULL,
+            stamp DOUBLE NOT NULL
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
+    ))
+    lockBuckets = " FOR UPDATE"
+    newBucket = ("INSERT IGNORE INTO queue_bucket (name, tokens, stamp)"
+                 " VALUES ({p}, {p}, {p})")
 
     currentSchema = "DATABASE()"
+
+    def pairAfter(self, after):
+        # Spelled out: the form MariaDB's range optimizer reads on the index.
+        transport, site = after
+        return ("(transport > %s OR (transport = %s AND site > %s))",
+                [transport, transport, site])
     #: URL query parameters passed on to PyMySQL.
     OPTIONS = ("unix_socket",)
 
@@ -316,6 +416,16 @@ class Mysql(Dialect):
             # producers' INSERTs wait for claims to commit.
             init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
             **options)
+
+    @staticmethod
+    def addIndex(txn, name, columns):
+        """An index on queue_item unless it is there (MySQL has no CREATE
+        INDEX IF NOT EXISTS)."""
+        txn.execute("SELECT 1 FROM information_schema.statistics WHERE"
+                    " table_schema = DATABASE() AND table_name = 'queue_item'"
+                    " AND index_name = %s", (name,))
+        if not txn.fetchall():
+            txn.execute(f"ALTER TABLE queue_item ADD INDEX {name} ({columns})")
 
     @contextlib.contextmanager
     def schemaLock(self, txn):
@@ -404,7 +514,22 @@ class Postgres(Dialect):
         "DROP TRIGGER IF EXISTS snq_queue_item_notify ON queue_item",
         """CREATE TRIGGER snq_queue_item_notify AFTER INSERT ON queue_item
             FOR EACH STATEMENT EXECUTE FUNCTION snq_queue_item_notify()""",
-    ), (CLUSTER_TABLE,))
+    ), (
+        # Version 2: the cluster's registry (snq.cluster).
+        CLUSTER_TABLE,
+    ), (
+        # Version 3: the sites with work waiting, per transport (fairness).
+        """CREATE INDEX IF NOT EXISTS queue_item_site
+            ON queue_item (transport, site, priority DESC, id)
+            WHERE claimed_by IS NULL""",
+    ), (
+        # Version 4: token buckets of rate limits, shared by every worker.
+        """CREATE TABLE IF NOT EXISTS queue_bucket (
+            name VARCHAR(80) PRIMARY KEY,
+            tokens DOUBLE PRECISION NOT NULL,
+            stamp DOUBLE PRECISION NOT NULL)""",
+    ))
+    lockBuckets = " FOR UPDATE"
 
     def __init__(self):
         import psycopg

@@ -86,6 +86,16 @@ class Depth:
                    oldest=max(due) if due else None, transports=transports)
 
 
+@dataclass(frozen=True)
+class Cancelled:
+    """What L{Queue.cancel} found."""
+
+    #: Waiting items removed (ready or delayed).
+    removed: int
+    #: Items claimed by a worker, left to finish.
+    running: int
+
+
 @dataclass
 class DeadLetter:
     id: Any
@@ -202,6 +212,14 @@ class Queue:
         does not say how much it holds).
         """
         return defer.succeed(None)
+
+    def cancel(self, itemId: str | None = None, key: str | None = None):
+        """
+        Remove the waiting items with this id (or envelope C{key}); those a
+        worker holds run to their end.  → a L{Cancelled}.  It reads every
+        waiting item: an operator's command, not a producer's.
+        """
+        raise NotImplementedError
 
     def deadList(self, limit: int = 50):
         raise NotImplementedError

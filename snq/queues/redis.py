@@ -31,8 +31,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from snq.item import BadItem, Item
-from snq.queues.interface import DeadLetter, Delivery, Depth, Queue
+from snq.item import BadItem, Item, plainPart
+from snq.queues.interface import Cancelled, DeadLetter, Delivery, Depth, Queue
 from snq.queues.manager import QueueManager
 from snq.redis import scripts
 from snq.redis.address import RedisAddress, tlsOptions
@@ -184,6 +184,10 @@ class RedisQueue(Queue):
             claimant or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self.processing = self.prefix + "processing"
         self.dead = self.prefix + "dead"
+        #: Sites' weights and rate limits for the claims (L{_writeLimits}),
+        #: and the rate limits' token buckets.
+        self.limits = self.prefix + "limits"
+        self.buckets = self.prefix + "buckets"
         self.deadIds = self.prefix + "dead:id"
         self.breakouts = frozenset(config.queue.breakout)
         #: The lists (group names and breakout specs) this worker consumes;
@@ -208,6 +212,24 @@ class RedisQueue(Queue):
         self.breakouts = frozenset(config.queue.breakout)
         self.lease = config.queue.lease
         self.routing = Routing(config)
+        if self.connection is not None:
+            self._writeLimits().addErrback(
+                lambda f: self.log.failure("writing the sites' weights and the"
+                                           " rate limits", f))
+
+    def _writeLimits(self):
+        """
+        The sites' weights and the rate limits where every worker's claim
+        reads them (see C{claim.lua}): the weights that are not 1 ("w:"
+        holds [sites.default]'s), the rates by bucket name.
+        """
+        default = self.config.siteWeight("default")
+        limits = {"w:": default} if default != 1 else {}
+        limits.update((f"w:{site}", w) for site in self.config.sites
+                      if (w := self.config.siteWeight(site)) != default)
+        limits.update((name, repr(rate)) for name, rate in self.config.rates().items())
+        args = [x for pair in sorted(limits.items()) for x in pair]
+        return self._eval(scripts.LIMITS, [self.limits], args, again=True)
 
     # -- keys and routing ---------------------------------------------------
 
@@ -256,6 +278,7 @@ class RedisQueue(Queue):
                 f"{self.address.describe()} runs Redis "
                 f"{version.group(1).decode()}.{version.group(2).decode()}; "
                 f"snq needs {'.'.join(map(str, MIN_VERSION))} or later")
+        yield self._writeLimits()
 
     def close(self):
         # The manager waited for the acknowledgements; any still going fail.
@@ -317,11 +340,12 @@ class RedisQueue(Queue):
         # Start at a different list each time, so no list starves another.
         self._turn = (self._turn + 1) % len(self.consumed)
         order = self.consumed[self._turn:] + self.consumed[:self._turn]
-        keys = [self.processing]
+        keys = [self.processing, self.limits, self.buckets]
         for spec in order:
             keys += [self.listKey(spec), self.delayedKey(spec)]
         d = self._eval(scripts.CLAIM, keys, [
-            f"{now:.6f}", f"{now + self.lease:.6f}", limit, self._token() + "."])
+            f"{now:.6f}", f"{now + self.lease:.6f}", limit, self._token() + ".",
+            self.prefix])
         return d.addCallback(self._claimed)
 
     def _claimed(self, result):
@@ -385,7 +409,7 @@ class RedisQueue(Queue):
 
     def _return(self, leases, frames, cutoff):
         keys = [self.processing, *(lease.origin for lease in leases)]
-        args = [cutoff]
+        args = [cutoff, self.prefix]
         for lease, frame in zip(leases, frames, strict=True):
             args += [lease.member, frame]
         return self._eval(scripts.RETURN, keys, args, again=True)
@@ -485,13 +509,22 @@ class RedisQueue(Queue):
         for spec in self.knownLists():
             keys += [self.listKey(spec), self.delayedKey(spec)]
         ready, delayed, held, dead, due, *tails = yield self._eval(
-            scripts.DEPTH, keys, [f"{now:.6f}"])
+            scripts.DEPTH, keys, [f"{now:.6f}", self.prefix])
         since = [float(due)] if due else []
         for tail in tails:
             with contextlib.suppress(BadItem):
                 since.append(Item.fromJSON(tail).created)
         return Depth(ready=ready, delayed=delayed, held=held, dead=dead,
                      oldest=max(now - min(since), 0.0) if since else None)
+
+    def cancel(self, itemId=None, key=None):
+        field, value = ("id", itemId) if key is None else ("key", key)
+        keys = [self.processing]
+        for spec in self.knownLists():
+            keys += [self.listKey(spec), self.delayedKey(spec)]
+        d = self._eval(scripts.CANCEL, keys,
+                       [self.prefix, field, value, plainPart(value)])
+        return d.addCallback(lambda found: Cancelled(*found))
 
     # -- dead letters -------------------------------------------------------
 

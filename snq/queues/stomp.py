@@ -495,7 +495,8 @@ class StompQueue(Queue):
         # Unique in this process, and across workers unless two die in the
         # same microsecond; and they sort by age.
         self._lastDeadId = max(int(died * 1e6), self._lastDeadId + 1)
-        headers = {"persistent": "true", DEAD_ID: str(self._lastDeadId),
+        headers = {"persistent": "true", **self.destinations.queueType,
+                   DEAD_ID: str(self._lastDeadId),
                    REASON: reason, ERROR: error[:ERROR_LENGTH],
                    ATTEMPTS: str(attempts), DIED: repr(died),
                    ORIGIN: delivery.token.origin}
@@ -650,10 +651,12 @@ class StompQueue(Queue):
                 visit, _deadLetter(frame), headers.get(ORIGIN),
                 lambda: stomp.ack(frame)))
 
-        d = stomp.send(dead, b"", {MARKER: marker, DIED: repr(self.clock.seconds())},
-                       receipt=True)
+        declared = self.destinations.queueType
+        d = stomp.send(dead, b"", {MARKER: marker, DIED: repr(self.clock.seconds()),
+                                   **declared}, receipt=True)
         d.addCallback(lambda _: stomp.subscribe(
-            dead, onMessage, {"ack": "client-individual"}, receipt=True))
+            dead, onMessage, {"ack": "client-individual", **declared},
+            receipt=True))
         d.addErrback(fail)
 
         def finished(result):

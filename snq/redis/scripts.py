@@ -27,23 +27,27 @@ class Script:
                            hashlib.sha1(self.source.encode()).hexdigest())
 
     @classmethod
-    def named(cls, name: str) -> "Script":
-        return cls((files(__package__) / "lua" / f"{name}.lua").read_text())
+    def named(cls, name: str, *included: str) -> "Script":
+        """C{lua/NAME.lua}, after the C{included} files' functions."""
+        return cls("".join((files(__package__) / "lua" / f"{n}.lua").read_text()
+                           for n in (*included, name)))
 
 
-CLAIM = Script.named("claim")
-RETURN = Script.named("return")
+CLAIM = Script.named("claim", "lines")
+RETURN = Script.named("return", "lines")
 RETRY = Script.named("retry")
 BURY = Script.named("bury")
 ENQUEUE = Script.named("enqueue")
 RESURRECT = Script.named("resurrect")
 PURGE = Script.named("purge")
-DEPTH = Script.named("depth")
+DEPTH = Script.named("depth", "lines")
 HELD = Script.named("held")
+LIMITS = Script.named("limits")
+CANCEL = Script.named("cancel")
 #: The ledger's (L{snq.ledger.redis}).
 LEASE = Script.named("lease")
 RELEASE = Script.named("release")
 ONCE_ENQUEUE = Script.named("once_enqueue")
 
-ALL = (CLAIM, RETURN, RETRY, BURY, ENQUEUE, RESURRECT, PURGE, DEPTH, HELD, LEASE,
-       RELEASE, ONCE_ENQUEUE)
+ALL = (CLAIM, RETURN, RETRY, BURY, ENQUEUE, RESURRECT, PURGE, DEPTH, HELD,
+       LIMITS, CANCEL, LEASE, RELEASE, ONCE_ENQUEUE)

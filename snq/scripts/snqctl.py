@@ -65,6 +65,12 @@ def parser() -> argparse.ArgumentParser:
                       help="not before TIME: UNIX seconds, or ISO 8601 with a "
                            "timezone (2031-01-01T08:00:00+00:00)")
 
+    cn = sub.add_parser("cancel", help="remove a waiting item (a running one "
+                        "finishes)")
+    which = cn.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?", help="the item's id")
+    which.add_argument("--key", help="every waiting item with this key")
+
     d = sub.add_parser("dead", help="inspect and handle dead letters")
     dsub = d.add_subparsers(dest="action", required=True)
     dl = dsub.add_parser("list", help="newest dead letters first")
@@ -242,6 +248,26 @@ def _runAt(text: str) -> float:
 
 
 @defer.inlineCallbacks
+def _cancel(queue, config, args, out, stdin, reactor):
+    what = f"item {args.id}" if args.key is None else f"items with key {args.key!r}"
+    try:
+        found = yield queue.cancel(args.id, args.key)
+    except NotImplementedError:
+        raise CommandError(f"cancel: the {config.queue.backend} backend cannot "
+                           "remove an item it has been given")
+    running = (f"{found.running} running, left to finish" if found.running
+               else "")
+    if found.removed:
+        print(f"cancelled {found.removed} waiting "
+              f"{'item' if found.removed == 1 else 'items'}"
+              f"{'; ' + running if running else ''}", file=out)
+    elif found.running:
+        raise CommandError(f"{what}: {running}; nothing waiting to cancel")
+    else:
+        raise CommandError(f"{what}: not found (not waiting, not running)")
+
+
+@defer.inlineCallbacks
 def _dead(queue, config, args, out, stdin, reactor):
     if args.action == "list":
         letters = yield queue.deadList(args.limit)
@@ -338,7 +364,7 @@ def _table(rows, out):
               file=out)
 
 
-_COMMANDS = {"enqueue": _enqueue, "dead": _dead, "db": _db,
+_COMMANDS = {"enqueue": _enqueue, "cancel": _cancel, "dead": _dead, "db": _db,
              "control": _broadcast, "schedule": _schedule}
 
 

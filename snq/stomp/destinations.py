@@ -19,6 +19,12 @@ declares it with C{x-max-priority} (RabbitMQ refuses a declaration whose
 arguments differ from the queue's, so all must say the same), and each
 item's SEND carries its priority, which the message keeps through a delay
 queue (L{Destinations.itemHeaders}).
+
+With C{[stomp] queue_type = "quorum"} every queue snq declares (consumed,
+delay, dead) is a RabbitMQ quorum queue, replicated over a cluster's nodes:
+every SUBSCRIBE and SEND to one says C{x-queue-type: quorum}, for the same
+reason (L{Destinations.queueType}).  RabbitMQ refuses C{x-max-priority} on
+those, which the config refuses with it.
 """
 
 from __future__ import annotations
@@ -84,10 +90,20 @@ class Destinations:
         self.routing = routing or Routing(config)
 
     @property
+    def queueType(self) -> dict:
+        """
+        The header that declares any of snq's queues as the configured
+        type: none for classic ones, so that queues declared before the
+        option existed are declared the same.
+        """
+        kind = self.config.stomp.queue_type
+        return {} if kind == "classic" else {"x-queue-type": kind}
+
+    @property
     def arguments(self) -> dict:
         """The headers that declare a queue items are consumed from."""
         top = self.config.stomp.max_priority
-        return {"x-max-priority": str(top)} if top else {}
+        return {**self.queueType, **({"x-max-priority": str(top)} if top else {})}
 
     def itemHeaders(self, priority: int, delayed: bool) -> dict:
         """
@@ -96,9 +112,7 @@ class Destinations:
         (declared with arguments of its own), the queue's arguments.
         """
         top = self.config.stomp.max_priority
-        if not top:
-            return {}
-        headers = {"priority": str(min(max(priority, 0), top))}
+        headers = {"priority": str(min(max(priority, 0), top))} if top else {}
         return headers if delayed else {**headers, **self.arguments}
 
     def consumed(self, groups, site=None) -> list[str]:
@@ -122,8 +136,9 @@ class Destinations:
 
         On RabbitMQ: a durable queue per origin and rounded delay, with that
         delay as its message TTL, dead-lettering through the default
-        exchange back into the origin queue.  Its arguments follow from its
-        name alone: RabbitMQ refuses to declare a queue again with others.
+        exchange back into the origin queue, of the configured type.  Its
+        arguments follow from its name and the config alone: RabbitMQ
+        refuses to declare a queue again with others.
         Elsewhere: the origin itself with ActiveMQ's C{AMQ_SCHEDULED_DELAY}
         (honoured where the broker's scheduler is on; otherwise at once).
         """
@@ -131,6 +146,7 @@ class Destinations:
         if not rabbitmq:
             return destination, {"AMQ_SCHEDULED_DELAY": str(ttl)}
         return f"{destination}.retry-{ttl}ms", {
+            **self.queueType,
             "x-message-ttl": str(ttl),
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": queueName(destination),

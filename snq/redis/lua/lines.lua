@@ -1,0 +1,47 @@
+-- Included at the top of the scripts that put frames in line (claim.lua,
+-- return.lua).  A list's items wait in lines, one per priority, transport
+-- and site, which exist only while they hold items (an idle site costs
+-- nothing).  The lines of the list <prefix>q:SPEC:
+--   <prefix>levels:SPEC             the priorities with items (sorted set)
+--   <prefix>ring:SPEC/P             "TRANSPORT/SITE" of priority P's lines,
+--                                   the next to take its turn at the right
+--   <prefix>line:SPEC/P/TRANSPORT/SITE  the frames, the next at the right
+-- A frame that is no envelope waits in line "0//", to be claimed and
+-- dead-lettered like any other.  RING on a list (a single NUL byte, which
+-- no envelope is) only wakes the workers waiting on it (return.lua); a
+-- claim drops it.
+local RING = '\0'
+
+local function lineName(value)
+  if type(value) == 'string' and value ~= '' and
+      not string.find(value, '/', 1, true) then
+    return value
+  end
+end
+
+-- A frame's priority and "TRANSPORT/SITE".
+local function lane(frame)
+  local ok, item = pcall(cjson.decode, frame)
+  if not ok or type(item) ~= 'table' then return '0', '/' end
+  local priority = item.priority
+  if type(priority) ~= 'number' or priority ~= math.floor(priority) or
+      math.abs(priority) > 1e15 then
+    priority = 0
+  end
+  local transport = lineName(item.transport)
+  local site = lineName(item.site or 'default')
+  if not transport or not site then return '0', '/' end
+  return string.format('%d', priority), transport .. '/' .. site
+end
+
+-- Put a frame of list SPEC in its line: at the back, or (given back, or a
+-- retry fallen due) at the front.
+local function putInLine(prefix, spec, frame, front)
+  local priority, pair = lane(frame)
+  local line = prefix .. 'line:' .. spec .. '/' .. priority .. '/' .. pair
+  local push = front and 'RPUSH' or 'LPUSH'
+  if redis.call(push, line, frame) == 1 then
+    redis.call(push, prefix .. 'ring:' .. spec .. '/' .. priority, pair)
+    redis.call('ZADD', prefix .. 'levels:' .. spec, priority, priority)
+  end
+end
