@@ -144,6 +144,21 @@ class RabbitMQStoreTests(RabbitMQStoreMixin, StoreMixin, TestCase):
         self.assertEqual(await other, {"pause:site:ex": {}})
 
 
+class QuorumStoreTests(RabbitMQStoreMixin, StoreMixin, TestCase):
+    """The contract on quorum queues ([stomp] queue_type = "quorum")."""
+
+    stomp = {"control_secret": SECRET, "queue_type": "quorum"}
+
+    async def test_quorum(self):
+        await self.store.beat("a@h1", {"seen": 1.0}, 60)
+        types = rabbitmq.rabbitmqctl("list_queues", "-q", "--no-table-headers",
+                                     "name", "type")
+        self.assertEqual(sorted(line.split()[1] for line in types.splitlines()
+                                if line.startswith(self.name)),
+                         ["quorum", "quorum"])
+        self.assertEqual(await self.store.daemons(), {"a@h1": {"seen": 1.0}})
+
+
 class UnsignedStoreTests(RabbitMQStoreMixin, TestCase):
     """control_allow_unsigned: a registry anyone on the broker may write."""
 
@@ -250,6 +265,7 @@ class FakeBrokerStoreTests(SynchronousTestCase):
             self.assertEqual((headers["x-max-length"], headers["persistent"]),
                              ("1", "true"))
         self.assertNotIn("expiration", first)
+        self.assertNotIn("x-queue-type", first)
         self.assertEqual(second["expiration"], "60000")
         self.assertEqual(second["snq-signature"], slotSignature(
             SECRET, "/queue/snq/cluster.daemon.a@h1", body))

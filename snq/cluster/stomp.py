@@ -4,7 +4,8 @@ The cluster on a RabbitMQ broker alone (a STOMP queue, no C{[ledger]
 url}), with nothing but RabbitMQ's own queues: each record is the one
 message of a durable queue of its own declared with C{x-max-length: 1}, a
 last-value slot (a new message drops the old one, RabbitMQ's default
-overflow being drop-head).  The slots, under C{[queue] basename}:
+overflow being drop-head), a quorum queue with C{[stomp] queue_type =
+"quorum"}.  The slots, under C{[queue] basename}:
 
   - C{cluster.daemon.NAME}: a daemon's record, sent persistent with the
     C{expiration} of C{[cluster] forget}, so that it leaves by itself;
@@ -43,9 +44,10 @@ from twisted.logger import Logger
 from snq.cluster import ClusterStore, decode, encode
 from snq.service import defaultReactor
 from snq.stomp.connection import DISCONNECT_TIMEOUT, BrokerConnection
-from snq.stomp.destinations import MAX_TTL
+from snq.stomp.destinations import MAX_TTL, Destinations
 
-#: How every slot is declared (SEND and SUBSCRIBE must say the same).
+#: How every slot is declared (SEND and SUBSCRIBE must say the same), with
+#: C{[stomp] queue_type}'s header.
 SLOT_ARGUMENTS = {"x-max-length": "1"}
 #: Seconds a read waits for a slot's message: RabbitMQ delivers it after
 #: SUBSCRIBE's receipt, and a slot another reader holds looks empty until
@@ -83,6 +85,8 @@ class StompStore(ClusterStore):
         self.base = config.queue.basename + "cluster."
         self.index = self.base + "daemons"
         self.settingsSlot = self.base + "settings"
+        #: As snq's other queues: quorum ones on a cluster that asks so.
+        self.arguments = {**SLOT_ARGUMENTS, **Destinations(config).queueType}
         endpoints = endpoints or [None] * len(stomp.servers)
         self.brokers = [BrokerConnection(url, stomp, self.clock, reactor,
                                          endpoint=endpoint)
@@ -234,7 +238,7 @@ class _Session:
     def write(self, slot: str, value: dict, ttl: float | None = None):
         body = encode(value).encode("utf-8")
         headers = {"persistent": "true", "content-type": "application/json",
-                   **SLOT_ARGUMENTS}
+                   **self.store.arguments}
         if self.store.secret:
             headers[SIGNATURE_HEADER] = slotSignature(self.store.secret, slot,
                                                       body)
@@ -277,7 +281,7 @@ class _Session:
                 settle()
 
         headers = {"ack": "client-individual", "prefetch-count": "1",
-                   **SLOT_ARGUMENTS}
+                   **self.store.arguments}
         yield defer.gatherResults([
             self.stomp.subscribe(self.broker.wire(slot),
                                  lambda frame, slot=slot: got(slot, frame),
