@@ -109,6 +109,18 @@ class RabbitMQStoreTests(RabbitMQStoreMixin, StoreMixin, TestCase):
         self.assertEqual(await self.store.daemons(),
                          {n: {"seen": 3.0} for n in names})
 
+    async def test_concurrentReaders(self):
+        """Readers at once each see every record, none waiting it out."""
+        names = [f"d{n}@h" for n in range(4)]
+        for name in names:
+            await self.store.beat(name, {"seen": 1.0}, 60)
+        for _ in range(3):
+            started = reactor.seconds()
+            views = await defer.gatherResults([self.store.daemons()
+                                               for _ in range(3)])
+            self.assertEqual([sorted(v) for v in views], [names] * 3)
+            self.assertLess(reactor.seconds() - started, EMPTY_WAIT)
+
     async def test_forged(self):
         """Unsigned or wrongly signed: as if it were not there."""
         self.forge("settings", '{"pause:transport:record":{}}')

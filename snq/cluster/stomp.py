@@ -17,7 +17,9 @@ overflow being drop-head), a quorum queue with C{[stomp] queue_type =
 
 A slot is read without being consumed: SUBSCRIBE with C{ack:
 client-individual} and C{prefetch-count: 1}, take the message, and close
-the session without ACK: RabbitMQ puts it back.  Meanwhile the slot looks
+the session without ACK: RabbitMQ puts it back.  A session reads one
+slot (RabbitMQ 3.10 refuses a NACK once unsubscribed, so a message is
+given back only by closing).  Meanwhile the slot looks
 empty to other readers, who get the message as soon as it is back: a read
 waits up to L{EMPTY_WAIT} for each slot.  Replacing the value read (the
 index, the settings) ACKs the old message once the new one is in.
@@ -71,7 +73,8 @@ class StompStore(ClusterStore):
     """
     The store on C{[stomp] servers}: the first one that takes a session
     (they must be one RabbitMQ cluster for all daemons to share the view).
-    Each call is a STOMP session of its own, closed before it returns.
+    Each call is one or more STOMP sessions, each reading at most one
+    slot, all closed before it returns.
     """
 
     log = Logger()
@@ -150,15 +153,20 @@ class StompStore(ClusterStore):
 
     @defer.inlineCallbacks
     def daemons(self):
-        # Three sessions, so that the index is not held while the records
-        # are read (a beat waiting for it would take it for empty).
+        # A session for each slot, so that none holds one slot while it
+        # waits for another: two readers each holding what the other waits
+        # for would both take the other's for empty.
         names = yield self._session(self._names)
         slots = {self.slot(n): n for n in names}
-        records = yield self._session(lambda session: session.read(list(slots)))
+        found = yield defer.gatherResults(
+            [self._session(lambda session, slot=slot: session.read([slot]))
+             for slot in slots], consumeErrors=True).addErrback(
+                 lambda f: f.value.subFailure)
+        records = {s: value for one in found for s, (value, _) in one.items()}
         gone = {n for s, n in slots.items() if s not in records}
         if gone:
             yield self._session(lambda session: self._prune(session, gone))
-        return {slots[s]: value for s, (value, _) in records.items()}
+        return {slots[s]: value for s, value in records.items()}
 
     @defer.inlineCallbacks
     def _names(self, session):
