@@ -329,6 +329,18 @@ class FakeBrokerStoreTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(len(self.sends()), 1)
 
+    def test_deadline(self):
+        """A broker that stops answering: the session is aborted in time."""
+        self.broker.pump()
+        self.broker.holdReceipts = True
+        d = self.pumped(self.store.put("reload", {"nonce": "1"}), EMPTY_WAIT)
+        self.assertNoResult(d)
+        self.clock.advance(self.store.deadline)
+        self.broker.pump()
+        self.failureResultOf(d, ConnectionLost)
+        self.assertNotIn("heart-beat", self.broker.sent(StompSpec.CONNECT)[0]
+                         .headers)
+
     def test_lostWhileReading(self):
         d = self.pumped(self.store.settings())
         self.broker.last.lose()

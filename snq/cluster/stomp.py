@@ -34,6 +34,7 @@ channel is closed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 from urllib.parse import quote
@@ -90,8 +91,15 @@ class StompStore(ClusterStore):
         self.settingsSlot = self.base + "settings"
         #: As snq's other queues: quorum ones on a cluster that asks so.
         self.arguments = {**SLOT_ARGUMENTS, **Destinations(config).queueType}
+        #: Longest a session may last: to log in, wait for a slot, and say
+        #: DISCONNECT; then it is aborted.
+        self.deadline = stomp.connect_timeout + EMPTY_WAIT + DISCONNECT_TIMEOUT
         endpoints = endpoints or [None] * len(stomp.servers)
-        self.brokers = [BrokerConnection(url, stomp, self.clock, reactor,
+        # No heart-beats: a session lasts milliseconds, and RabbitMQ 3.10
+        # may drop one whose heart-beats start while the broker is holding
+        # back its reader (its log: {unexpected_message,resume}).
+        quick = dataclasses.replace(stomp, heartbeat=0.0)
+        self.brokers = [BrokerConnection(url, quick, self.clock, reactor,
                                          endpoint=endpoint)
                         for url, endpoint in zip(stomp.servers, endpoints,
                                                  strict=True)]
@@ -127,6 +135,8 @@ class StompStore(ClusterStore):
             break
         else:
             raise failure
+        timer = self.clock.callLater(self.deadline,
+                                     stomp.transport.abortConnection)
         try:
             if not (stomp.server or "").startswith("RabbitMQ/"):
                 raise NotRabbitMQ(
@@ -136,6 +146,8 @@ class StompStore(ClusterStore):
             return (yield use(_Session(self, broker, stomp)))
         finally:
             yield _hangUp(stomp)
+            if timer.active():
+                timer.cancel()
 
     # The store
 
