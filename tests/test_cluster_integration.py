@@ -4,7 +4,7 @@ Two real daemons (distinct ids and pids) sharing a backend, seen and
 driven through the cluster's registry: C{snqctl status --cluster}, C{check
 --cluster}, C{reload --cluster}, C{pause} and C{resume}, on SQLite,
 PostgreSQL, Redis and RabbitMQ (STOMP, with the registry in C{[ledger]
-url}).
+url}, or in RabbitMQ's queues without it).
 """
 
 import json
@@ -261,3 +261,16 @@ class StompClusterTests(ClusterMixin, TestCase):
         return (f'backend = "stomp"\nbasename = "/queue/{name}/"',
                 f'[stomp]\ncontrol_channel = "/topic/{name}/control"\n'
                 f'[ledger]\nurl = "sqlite:///{self.dir}/ledger.sqlite"')
+
+
+class StompOnlyClusterTests(ClusterMixin, TestCase):
+    """No [ledger] url: the registry in RabbitMQ's own queues, signed."""
+
+    def backend(self):
+        rabbitmq.requireRabbitMQ()
+        name = rabbitmq.uniqueName()
+        self.addCleanup(rabbitmq.deleteQueues, name)
+        return (f'backend = "stomp"\nbasename = "/queue/{name}/"',
+                f'[stomp]\ncontrol_channel = "/topic/{name}/control"\n'
+                'control_secret = "cluster-test-secret"')
+

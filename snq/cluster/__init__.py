@@ -6,7 +6,7 @@ and sites paused, the last reload asked for).  Nothing is elected and no
 daemon talks to another: each writes its own record and reads the rest,
 in the store the queue already is (SQL: the table C{snq_cluster}; Redis:
 keys under C{<prefix>cluster}), or in C{[ledger] url} beside a STOMP
-broker.
+broker, else in RabbitMQ queues (L{snq.cluster.stomp}).
 
 A record is a JSON object: C{name} (C{<daemon id>@<host>}), C{host},
 C{pid}, C{version}, C{generation} and C{digest} of the config it runs,
@@ -32,7 +32,10 @@ KINDS = ("transport", "site")
 
 
 class ClusterMissing(Exception):
-    """There is no store the daemons share (a STOMP broker, no [ledger] url)."""
+    """
+    There is no store the daemons share (a STOMP broker, no [ledger] url,
+    no [stomp] control_secret).
+    """
 
 
 def pauseKey(kind: str, name: str) -> str:
@@ -192,8 +195,9 @@ def decode(text) -> dict | None:
 def makeStore(config, queue=None, clock=None) -> ClusterStore:
     """
     The cluster's store: on C{queue} (open, the caller's) when the backend
-    keeps one, else on C{[ledger] url}, opened and closed by the store;
-    L{ClusterMissing} on a STOMP broker without it.
+    keeps one, else on C{[ledger] url}, opened and closed by the store, else
+    on the STOMP broker (L{ClusterMissing} when its messages could not be
+    signed).
     """
     from snq.queues import makeQueue
 
@@ -201,9 +205,7 @@ def makeStore(config, queue=None, clock=None) -> ClusterStore:
     if backend == "stomp":
         url = config.ledger.url
         if not url:
-            raise ClusterMissing(
-                "a STOMP broker keeps no registry: set [ledger] url to a "
-                "database or Redis every daemon on this broker shares")
+            return _onBroker(config, clock)
         scheme = "redis" if url.reveal().startswith(("redis://", "rediss://")) \
             else "db"
         own = dataclasses.replace(
@@ -220,6 +222,23 @@ def makeStore(config, queue=None, clock=None) -> ClusterStore:
     from snq.cluster.sql import SqlStore
 
     return SqlStore(queue, clock)
+
+
+def _onBroker(config, clock) -> ClusterStore:
+    """
+    The store on the RabbitMQ broker itself (L{snq.cluster.stomp}), open
+    when its control channel is: its messages are signed with the same
+    secret.
+    """
+    from snq.cluster.stomp import StompStore
+    from snq.stomp.control import isOpen
+
+    if not isOpen(config.stomp):
+        raise ClusterMissing(
+            "set [ledger] url to a database or Redis every daemon on this "
+            "broker shares, or [stomp] control_secret to keep the registry "
+            "on the broker itself (its messages signed with it)")
+    return StompStore(config, clock)
 
 
 @defer.inlineCallbacks

@@ -84,6 +84,9 @@ class StompClientProtocol(Protocol):
     """
 
     log = Logger()
+    #: Whether the session's start and end are logged at info level (else
+    #: debug): not for the many short sessions of a cluster registry.
+    noisy = True
 
     def __init__(self, clock=None, heartBeatTolerance=HEART_BEAT_TOLERANCE):
         clock = defaultReactor(clock)
@@ -281,7 +284,7 @@ class StompClientProtocol(Protocol):
                 call.cancel()
         self._session.close()
         self._lost = reason.value
-        self.log.info(
+        self._note(
             "STOMP connection closed: {reason}", reason=reason.getErrorMessage()
         )
         # Those watching the connection learn first, so that whoever reacts to
@@ -325,7 +328,7 @@ class StompClientProtocol(Protocol):
         version = self._session.version
         self._parser.version = version
         self._startHeartBeats()
-        self.log.info(
+        self._note(
             "STOMP {version} session {session} with {server}",
             version=version,
             session=self._session.id,
@@ -379,6 +382,9 @@ class StompClientProtocol(Protocol):
         self.transport.loseConnection()
 
     # Helpers
+
+    def _note(self, format, **fields):
+        (self.log.info if self.noisy else self.log.debug)(format, **fields)
 
     def _receiptId(self, receipt):
         return f"receipt-{next(self._ids)}" if receipt else None
@@ -472,4 +478,5 @@ class StompFactory(Factory):
     def buildProtocol(self, addr):
         stomp = self.protocol(self.clock, self.heartBeatTolerance)
         stomp.factory = self
+        stomp.noisy = self.noisy
         return stomp
