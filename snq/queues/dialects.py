@@ -269,6 +269,16 @@ CLUSTER_TABLE = """CREATE TABLE IF NOT EXISTS snq_cluster (
     value TEXT NOT NULL,
     seen DOUBLE PRECISION NOT NULL)"""
 
+#: Partial indexes and DOUBLE PRECISION: SQLite's and PostgreSQL's spelling
+#: (MariaDB has its own below).
+SITE_INDEX = """CREATE INDEX IF NOT EXISTS queue_item_site
+    ON queue_item (transport, site, priority DESC, id)
+    WHERE claimed_by IS NULL"""
+BUCKET_TABLE = """CREATE TABLE IF NOT EXISTS queue_bucket (
+    name VARCHAR(80) PRIMARY KEY,
+    tokens DOUBLE PRECISION NOT NULL,
+    stamp DOUBLE PRECISION NOT NULL)"""
+
 
 class Sqlite(Dialect):
     #: One connection: SQLite has one writer at a time anyway, and a single
@@ -309,15 +319,10 @@ class Sqlite(Dialect):
         CLUSTER_TABLE,
     ), (
         # Version 3: the sites with work waiting, per transport (fairness).
-        """CREATE INDEX IF NOT EXISTS queue_item_site
-            ON queue_item (transport, site, priority DESC, id)
-            WHERE claimed_by IS NULL""",
+        SITE_INDEX,
     ), (
         # Version 4: token buckets of rate limits, shared by every worker.
-        """CREATE TABLE IF NOT EXISTS queue_bucket (
-            name VARCHAR(80) PRIMARY KEY,
-            tokens DOUBLE PRECISION NOT NULL,
-            stamp DOUBLE PRECISION NOT NULL)""",
+        BUCKET_TABLE,
     ), (
         # Version 5: items' keys, looked up by unique transports.
         lambda txn: Sqlite().addColumn(txn, "item_key", "VARCHAR(255) NULL"),
@@ -580,15 +585,10 @@ class Postgres(Dialect):
         CLUSTER_TABLE,
     ), (
         # Version 3: the sites with work waiting, per transport (fairness).
-        """CREATE INDEX IF NOT EXISTS queue_item_site
-            ON queue_item (transport, site, priority DESC, id)
-            WHERE claimed_by IS NULL""",
+        SITE_INDEX,
     ), (
         # Version 4: token buckets of rate limits, shared by every worker.
-        """CREATE TABLE IF NOT EXISTS queue_bucket (
-            name VARCHAR(80) PRIMARY KEY,
-            tokens DOUBLE PRECISION NOT NULL,
-            stamp DOUBLE PRECISION NOT NULL)""",
+        BUCKET_TABLE,
     ), (
         # Version 5: items' keys, looked up by unique transports, and the
         # rows that serialize enqueues of one key.
