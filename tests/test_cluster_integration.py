@@ -137,6 +137,10 @@ class ClusterMixin:
     @defer.inlineCallbacks
     def viewCheckReload(self, daemons):
         host = socket.gethostname()
+        # The counts in the records are those of each daemon's last heartbeat.
+        yield self.waitFor(lambda records: sum(
+            w["handled"] for n in "ab" for w in records.get(n, {}).get("workers", [])
+        ) == 40, "the 40 items handled in the records")
         status = self.status()
         self.assertEqual({status[n]["pid"] for n in "ab"},
                          {daemons[n].process.pid for n in "ab"})

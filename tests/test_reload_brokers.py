@@ -11,6 +11,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from snq import config as snqconfig
+from snq.cluster import ClusterMissing, pauses
 from snq.iomaster import IoMaster
 from snq.item import Item
 from snq.queues.stomp import StompQueue
@@ -30,6 +31,10 @@ def stompConfig(**queue):
 class StompFollowTests(ConnectionTestCase):
     def setUp(self):
         super().setUp()
+        # Reloads on the fake broker: the cluster's registry, which would
+        # open sessions of its own on the STOMP broker, is tested apart
+        # (tests.test_cluster_stomp).
+        self.patch(pauses, "makeStore", self.noStore)
         Recorder.done = []
         self.reloads = []
         self.queue = StompQueue(stompConfig(), self.clock,
@@ -39,6 +44,10 @@ class StompFollowTests(ConnectionTestCase):
         started = self.master.startService()
         self.broker.pump()
         self.successResultOf(started)
+
+    @staticmethod
+    def noStore(*args):
+        raise ClusterMissing("not in these tests")
 
     def tearDown(self):
         for d in Recorder.done:

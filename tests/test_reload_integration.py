@@ -272,7 +272,8 @@ class SqliteReloadTests(SqliteTestCase):
         self.assertEqual(result.stderr.splitlines(), [
             "snqctl: reload: invalid configuration, nothing changed:",
             f"{self.path}: transports.rec.colour: unknown key (known: "
-            "concurrency, timeout, max_retries, priority, group, rate)",
+            "concurrency, timeout, max_retries, priority, group, rate, unique, "
+            "unique_running)",
             f"{self.path}: transports.rec.concurrency: expected a number from "
             "0 to 100000, got -1"])
         self.configure(handlers='nothere = "reloadcode:NoSuchClass"')

@@ -19,10 +19,11 @@ from snq.cluster import ClusterMissing, Pauses, makeStore
 class PauseWatch(Service):
     """
     Reads the pauses from the store on C{queue} (open, the worker's own)
-    and calls C{apply(pauses)} when they change.  The first look is over
-    before the service has started, so a worker that starts during a pause
-    does not claim what is paused; a store that does not answer keeps the
-    pauses as they were, and is asked again at the next look.
+    and calls C{apply(pauses)} when they change.  On the worker's own queue
+    the first look is over before the service has started, so a worker that
+    starts during a pause does not claim what is paused; a store that does
+    not answer keeps the pauses as they were, and is asked again at the
+    next look.
     """
 
     log = Logger()
@@ -49,7 +50,13 @@ class PauseWatch(Service):
             self.store = makeStore(self.config, self.queue, self.clock)
         except ClusterMissing:
             return
-        yield self.look()
+        first = self.look()
+        if self.store.queue is self.queue:
+            # On the worker's own queue the look is quick: wait for it. A
+            # store of its own (a session on the STOMP broker, [ledger] url)
+            # may take seconds, which a respawn must not: until it answers,
+            # a paused item taken anyway goes back uncharged.
+            yield first
         self._looping = self._loop.start(self.config.cluster.heartbeat,
                                          now=False)
 
