@@ -3,6 +3,7 @@ Running a real C{twistd -n snq} in a test: start it, wait for a log line,
 signal it, and make sure it never outlives the test.
 """
 
+import contextlib
 import os
 import random
 import re
@@ -66,6 +67,28 @@ class Daemon:
 
     def alive(self):
         return self.process.poll() is None
+
+    def crash(self):
+        """
+        SIGKILL the master and every process under it at once, as a power
+        cut would: killed alone, the master's workers would see it gone and
+        stop gracefully, putting back what they held.
+        """
+        os.kill(self.process.pid, signal.SIGSTOP)
+        for pid in descendants(self.process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.kill()
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes under C{pid}, children first, from C{/proc}."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+    return children + [d for child in children for d in descendants(child)]
 
 
 @defer.inlineCallbacks

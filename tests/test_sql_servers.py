@@ -7,7 +7,6 @@ there by C{snqctl}, by plain SQL and by the servers' command-line clients.
 
 import json
 import os
-import signal
 import time
 import uuid
 
@@ -128,7 +127,7 @@ class ServerTestsMixin:
         first = self.daemon(config)
         yield waitFor(lambda: len(handledIds(record)) >= 300,
                       what="a drain under way")
-        first.kill(signal.SIGKILL)
+        first.crash()
         self.assertLess(len(set(handledIds(record))), 2_000,
                         "killed mid-drain, not after it")
         self.assertGreater(self.server.count(
