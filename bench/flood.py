@@ -7,7 +7,8 @@ workers and an independent producer process (L{snq.client.Producer}):
 * flood: the same backlog while, at 10 items/s each, site B sends items of
   the same priority and site A sends high-priority ones (priority 9): the
   backlog's drain rate (and its ratio to the plain drain), and B's and the
-  high-priority items' enqueue-to-start p50/p99 while the backlog drains;
+  high-priority items' enqueue-to-start p50/p99 while the backlog drains
+  (from its first C{WARM} items on), over C{--repeat} floods;
 * rate: a transport limited to C{rate = "50/s"} over four workers: the
   rate measured (needs C{[transports.X] rate}; said so where the code has
   none);
@@ -20,7 +21,7 @@ Each item notes when it started (the C{Mark} handler, buffered per
 worker), so the figures come from the items themselves.
 
 Run from the repository root: C{python -m bench.flood [--items N]
-[--backend NAME]... [--only plain,flood,rate,webhook]}.
+[--repeat N] [--backend NAME]... [--only flood,rate,webhook]}.
 """
 
 import argparse
@@ -66,6 +67,9 @@ webhook_allow = ["127.0.0.1"]
 
 #: Probes per second, of each kind, while the backlog drains.
 PROBE_RATE = 10
+#: Items of the backlog handled before the probes start: a daemon's first
+#: second (workers starting, connections opening) is no flood's doing.
+WARM = 1000
 #: The high-priority probes' priority (the backlog's is 0).
 HIGH = 9
 
@@ -133,6 +137,7 @@ def produce(args):
     elif args.hosts:
         side = threading.Thread(target=hooks, args=(20,), daemon=True)
     if side is not None:
+        sys.stdin.readline()  # Once the workers drain.
         side.start()
         sys.stdin.read()  # Until the bench closes it.
         stop.set()
@@ -188,8 +193,9 @@ class Scenario(Run):
     @defer.inlineCallbacks
     def backlog(self, items, *more):
         """
-        Enqueue C{items}, then start the daemon on them (and the producer's
-        side traffic); → the marks once all ran.  The backlog is whole
+        Enqueue C{items}, then start the daemon on them, and once it drains
+        the producer's side traffic (C{more}); → the marks once all ran.
+        The backlog is whole
         before a worker claims: a producer slower than the workers would
         otherwise measure itself, and leave no backlog to pass.
         """
@@ -203,6 +209,11 @@ class Scenario(Run):
             if line != "enqueued\n":
                 self.fail(f"the producer failed: {line!r}")
             self.daemon = Daemon(self, self.dir, "-c", self.configPath)
+            if more:
+                yield waitFor(lambda: count() >= WARM, timeout=120,
+                              interval=0.01, what="the drain to start")
+                process.stdin.write("go\n")
+                process.stdin.flush()
             yield waitFor(lambda: count() >= items, timeout=items / 50 + 120,
                           interval=0.5, what=f"{items} items handled")
         finally:
@@ -246,17 +257,26 @@ def scenario(backendClass, body):
 
 
 @defer.inlineCallbacks
-def plainAndFlood(run, items):
+def plainAndFlood(run, items, repeat):
+    """
+    The plain drain once, then the flood C{repeat} times: its drain rate
+    is the median run's, the probes' latencies are pooled (a p99 needs a
+    few hundred of them, and one fast drain holds few).
+    """
     run.configure()
     plain = drainRate((yield run.backlog(items)))
-    # Workers keep their files open: new ones start afresh.
-    run.daemon.kill(signal.SIGTERM)
-    for name in os.listdir(run.dir):
-        if name.startswith("marks.txt."):
-            os.remove(os.path.join(run.dir, name))
-    found = yield run.backlog(items, "--probes")
-    flood = drainRate(found)
-    b, h = latencies(found, "b"), latencies(found, "h")
+    rates, b, h = [], [], []
+    for _ in range(repeat):
+        # Workers keep their files open: new ones start afresh.
+        run.daemon.kill(signal.SIGTERM)
+        for name in os.listdir(run.dir):
+            if name.startswith("marks.txt."):
+                os.remove(os.path.join(run.dir, name))
+        found = yield run.backlog(items, "--probes")
+        rates.append(drainRate(found))
+        b += latencies(found, "b")
+        h += latencies(found, "h")
+    flood = sorted(rates)[len(rates) // 2]
     return {"backend": run.backend.name, "items": items, "plain /s": plain,
             "flood /s": flood, "flood/plain": f"{flood / plain:.0%}",
             "B n": len(b), "B p50 ms": percentile(b, 0.5),
@@ -317,6 +337,8 @@ def deadHost(run, seconds=40.0):
     hosts = ",".join(str(p.getHost().port) for p in ports)
     yield run.start(transports="[transports.webhook]\ntimeout = 10\n")
     process = run.producer(0, "--hosts", hosts)
+    process.stdin.write("go\n")
+    process.stdin.flush()
     yield task.deferLater(reactor, seconds, lambda: None)
     process.stdin.close()
     yield threads.deferToThread(process.wait, 60)
@@ -335,6 +357,8 @@ def main(reactor):
                         help="only these (default: all four)")
     parser.add_argument("--only", default="flood,rate,webhook",
                         help="which scenarios (flood includes the plain drain)")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="floods per backend, their probes pooled")
     parser.add_argument("--label", default="", help="kept with the results")
     parser.add_argument("--stomp-prefetch", type=int, default=0,
                         help="[stomp] prefetch (default: snq's)")
@@ -350,7 +374,7 @@ def main(reactor):
             rows = []
             for name in backends:
                 rows.append((yield scenario(stall.BACKENDS[name], lambda run: (
-                    plainAndFlood(run, args.items)))))
+                    plainAndFlood(run, args.items, args.repeat)))))
                 print(json.dumps(rows[-1]), flush=True)
             results["flood"] = rows
         if "rate" in only:
@@ -364,8 +388,9 @@ def main(reactor):
                                                   deadHost))]
         print(f"\n{args.label}")
         if "flood" in results:
-            print(f"\nsite A's backlog of {args.items:,} items; B and "
-                  f"high-priority probes at {PROBE_RATE}/s each\n")
+            print(f"\nsite A's backlog of {args.items:,} items, its flood "
+                  f"{args.repeat} times; B and high-priority probes at "
+                  f"{PROBE_RATE}/s each\n")
             table(results["flood"], ["backend", "plain /s", "flood /s",
                                      "flood/plain", "B n", "B p50 ms", "B p99 ms",
                                      "high n", "high p50 ms", "high p99 ms"])
