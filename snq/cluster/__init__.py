@@ -149,8 +149,19 @@ class ClusterStore:
     def describe(self) -> str:
         return self.queue.describe()
 
+    #: Whether L{ensureOpen} has opened it (so there is something to close).
+    opened = False
+
     def open(self):
         return self.queue.open() if self.owns else defer.succeed(None)
+
+    @defer.inlineCallbacks
+    def ensureOpen(self):
+        """Open unless opened: a store of its own ([ledger] url, a STOMP
+        session) may be down for now, and its users try again later."""
+        if not self.opened:
+            yield self.open()
+            self.opened = True
 
     def close(self):
         return self.queue.close() if self.owns else defer.succeed(None)

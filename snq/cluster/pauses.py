@@ -35,7 +35,6 @@ class PauseWatch(Service):
         self.clock = clock
         self.pauses = Pauses()
         self.store = None
-        self._opened = False
         self._failing = False
         #: The look in progress, or the last one.
         self.looking: defer.Deferred = defer.succeed(None)
@@ -67,7 +66,7 @@ class PauseWatch(Service):
             self._loop.stop()
         yield self._looping
         yield self.looking
-        if self._opened:
+        if self.store is not None and self.store.opened:
             yield self.store.close()
 
     def reconfigService(self, config):
@@ -85,10 +84,7 @@ class PauseWatch(Service):
     @defer.inlineCallbacks
     def _look(self):
         try:
-            if not self._opened:
-                # A store of its own ([ledger] url) may be down for now.
-                yield self.store.open()
-                self._opened = True
+            yield self.store.ensureOpen()
             pauses = Pauses.fromSettings((yield self.store.settings()))
         except Exception as e:
             if not self._failing:

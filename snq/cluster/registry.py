@@ -83,7 +83,6 @@ class RegistryService(Service):
         self.started = None
         self._beats = 0
         self._failing = False
-        self._opened = False
         #: The nonce of the last cluster reload seen (L{_UNSEEN} before the
         #: first look), and what came of it.
         self._reloadNonce = _UNSEEN
@@ -117,7 +116,7 @@ class RegistryService(Service):
             self._loop.stop()
         yield self._looping
         yield self.beating
-        if not self._opened:
+        if self.store is None or not self.store.opened:
             return
         try:
             yield self._write("stopped")
@@ -172,9 +171,8 @@ class RegistryService(Service):
     @defer.inlineCallbacks
     def _beat(self):
         try:
-            if not self._opened:
-                yield self.store.open()
-                self._opened = True
+            if not self.store.opened:
+                yield self.store.ensureOpen()
                 self.log.info("registered as {name} in {store}, heartbeat "
                               "every {interval:g} s", name=self.name,
                               store=self.store.describe(),
