@@ -9,7 +9,8 @@ Members of the processing sorted set are C{TOKEN \\n LIST \\n FRAME}: the
 token makes two identical frames distinct, the list is where the item goes
 back to.  Members of a delayed set are C{TOKEN \\n FRAME}; the set belongs
 to one ready list.  Scores are UNIX seconds (a deadline, a due time), from
-the worker's clock.
+the worker's clock.  The scripts that move or remove items also keep the
+unique transports' key index (C{lua/keys.lua}) with them.
 """
 
 import hashlib

@@ -52,12 +52,12 @@ local function putInLine(prefix, spec, frame, front)
   end
 end
 
--- Take the frame nearest the front out of its line of list SPEC (a
+-- Take the newest copy of a frame out of its line of list SPEC (a
 -- replaced item); the line leaves its ring, and the ring its levels, when
 -- emptied.  Returns how many went (0 or 1).
 local function leaveLine(prefix, spec, frame)
   local line, priority, pair = lineOf(prefix, spec, frame)
-  local n = redis.call('LREM', line, -1, frame)
+  local n = redis.call('LREM', line, 1, frame)
   if n > 0 and redis.call('EXISTS', line) == 0 then
     local ring = prefix .. 'ring:' .. spec .. '/' .. priority
     redis.call('LREM', ring, 0, pair)

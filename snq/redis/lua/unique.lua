@@ -33,11 +33,12 @@ local function locate(entry)
     end
     return nil
   end
-  local at = redis.call('LPOS', container, element, 'RANK', -1)
+  -- From the newest end: a duplicate tends to follow its original soon.
+  local at = redis.call('LPOS', container, element)
   if at then return 'q', container, element, at end
   local spec = string.sub(container, #prefix + 3)
   local line = lineOf(prefix, spec, element)
-  at = redis.call('LPOS', line, element, 'RANK', -1)
+  at = redis.call('LPOS', line, element)
   if at then return 'l', line, element, at, spec end
   return nil
 end
@@ -65,7 +66,7 @@ local function replace(kind, container, old, at, spec, list, delayed, due,
   if kind == 'd' then
     redis.call('ZREM', container, old)
   elseif kind == 'q' then
-    redis.call('LREM', container, -1, old)
+    redis.call('LREM', container, 1, old)
   else
     leaveLine(prefix, spec, old)
   end
