@@ -23,6 +23,7 @@ from snq.client.resp import RespConnection, command
 from snq.client.wire import Wire
 from snq.handlers.context import HandlerContext
 from snq.item import Item
+from snq.ledger import makeLedger
 from snq.queues.db import DbQueue
 from snq.queues.dialects import DIALECTS
 from snq.queues.interface import Cancelled
@@ -139,6 +140,22 @@ class UniqueMixin:
         items = [Item(transport="u", payload=n, key="k") for n in range(2)]
         self.assertEqual((yield self.queue.enqueue(items)), [True, False])
         self.assertEqual(self.waiting(), [(0, "k")])
+
+    @defer.inlineCallbacks
+    def test_ledgerEnqueueOnce(self):
+        """The ledger's enqueue with its claims (an IoManager's, in the
+        queue's own store) keeps keyed items unique too; their names are
+        claimed all the same."""
+        self.configure(u="drop")
+        ledger = makeLedger(self.config, self.queue)
+        yield ledger.open()
+        self.addCleanup(ledger.close)
+        entries = [(f"n{n}", Item(transport="u", payload=n, key="k"))
+                   for n in range(2)]
+        new = yield ledger.enqueueOnce(entries, 60, self.queue)
+        self.assertEqual([item.payload for item in new], [0, 1])
+        self.assertEqual(self.waiting(), [(0, "k")])
+        self.assertEqual((yield ledger.enqueueOnce(entries, 60, self.queue)), [])
 
     @defer.inlineCallbacks
     def test_handlerEnqueue(self):

@@ -332,22 +332,22 @@ class RedisQueue(Queue):
             return defer.succeed([])
         # Not idempotent: a lost answer is an error, not a second push.
         if anyUnique(items, self.config.transport):
-            keys, args = uniqueCall(
-                items, self.route, self.prefix, self.clock.seconds(), delay,
-                lambda item: self._token(), self.config.transport)
-            d = self._eval(scripts.UNIQUE, keys, args)
+            d = self._eval(scripts.UNIQUE, *self.enqueueArguments(items, delay))
             return d.addCallback(lambda taken: [bool(t) for t in taken])
-        keys, args = self.enqueueArguments(items, delay)
+        keys, args = enqueueCall(items, self.route, self.prefix,
+                                 self.clock.seconds(), delay,
+                                 lambda item: self._token())
         d = self._eval(scripts.ENQUEUE, keys, args)
         return d.addCallback(lambda _: [True] * len(items))
 
     def enqueueArguments(self, items, delay=0.0) -> tuple[list, list]:
         """
-        The KEYS and ARGV of C{enqueue.lua} for C{items}, which the
+        The KEYS and ARGV of C{unique.lua} for C{items}, which the
         ledger's C{once_enqueue.lua} takes too (L{snq.ledger.redis}).
         """
-        return enqueueCall(items, self.route, self.prefix, self.clock.seconds(),
-                           delay, lambda item: self._token())
+        return uniqueCall(items, self.route, self.prefix, self.clock.seconds(),
+                          delay, lambda item: self._token(),
+                          self.config.transport)
 
     def claim(self, limit, transports=None):
         """C{transports} is SQL's filter; here the consumed lists are."""

@@ -41,7 +41,7 @@ BURY = Script.named("bury", "keys")
 ACK = Script.named("ack", "keys")
 ENQUEUE = Script.named("enqueue")
 #: The enqueue of keyed items of unique transports (L{snq.redis.keys}).
-UNIQUE = Script.named("unique", "lines", "keys")
+UNIQUE = Script.named("unique_enqueue", "lines", "keys", "unique")
 RESURRECT = Script.named("resurrect")
 PURGE = Script.named("purge")
 DEPTH = Script.named("depth", "lines")
@@ -51,7 +51,7 @@ CANCEL = Script.named("cancel", "keys")
 #: The ledger's (L{snq.ledger.redis}).
 LEASE = Script.named("lease")
 RELEASE = Script.named("release")
-ONCE_ENQUEUE = Script.named("once_enqueue")
+ONCE_ENQUEUE = Script.named("once_enqueue", "lines", "keys", "unique")
 
 ALL = (CLAIM, RETURN, RETRY, BURY, ACK, ENQUEUE, UNIQUE, RESURRECT, PURGE,
        DEPTH, HELD, LIMITS, CANCEL, LEASE, RELEASE, ONCE_ENQUEUE)
