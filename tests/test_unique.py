@@ -192,6 +192,22 @@ class UniqueMixin:
                          [1] * rounds)
         self.assertEqual(len(self.waiting()), rounds)
 
+    @defer.inlineCallbacks
+    def test_concurrentReplaces(self):
+        """Two producers replacing one key at once: one item waits, the
+        last one taken."""
+        self.configure(u="replace")
+        producers = [self.producer(), self.producer()]
+
+        def replace(producer, start):
+            return [producer.enqueue("u", n, key="k")
+                    for n in range(start, start + 20)]
+
+        yield defer.gatherResults(
+            [threads.deferToThread(replace, p, 100 * n)
+             for n, p in enumerate(producers)])
+        self.assertIn(self.waiting(), ([(19, "k")], [(119, "k")]))
+
 
 class SqlUniqueMixin(UniqueMixin):
     def backend(self):
@@ -491,6 +507,19 @@ class RedisUniqueTests(RedisFixture, UniqueMixin, TestCase):
         self.assertEqual(self.do("EXISTS", self.key("keys:u")), 0)
         for key in ("line", "delayed", "list"):
             self.assertIsNotNone(producer.enqueue("u", 4, key=key))
+
+    @defer.inlineCallbacks
+    def test_producerSendsAMissingScript(self):
+        """After a SCRIPT FLUSH, a producer's keyed enqueue sends the
+        script itself (as the worker's queue does)."""
+        self.configure(u="drop")
+        # The reload's write of the rate limits done before the flush.
+        yield self.queue.connection.execute("PING")
+        producer = self.producer()
+        self.assertIsNotNone(producer.enqueue("u", 1, key="k"))
+        self.do("SCRIPT", "FLUSH")
+        self.assertIsNone(producer.enqueue("u", 2, key="k"))
+        self.assertIsNotNone(producer.enqueue("u", 3, key="j"))
 
     def test_notLookedUp(self):
         """A keyed frame pushed with a plain LPUSH is not in the index, nor
