@@ -249,7 +249,7 @@ class RedisQueueTests(RedisFixture, TestCase):
 
         a.connection.execute = spy
         yield defer.gatherResults([a.ack(d) for d in claimed])
-        self.assertEqual(sent, ["EVALSHA", "EVALSHA"])
+        self.assertEqual(sent, ["ZREM", "ZREM"])
         self.assertEqual((yield self.zcard("processing")), 0)
 
     @defer.inlineCallbacks

@@ -52,6 +52,8 @@ from snq.service import defaultReactor
 
 #: Commands needed: RPOP with a count, BLMOVE.
 MIN_VERSION = (6, 2)
+#: What every frame with a key holds (C{lua/keys.lua} looks for the same).
+KEYED = b'"key"'
 
 
 class Lease:
@@ -378,9 +380,9 @@ class RedisQueue(Queue):
         """
         Acknowledgements are grouped: while one is on its way, the next
         ones gather for the one after, so a busy worker sends one command
-        for many items and an idle one still sends each at once.  The
-        command is C{ack.lua}, which also clears the items' key index
-        entries.
+        for many items and an idle one still sends each at once.  A batch
+        with keyed items goes through C{ack.lua}, which also clears their
+        key index entries; others are one ZREM, as fast as ever.
         """
         done = defer.Deferred()
         self._acks.append((delivery.token.member, done))
@@ -390,9 +392,13 @@ class RedisQueue(Queue):
 
     def _flushAcks(self):
         batch, self._acks = self._acks, []
-        self._acking = self._eval(
-            scripts.ACK, [self.processing],
-            [self.prefix, *(member for member, _ in batch)], again=True)
+        members = [member for member, _ in batch]
+        if any(KEYED in member for member in members):
+            self._acking = self._eval(scripts.ACK, [self.processing],
+                                      [self.prefix, *members], again=True)
+        else:
+            self._acking = self.connection.execute("ZREM", self.processing,
+                                                   *members, again=True)
 
         def sent(result):
             self._acking = None
