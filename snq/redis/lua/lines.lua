@@ -1,7 +1,7 @@
 -- Included at the top of the scripts that put frames in line or take
--- them out (claim.lua, return.lua, unique.lua).  A list's items wait in lines, one per priority, transport
--- and site, which exist only while they hold items (an idle site costs
--- nothing).  The lines of the list <prefix>q:SPEC:
+-- them out (claim.lua, return.lua, unique.lua).  A list's items wait in
+-- lines, one per priority, transport and site, which exist only while they
+-- hold items (an idle site costs nothing).  The lines of the list <prefix>q:SPEC:
 --   <prefix>levels:SPEC             the priorities with items (sorted set)
 --   <prefix>ring:SPEC/P             "TRANSPORT/SITE" of priority P's lines,
 --                                   the next to take its turn at the right
