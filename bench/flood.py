@@ -2,7 +2,8 @@
 Floods (issue 15), on each backend's real server with a pool daemon of two
 workers and an independent producer process (L{snq.client.Producer}):
 
-* plain: site A's backlog of C{--items} no-op items drains alone: items/s;
+* plain: site A's backlog of C{--items} no-op items, enqueued whole before
+  the daemon starts, drains alone: items/s;
 * flood: the same backlog while, at 10 items/s each, site B sends items of
   the same priority and site A sends high-priority ones (priority 9): the
   backlog's drain rate (and its ratio to the plain drain), and B's and the
@@ -38,7 +39,7 @@ from bench.common import percentile, save, table
 from bench.recovery import Run
 from snq.handlers import QueueHandler
 from tests import stall
-from tests.daemon import Daemon, environ, waitFor
+from tests.daemon import Daemon, environ, snqctl, waitFor
 
 CONFIG = """
 [daemon]
@@ -122,6 +123,10 @@ def produce(args):
                     "body": {"t": time.time()}})
             stop.wait(1 / rate)
 
+    for start in range(0, args.items, 1000):
+        producer.enqueue_many("mark", [{"k": "a"}] * min(1000, args.items - start),
+                              site="a")
+    print("enqueued", flush=True)
     side = None
     if args.probes:
         side = threading.Thread(target=probes, daemon=True)
@@ -129,11 +134,6 @@ def produce(args):
         side = threading.Thread(target=hooks, args=(20,), daemon=True)
     if side is not None:
         side.start()
-    for start in range(0, args.items, 1000):
-        producer.enqueue_many("mark", [{"k": "a"}] * min(1000, args.items - start),
-                              site="a")
-    print("enqueued", flush=True)
-    if side is not None:
         sys.stdin.read()  # Until the bench closes it.
         stop.set()
         side.join()
@@ -154,6 +154,12 @@ class Scenario(Run):
 
     @defer.inlineCallbacks
     def start(self, workers=2, transports=""):
+        self.configure(workers, transports)
+        self.daemon = Daemon(self, self.dir, "-c", self.configPath)
+        yield self.running(workers, timeout=120)
+
+    def configure(self, workers=2, transports=""):
+        """Write the config (and the schema an SQL producer needs)."""
         self.marks = os.path.join(self.dir, "marks.txt")
         backend = {"SQLite": "db", "PostgreSQL": "db", "MariaDB": "db",
                    "Redis": "redis", "RabbitMQ": "stomp"}[self.backend.name]
@@ -168,8 +174,8 @@ class Scenario(Run):
                 id=self.daemonId, workers=workers, sock=self.sock,
                 backend=backend, backendConfig=backendConfig,
                 transports=transports, marks=self.marks))
-        self.daemon = Daemon(self, self.dir, "-c", self.configPath)
-        yield self.running(workers, timeout=120)
+        if backend == "db":
+            snqctl("-c", self.configPath, "db", "init", cwd=self.dir)
 
     def producer(self, items, *more):
         """The producer process; its stdin closed ends its side traffic."""
@@ -181,13 +187,22 @@ class Scenario(Run):
 
     @defer.inlineCallbacks
     def backlog(self, items, *more):
-        """Enqueue C{items} (and side traffic); → the marks once all ran."""
+        """
+        Enqueue C{items}, then start the daemon on them (and the producer's
+        side traffic); → the marks once all ran.  The backlog is whole
+        before a worker claims: a producer slower than the workers would
+        otherwise measure itself, and leave no backlog to pass.
+        """
         process = self.producer(items, *more)
 
         def count():
             return sum(1 for k, _, _ in marks(self.dir) if k == "a")
 
         try:
+            line = yield threads.deferToThread(process.stdout.readline)
+            if line != "enqueued\n":
+                self.fail(f"the producer failed: {line!r}")
+            self.daemon = Daemon(self, self.dir, "-c", self.configPath)
             yield waitFor(lambda: count() >= items, timeout=items / 50 + 120,
                           interval=0.5, what=f"{items} items handled")
         finally:
@@ -232,14 +247,13 @@ def scenario(backendClass, body):
 
 @defer.inlineCallbacks
 def plainAndFlood(run, items):
-    yield run.start()
+    run.configure()
     plain = drainRate((yield run.backlog(items)))
     # Workers keep their files open: new ones start afresh.
     run.daemon.kill(signal.SIGTERM)
     for name in os.listdir(run.dir):
         if name.startswith("marks.txt."):
             os.remove(os.path.join(run.dir, name))
-    yield run.start()
     found = yield run.backlog(items, "--probes")
     flood = drainRate(found)
     b, h = latencies(found, "b"), latencies(found, "h")
@@ -255,7 +269,7 @@ def rateLimited(run, items=500):
     transports = '[transports.mark]\nrate = "50/s"\n'
     if not _knows({"transports": {"mark": {"rate": "50/s"}}}):
         return {"backend": run.backend.name, "measured /s": "no rate limits"}
-    yield run.start(workers=4, transports=transports)
+    run.configure(workers=4, transports=transports)
     found = yield run.backlog(items)
     # A bucket starts full: its first second's worth goes at once.  The
     # middle 80% of the items show the steady rate.

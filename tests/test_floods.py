@@ -299,6 +299,21 @@ class RedisFloodTests(RedisFixture, FloodTestsMixin, TestCase):
         self.assertEqual((yield self.keys()), [self.key("processing")])
 
     @defer.inlineCallbacks
+    def test_newestInLineBehindABacklog(self):
+        """
+        Items pushed behind a backlog longer than a claim sorts are in line
+        at the next claim, not once the backlog is sorted.
+        """
+        for _ in range(5):
+            yield self.queue.enqueue(self.items(1000))
+        yield self.queue.enqueue(self.items(1, site="b"))
+        yield self.queue.enqueue([Item(transport="noop", payload="urgent",
+                                       site="a", priority=5, created=0)])
+        first = yield self.claimed(4)
+        self.assertEqual(first[0], ("a", "urgent"))
+        self.assertIn(("b", 0), first)
+
+    @defer.inlineCallbacks
     def keys(self):
         keys = yield self.redis.execute("KEYS", self.prefix + "*")
         return sorted(k.decode() if isinstance(k, bytes) else k for k in keys)

@@ -1,7 +1,8 @@
 -- KEYS: processing, limits, buckets, then (list, delayed) pairs.
 -- ARGV: now, deadline, limit, token prefix, key prefix.
 -- For each list: puts its due retries at the front of their lines and up
--- to SORT of its frames at the back of theirs (lines: see lines.lua), then
+-- to SORT of its oldest frames and NEWEST of its newest at the back of
+-- theirs (lines: see lines.lua), then
 -- claims from the lines into processing: the highest priority first, and
 -- within a priority the lines take turns, each as many items as its site's
 -- weight times the claim's share per line, and no more than the rate
@@ -12,7 +13,7 @@
 -- members packed into one string, each as LENGTH:MEMBER: txredisapi's
 -- pure-Python parser reads each element of an array in a reactor turn of
 -- its own, one string in one go.
-local SORT = 1000
+local SORT, NEWEST = 1000, 100
 local now, deadline, limit = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local prefix = ARGV[5]
 local packed, claimed, nextDue = {}, 0, nil
@@ -82,6 +83,16 @@ for k = 4, #KEYS, 2 do
   end
   for _, f in ipairs(redis.call('RPOP', list, SORT) or {}) do
     if f ~= RING then putInLine(prefix, spec, f, false) end
+  end
+  -- Behind a backlog still to sort, the newest frames go in line too: an
+  -- urgent item or another site's pushed behind 100,000 waits for this
+  -- claim, not for the backlog's sorting.  They may pass older frames of
+  -- their own line still in the backlog.
+  if redis.call('LLEN', list) > 0 then
+    local newest = redis.call('LPOP', list, NEWEST) or {}
+    for i = #newest, 1, -1 do
+      if newest[i] ~= RING then putInLine(prefix, spec, newest[i], false) end
+    end
   end
   for _, top in ipairs(redis.call('ZREVRANGE', levels, 0, -1)) do
     if claimed >= limit then break end
