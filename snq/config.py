@@ -31,7 +31,7 @@ BACKENDS = ("db", "stomp", "redis")
 #: [transports.NAME] unique: off, drop or replace.
 UNIQUE_MODES = ("", "drop", "replace")
 #: The backends that keep items unique by key.
-UNIQUE_BACKENDS = ("db",)
+UNIQUE_BACKENDS = ("db", "redis")
 #: How the URL of a Redis starts.
 REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
 #: Where an IoManager runs (C{[iomanagers.NAME] worker}): every queue worker,
@@ -414,7 +414,7 @@ class TransportConfig:
     #: What an item enqueued with a key does while an item of this
     #: transport with the same key waits: "drop" (the new one is not
     #: stored), "replace" (it takes the waiting one's place), or "" (off:
-    #: keys are only carried).  SQL backend only.
+    #: keys are only carried).  SQL and Redis backends.
     unique: str = field(default="", metadata=_check(
         lambda v: v in UNIQUE_MODES, " | ".join(f'"{m}"' for m in UNIQUE_MODES)))
     #: Whether a running item with the key counts too (the new one is then
@@ -429,6 +429,18 @@ class TransportConfig:
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 _HOST_NAME = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)$")
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+
+
+def keptUnique(item, transports) -> TransportConfig | None:
+    """
+    The settings (C{transports(name)}, a L{TransportConfig} or None) that
+    keep C{item} unique: it has a key and its transport a C{unique} mode.
+    None: it is stored as always, whatever waits.
+    """
+    if item.key is None:
+        return None
+    settings = transports(item.transport)
+    return settings if settings is not None and settings.unique else None
 
 
 def parseHostPort(value: str, scheme: str = "") -> tuple[str, int]:
@@ -920,13 +932,13 @@ def _unique(transports: dict, backend: str, problem) -> None:
     if backend in UNIQUE_BACKENDS:
         return
     why = {"stomp": "a message broker cannot look up a waiting message by its "
-                    "key (RabbitMQ has no keyed deduplication snq could use)",
-           "redis": "the Redis backend does not keep items unique yet"}
+                    "key (RabbitMQ has no keyed deduplication snq could use)"}
+    only = " or ".join(f'"{b}"' for b in UNIQUE_BACKENDS)
     for name, transport in transports.items():
         if transport.unique:
             problem(f"transports.{name}.unique",
                     f"not available with backend = {backend!r}: "
-                    f"{why.get(backend, '')}; only with backend = \"db\"")
+                    f"{why.get(backend, '')}; only with backend = {only}")
 
 
 def _stomp(stomp: StompConfig, problem) -> None:

@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 from snq import config as snqconfig
 from snq.client.errors import EnqueueError
 from snq.client.sql import SqlBackend, storeWith
+from snq.config import keptUnique
 from snq.item import DEFAULT_SITE, MAX_KEY, Item, checkName
 from snq.routing import RoutingError, SourceRouting
 
@@ -154,7 +155,7 @@ class Producer:
                 "needs the SQL backend; this producer's is "
                 f"{self.config.queue.backend}")
         for item in items:
-            if item.key is not None and self.config.transport(item.transport).unique:
+            if keptUnique(item, self.config.transport):
                 raise ValueError(
                     f"connection= cannot enqueue an item with a key on "
                     f"{item.transport!r}, whose items are unique: the check "

@@ -3,8 +3,10 @@
 Enqueueing on the Redis backend, on snq's own lean RESP client
 (L{snq.client.resp}): one command per call, storing the items where the
 daemon's ENQUEUE script would (L{snq.redis.keys}), in one round trip with
-nothing around it.  Behind Sentinels, each new connection goes to the
-primary they name (L{snq.client.sentinel}).
+nothing around it.  Keyed items of unique transports go through the
+daemon's UNIQUE script instead, which looks their keys up.  Behind
+Sentinels, each new connection goes to the primary they name
+(L{snq.client.sentinel}).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from snq.client.pool import Pool
 from snq.client.resp import ReplyError, RespConnection, command
 from snq.client.sentinel import checkPrimary, findPrimary
 from snq.client.wire import Wire, tlsContext
+from snq.redis import scripts
 from snq.redis.address import RedisAddress
-from snq.redis.keys import enqueueCall
+from snq.redis.keys import anyUnique, enqueueCall, uniqueCall
 
 
 class RedisBackend:
@@ -30,6 +33,7 @@ class RedisBackend:
         self.prefix = config.redis.prefix
         self.timeout = config.redis.timeout
         self.routing = routing
+        self.transports = config.transport
         settings = config.redis
         self.tls = None
         if self.address.tls:
@@ -55,13 +59,24 @@ class RedisBackend:
     def route(self, item) -> str:
         return self.routing.route(item.transport, item.site)
 
-    def store(self, items):
+    def store(self, items) -> list[bool] | None:
+        """→ whether each item was taken, None for all (no key looked up)."""
         # The item's id tells apart two delayed items with the same frame.
+        if anyUnique(items, self.transports):
+            keys, args = uniqueCall(items, self.route, self.prefix, time.time(),
+                                    0.0, _token, self.transports)
+            taken = self._use(lambda conn: _eval(conn, scripts.UNIQUE, keys,
+                                                 args))
+            return [bool(t) for t in taken]
         keys, args = enqueueCall(items, self.route, self.prefix, time.time(),
                                  0.0, _token)
         request = _oneCommand(keys, args)
+        self._use(lambda conn: conn.execute(request))
+        return None
+
+    def _use(self, call):
         try:
-            self.pool.use(lambda conn: conn.execute(request), OSError)
+            return self.pool.use(call, OSError)
         except (OSError, ReplyError) as e:
             raise EnqueueError(f"cannot enqueue on {self.where}: {e}") from e
 
@@ -71,6 +86,17 @@ class RedisBackend:
 
 def _token(item) -> str:
     return item.id
+
+
+def _eval(conn: RespConnection, script: scripts.Script, keys: list, args: list):
+    """Run C{script}; sent whole the first time a server lacks it."""
+    try:
+        return conn.execute(command("EVALSHA", script.sha, len(keys), *keys,
+                                    *args))
+    except ReplyError as e:
+        if not str(e).startswith("NOSCRIPT"):
+            raise
+    return conn.execute(command("EVAL", script.source, len(keys), *keys, *args))
 
 
 def _oneCommand(keys: list, args: list) -> bytes:

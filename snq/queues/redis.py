@@ -38,12 +38,22 @@ from snq.redis import scripts
 from snq.redis.address import RedisAddress, tlsOptions
 from snq.redis.connection import CONNECTION_ERRORS, RedisConnection
 from snq.redis.doorbell import Doorbell, Listener
-from snq.redis.keys import delayedKey, delayedMember, enqueueCall, listKey
+from snq.redis.keys import (
+    anyUnique,
+    delayedKey,
+    delayedMember,
+    enqueueCall,
+    listKey,
+    processingKey,
+    uniqueCall,
+)
 from snq.routing import Routing, consumedSpecs
 from snq.service import defaultReactor
 
 #: Commands needed: RPOP with a count, BLMOVE.
 MIN_VERSION = (6, 2)
+#: What every frame with a key holds (C{lua/keys.lua} looks for the same).
+KEYED = b'"key"'
 
 
 class Lease:
@@ -182,7 +192,7 @@ class RedisQueue(Queue):
         self.claimant = re.sub(
             r"[^\w.-]", "_",
             claimant or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        self.processing = self.prefix + "processing"
+        self.processing = processingKey(self.prefix)
         self.dead = self.prefix + "dead"
         #: Sites' weights and rate limits for the claims (L{_writeLimits}),
         #: and the rate limits' token buckets.
@@ -318,19 +328,28 @@ class RedisQueue(Queue):
     # -- the Queue interface ------------------------------------------------
 
     def enqueue(self, items, delay=0.0):
+        """→ whether each was taken: keyed items of unique transports go
+        through the key index (C{unique.lua}), the others are pushed."""
         if not items:
-            return defer.succeed(None)
-        keys, args = self.enqueueArguments(items, delay)
+            return defer.succeed([])
         # Not idempotent: a lost answer is an error, not a second push.
-        return self._eval(scripts.ENQUEUE, keys, args)
+        if anyUnique(items, self.config.transport):
+            d = self._eval(scripts.UNIQUE, *self.enqueueArguments(items, delay))
+            return d.addCallback(lambda taken: [bool(t) for t in taken])
+        keys, args = enqueueCall(items, self.route, self.prefix,
+                                 self.clock.seconds(), delay,
+                                 lambda item: self._token())
+        d = self._eval(scripts.ENQUEUE, keys, args)
+        return d.addCallback(lambda _: [True] * len(items))
 
     def enqueueArguments(self, items, delay=0.0) -> tuple[list, list]:
         """
-        The KEYS and ARGV of C{enqueue.lua} for C{items}, which the
+        The KEYS and ARGV of C{unique.lua} for C{items}, which the
         ledger's C{once_enqueue.lua} takes too (L{snq.ledger.redis}).
         """
-        return enqueueCall(items, self.route, self.prefix, self.clock.seconds(),
-                           delay, lambda item: self._token())
+        return uniqueCall(items, self.route, self.prefix, self.clock.seconds(),
+                          delay, lambda item: self._token(),
+                          self.config.transport)
 
     def claim(self, limit, transports=None):
         """C{transports} is SQL's filter; here the consumed lists are."""
@@ -359,9 +378,11 @@ class RedisQueue(Queue):
 
     def ack(self, delivery):
         """
-        Acknowledgements are grouped: while one ZREM is on its way, the next
+        Acknowledgements are grouped: while one is on its way, the next
         ones gather for the one after, so a busy worker sends one command
-        for many items and an idle one still sends each at once.
+        for many items and an idle one still sends each at once.  A batch
+        with keyed items goes through C{ack.lua}, which also clears their
+        key index entries; others are one ZREM, as fast as ever.
         """
         done = defer.Deferred()
         self._acks.append((delivery.token.member, done))
@@ -371,8 +392,13 @@ class RedisQueue(Queue):
 
     def _flushAcks(self):
         batch, self._acks = self._acks, []
-        self._acking = self.connection.execute(
-            "ZREM", self.processing, *(member for member, _ in batch), again=True)
+        members = [member for member, _ in batch]
+        if any(KEYED in member for member in members):
+            self._acking = self._eval(scripts.ACK, [self.processing],
+                                      [self.prefix, *members], again=True)
+        else:
+            self._acking = self.connection.execute("ZREM", self.processing,
+                                                   *members, again=True)
 
         def sent(result):
             self._acking = None
@@ -392,7 +418,8 @@ class RedisQueue(Queue):
         d = self._eval(scripts.RETRY,
                        [self.processing, self.delayedKey(self._spec(lease.origin))],
                        [lease.member, f"{due:.6f}",
-                        delayedMember(self._token(), item.toJSON())], again=True)
+                        delayedMember(self._token(), item.toJSON()), self.prefix],
+                       again=True)
 
         def moved(_):
             if self.nextDue is None or due < self.nextDue:
@@ -434,7 +461,7 @@ class RedisQueue(Queue):
         record = json.dumps(record)
         return self._eval(scripts.BURY,
                           [self.processing, self.dead, self.deadIds],
-                          [lease.member, record], again=True)
+                          [lease.member, record, self.prefix], again=True)
 
     @defer.inlineCallbacks
     def tend(self, deliveries):

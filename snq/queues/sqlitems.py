@@ -7,6 +7,7 @@ transaction through whatever DB-API driver it uses.
 
 from __future__ import annotations
 
+from snq.config import keptUnique
 from snq.item import Item
 
 #: What a producer writes; the rest of the row is the workers'.
@@ -51,8 +52,8 @@ def storeItems(cursor, dialect, items, rows, transports) -> list[bool]:
     """
     plain, taken = [], []
     for item, row in zip(items, rows, strict=True):
-        settings = transports(item.transport) if item.key is not None else None
-        if settings is None or not settings.unique:
+        settings = keptUnique(item, transports)
+        if settings is None:
             plain.append(row)
             taken.append(True)
         else:

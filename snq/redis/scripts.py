@@ -9,7 +9,8 @@ Members of the processing sorted set are C{TOKEN \\n LIST \\n FRAME}: the
 token makes two identical frames distinct, the list is where the item goes
 back to.  Members of a delayed set are C{TOKEN \\n FRAME}; the set belongs
 to one ready list.  Scores are UNIX seconds (a deadline, a due time), from
-the worker's clock.
+the worker's clock.  The scripts that move or remove items also keep the
+unique transports' key index (C{lua/keys.lua}) with them.
 """
 
 import hashlib
@@ -33,21 +34,24 @@ class Script:
                            for n in (*included, name)))
 
 
-CLAIM = Script.named("claim", "lines")
-RETURN = Script.named("return", "lines")
-RETRY = Script.named("retry")
-BURY = Script.named("bury")
+CLAIM = Script.named("claim", "lines", "keys")
+RETURN = Script.named("return", "lines", "keys")
+RETRY = Script.named("retry", "keys")
+BURY = Script.named("bury", "keys")
+ACK = Script.named("ack", "keys")
 ENQUEUE = Script.named("enqueue")
+#: The enqueue of keyed items of unique transports (L{snq.redis.keys}).
+UNIQUE = Script.named("unique_enqueue", "lines", "keys", "unique")
 RESURRECT = Script.named("resurrect")
 PURGE = Script.named("purge")
 DEPTH = Script.named("depth", "lines")
 HELD = Script.named("held")
 LIMITS = Script.named("limits")
-CANCEL = Script.named("cancel")
+CANCEL = Script.named("cancel", "keys")
 #: The ledger's (L{snq.ledger.redis}).
 LEASE = Script.named("lease")
 RELEASE = Script.named("release")
-ONCE_ENQUEUE = Script.named("once_enqueue")
+ONCE_ENQUEUE = Script.named("once_enqueue", "lines", "keys", "unique")
 
-ALL = (CLAIM, RETURN, RETRY, BURY, ENQUEUE, RESURRECT, PURGE, DEPTH, HELD,
-       LIMITS, CANCEL, LEASE, RELEASE, ONCE_ENQUEUE)
+ALL = (CLAIM, RETURN, RETRY, BURY, ACK, ENQUEUE, UNIQUE, RESURRECT, PURGE,
+       DEPTH, HELD, LIMITS, CANCEL, LEASE, RELEASE, ONCE_ENQUEUE)

@@ -3,7 +3,8 @@
 -- every JSON encoder writes as is (frames without it are not decoded).
 -- Removes the waiting items whose envelope has that id (or key): from the
 -- lists, their lines (see lines.lua) and delayed sets; counts those held
--- by workers, which run to their end.  Returns {removed, running}.
+-- by workers, which run to their end.  A removed item leaves the key
+-- index (keys.lua).  Returns {removed, running}.
 local prefix, field, value, needle = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local removed, running = 0, 0
 
@@ -13,9 +14,14 @@ local function matches(frame)
   return ok and type(item) == 'table' and item[field] == value
 end
 
-local function sweep(list)
+-- The matching frames of LIST (a list or one of its lines), which the key
+-- index names by ORIGIN, the list.
+local function sweep(list, origin)
   for _, f in ipairs(redis.call('LRANGE', list, 0, -1)) do
-    if matches(f) then removed = removed + redis.call('LREM', list, 0, f) end
+    if matches(f) then
+      removed = removed + redis.call('LREM', list, 0, f)
+      follow(prefix, f, 'q' .. origin .. '\n' .. f, nil)
+    end
   end
 end
 
@@ -23,25 +29,25 @@ for k = 2, #KEYS, 2 do
   local list, delayed = KEYS[k], KEYS[k + 1]
   local spec = string.sub(list, #prefix + 3)
   local levels = prefix .. 'levels:' .. spec
-  sweep(list)
+  sweep(list, list)
   for _, p in ipairs(redis.call('ZRANGE', levels, 0, -1)) do
     local ring = prefix .. 'ring:' .. spec .. '/' .. p
     for _, pair in ipairs(redis.call('LRANGE', ring, 0, -1)) do
       local line = prefix .. 'line:' .. spec .. '/' .. p .. '/' .. pair
-      sweep(line)
+      sweep(line, list)
       if redis.call('EXISTS', line) == 0 then redis.call('LREM', ring, 0, pair) end
     end
     if redis.call('EXISTS', ring) == 0 then redis.call('ZREM', levels, p) end
   end
   for _, m in ipairs(redis.call('ZRANGE', delayed, 0, -1)) do
-    if matches(string.sub(m, string.find(m, '\n', 1, true) + 1)) then
+    local f = delayedFrame(m)
+    if matches(f) then
       removed = removed + redis.call('ZREM', delayed, m)
+      follow(prefix, f, 'd' .. delayed .. '\n' .. m, nil)
     end
   end
 end
 for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local token = string.find(m, '\n', 1, true)
-  local origin = token and string.find(m, '\n', token + 1, true)
-  if origin and matches(string.sub(m, origin + 1)) then running = running + 1 end
+  if matches(heldFrame(m)) then running = running + 1 end
 end
 return {removed, running}

@@ -7,6 +7,8 @@
 -- within a priority the lines take turns, each as many items as its site's
 -- weight times the claim's share per line, and no more than the rate
 -- limits of its transport and site allow.
+-- An item's key index entry (keys.lua) follows it from the delayed set to
+-- its list and from its line to processing.
 -- Returns the earliest due time still waiting ("" if none) and the claimed
 -- members packed into one string, each as LENGTH:MEMBER: txredisapi's
 -- pure-Python parser reads each element of an array in a reactor turn of
@@ -73,8 +75,9 @@ for k = 4, #KEYS, 2 do
   if #due > 0 then
     for i = #due, 1, -1 do
       local m = due[i]
-      putInLine(prefix, spec, string.sub(m, string.find(m, '\n', 1, true) + 1),
-                true)
+      local f = delayedFrame(m)
+      putInLine(prefix, spec, f, true)
+      follow(prefix, f, 'd' .. delayed .. '\n' .. m, 'q' .. list .. '\n' .. f)
     end
     redis.call('ZREM', delayed, unpack(due))
   end
@@ -125,6 +128,7 @@ for k = 4, #KEYS, 2 do
             claimed = claimed + 1
             local m = ARGV[4] .. claimed .. '\n' .. list .. '\n' .. f
             redis.call('ZADD', KEYS[1], deadline, m)
+            follow(prefix, f, 'q' .. list .. '\n' .. f, 'r' .. m)
             packed[#packed + 1] = #m .. ':' .. m
           end
           for _, bucket in ipairs(buckets) do

@@ -4,7 +4,8 @@
 -- Puts still-held members back at the front of their lines (see
 -- lines.lua): a release (no cutoff) or the reaper (only what expired
 -- before the cutoff, so a lease renewed meanwhile is left alone), and
--- rings the lists' doorbells (RING, see lines.lua).
+-- rings the lists' doorbells (RING, see lines.lua).  The key index entry
+-- (keys.lua) follows each item.
 -- Returns how many moved.
 local cutoff, prefix = tonumber(ARGV[1]), ARGV[2]
 local moved, rung = 0, {}
@@ -15,6 +16,7 @@ for i = 3, #ARGV, 2 do
     local list = KEYS[(i - 1) / 2 + 1]
     redis.call('ZREM', KEYS[1], m)
     putInLine(prefix, string.sub(list, #prefix + 3), ARGV[i + 1], true)
+    follow(prefix, ARGV[i + 1], 'r' .. m, 'q' .. list .. '\n' .. ARGV[i + 1])
     if not rung[list] then
       redis.call('RPUSH', list, RING)
       rung[list] = true
