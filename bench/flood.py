@@ -153,6 +153,8 @@ class Scenario(Run):
 
     #: [stomp] prefetch, if not the default.
     stompPrefetch = 0
+    #: [stomp] max_priority (0: plain queues).
+    stompMaxPriority = HIGH
 
     def fail(self, message):
         raise SystemExit(message)
@@ -170,8 +172,9 @@ class Scenario(Run):
                    "Redis": "redis", "RabbitMQ": "stomp"}[self.backend.name]
         self.configPath = os.path.join(self.dir, "snq.toml")
         backendConfig = self.backend.config()
-        if backend == "stomp" and _knows({"stomp": {"max_priority": HIGH}}):
-            backendConfig += f"\nmax_priority = {HIGH}"
+        if backend == "stomp" and self.stompMaxPriority and _knows(
+                {"stomp": {"max_priority": self.stompMaxPriority}}):
+            backendConfig += f"\nmax_priority = {self.stompMaxPriority}"
         if backend == "stomp" and self.stompPrefetch:
             backendConfig += f"\nprefetch = {self.stompPrefetch}"
         with open(self.configPath, "w") as f:
@@ -362,8 +365,11 @@ def main(reactor):
     parser.add_argument("--label", default="", help="kept with the results")
     parser.add_argument("--stomp-prefetch", type=int, default=0,
                         help="[stomp] prefetch (default: snq's)")
+    parser.add_argument("--stomp-max-priority", type=int, default=HIGH,
+                        help="[stomp] max_priority (0: plain queues)")
     args = parser.parse_args()
     Scenario.stompPrefetch = args.stomp_prefetch
+    Scenario.stompMaxPriority = args.stomp_max_priority
     backends = args.backend or ["SQLite", "PostgreSQL", "Redis", "RabbitMQ"]
     only = args.only.split(",")
 

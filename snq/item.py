@@ -72,10 +72,12 @@ class Item:
             "id": self.id,
             "site": self.site,
             "transport": self.transport,
+            # Before the payload: a Redis claim reads the names and the
+            # priority off the frame's start (snq/redis/lua/lines.lua).
+            "priority": self.priority,
             "payload": self.payload,
             "attempts": self.attempts,
             "created": self.created,
-            "priority": self.priority,
         }
         # Only when used: a frame without them is one every daemon takes.
         if self.run_at is not None:

@@ -314,6 +314,32 @@ class RedisFloodTests(RedisFixture, FloodTestsMixin, TestCase):
         self.assertIn(("b", 0), first)
 
     @defer.inlineCallbacks
+    def test_framesOfAnyShapeInTheirLines(self):
+        """
+        snq's frames are read off their start; any other order or spelling
+        is decoded, and a priority inside the payload is not the item's.
+        """
+        yield self.queue.enqueue([
+            Item(transport="noop", payload="p-3", priority=-3, created=0),
+            Item(transport="noop", payload="p5", priority=5, created=0),
+            Item(transport="noop", payload="p6", site="été", priority=6,
+                 created=0)])
+        for frame in (b'{"payload":{"priority":99},"transport":"noop",'
+                      b'"site":"a","priority":7,"v":1,"id":"r7"}',
+                      b'{"v":1,"id":"r2","site":"\\u0061","transport":"noop",'
+                      b'"priority":2,"payload":"p2"}'):
+            yield self.redis.execute("LPUSH", self.key("q:main"), frame)
+        first = yield self.queue.claim(1)
+        self.assertEqual(Item.fromJSON(first[0].frame).priority, 7)
+        lines = [k for k in (yield self.keys()) if ":line:" in k]
+        self.assertEqual(lines, [self.key(f"line:main/{p}/noop/{site}") for
+                                 p, site in (("-3", "default"), ("2", "a"),
+                                             ("5", "default"), ("6", "été"))])
+        claimed = yield self.queue.claim(10)
+        self.assertEqual([Item.fromJSON(d.frame).priority for d in claimed],
+                         [6, 5, 2, -3])
+
+    @defer.inlineCallbacks
     def keys(self):
         keys = yield self.redis.execute("KEYS", self.prefix + "*")
         return sorted(k.decode() if isinstance(k, bytes) else k for k in keys)

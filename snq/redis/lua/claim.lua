@@ -73,26 +73,25 @@ for k = 4, #KEYS, 2 do
   local levels = prefix .. 'levels:' .. spec
   local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)
   if #due > 0 then
+    local frames = {}
     for i = #due, 1, -1 do
       local m = due[i]
       local f = delayedFrame(m)
-      putInLine(prefix, spec, f, true)
+      frames[#frames + 1] = f
       follow(prefix, f, 'd' .. delayed .. '\n' .. m, 'q' .. list .. '\n' .. f)
     end
+    putInLines(prefix, spec, frames, true)
     redis.call('ZREM', delayed, unpack(due))
   end
-  for _, f in ipairs(redis.call('RPOP', list, SORT) or {}) do
-    if f ~= RING then putInLine(prefix, spec, f, false) end
-  end
+  putInLines(prefix, spec, redis.call('RPOP', list, SORT) or {}, false)
   -- Behind a backlog still to sort, the newest frames go in line too: an
   -- urgent item or another site's pushed behind 100,000 waits for this
   -- claim, not for the backlog's sorting.  They may pass older frames of
   -- their own line still in the backlog.
   if redis.call('LLEN', list) > 0 then
-    local newest = redis.call('LPOP', list, NEWEST) or {}
-    for i = #newest, 1, -1 do
-      if newest[i] ~= RING then putInLine(prefix, spec, newest[i], false) end
-    end
+    local newest, oldestFirst = redis.call('LPOP', list, NEWEST) or {}, {}
+    for i = #newest, 1, -1 do oldestFirst[#oldestFirst + 1] = newest[i] end
+    putInLines(prefix, spec, oldestFirst, false)
   end
   for _, top in ipairs(redis.call('ZREVRANGE', levels, 0, -1)) do
     if claimed >= limit then break end

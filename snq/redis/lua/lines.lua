@@ -19,8 +19,19 @@ local function lineName(value)
   end
 end
 
+-- The start of an envelope as snq writes it (snq.item.Item.toJSON): its
+-- names and priority read without decoding the whole frame, and without
+-- doubt, since nothing nested comes before them.  Any other frame (names
+-- with escapes, another producer's order) is decoded.
+local SNQ_FRAME = '^{"v":1,"id":"[^"\\]*","site":"([^"\\/]+)","transport":"' ..
+                  '([^"\\/]+)","priority":(%-?%d%d?%d?%d?%d?%d?%d?%d?%d?%d?%d?%d?%d?%d?%d?)[,}]'
+
 -- A frame's priority and "TRANSPORT/SITE".
 local function lane(frame)
+  local site, transport, priority = string.match(frame, SNQ_FRAME)
+  if site then
+    return string.format('%d', tonumber(priority)), transport .. '/' .. site
+  end
   local ok, item = pcall(cjson.decode, frame)
   if not ok or type(item) ~= 'table' then return '0', '/' end
   local priority = item.priority
@@ -41,14 +52,31 @@ local function lineOf(prefix, spec, frame)
          priority, pair
 end
 
--- Put a frame of list SPEC in its line: at the back, or (given back, or a
--- retry fallen due) at the front.
-local function putInLine(prefix, spec, frame, front)
-  local line, priority, pair = lineOf(prefix, spec, frame)
+-- Put frames of list SPEC in their lines, in their order: at the back,
+-- or (given back, or retries fallen due) at the front.  One push per line.
+local function putInLines(prefix, spec, frames, front)
   local push = front and 'RPUSH' or 'LPUSH'
-  if redis.call(push, line, frame) == 1 then
-    redis.call(push, prefix .. 'ring:' .. spec .. '/' .. priority, pair)
-    redis.call('ZADD', prefix .. 'levels:' .. spec, priority, priority)
+  local lines, order = {}, {}
+  for _, frame in ipairs(frames) do
+    if frame ~= RING then
+      local line, priority, pair = lineOf(prefix, spec, frame)
+      local entry = lines[line]
+      if not entry then
+        entry = {priority = priority, pair = pair}
+        lines[line] = entry
+        order[#order + 1] = line
+      end
+      entry[#entry + 1] = frame
+    end
+  end
+  for _, line in ipairs(order) do
+    local entry = lines[line]
+    if redis.call(push, line, unpack(entry)) == #entry then
+      redis.call(push, prefix .. 'ring:' .. spec .. '/' .. entry.priority,
+                 entry.pair)
+      redis.call('ZADD', prefix .. 'levels:' .. spec, entry.priority,
+                 entry.priority)
+    end
   end
 end
 

@@ -15,7 +15,7 @@ for i = 3, #ARGV, 2 do
   if score and (cutoff == nil or tonumber(score) < cutoff) then
     local list = KEYS[(i - 1) / 2 + 1]
     redis.call('ZREM', KEYS[1], m)
-    putInLine(prefix, string.sub(list, #prefix + 3), ARGV[i + 1], true)
+    putInLines(prefix, string.sub(list, #prefix + 3), {ARGV[i + 1]}, true)
     follow(prefix, ARGV[i + 1], 'r' .. m, 'q' .. list .. '\n' .. ARGV[i + 1])
     if not rung[list] then
       redis.call('RPUSH', list, RING)
