@@ -262,6 +262,33 @@ class PostgresTests(ServerTestsMixin, TestCase):
         self.assertLess(max(latencies), 0.050, latencies)
 
     @defer.inlineCallbacks
+    def test_onlyRedoableTransactionsSkipTheDiskWait(self):
+        """
+        Claims and acknowledgements commit without waiting for the disk
+        (lost, they are done again); an enqueue waits, as it must.
+        """
+        queue = DbQueue(self.server.url(), 60)
+        self.addCleanup(queue.close)
+        yield queue.open()
+        seen = {}
+
+        def noting(name, method):
+            def run(txn, *args, **kw):
+                txn.execute("SHOW synchronous_commit")
+                seen[name] = txn.fetchone()[0]
+                return method(txn, *args, **kw)
+            return run
+
+        queue.dialect.claim = noting("claim", queue.dialect.claim)
+        queue._deleteIds = noting("ack", queue._deleteIds)
+        queue.insertItems = noting("enqueue", queue.insertItems)
+        yield queue.enqueue([Item(transport="record", payload={})])
+        claimed = yield queue.claim(5, TransportFilter())
+        yield queue.ack(claimed[0])
+        self.assertEqual(seen, {"enqueue": "on", "claim": "off", "ack": "off"})
+        self.assertEqual(self.server.count(), 0)
+
+    @defer.inlineCallbacks
     def afterReconnect(self, daemon, record):
         """The LISTEN connection was killed too: it is back."""
         latencies = yield self.promptStarts(record, 3)

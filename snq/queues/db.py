@@ -288,6 +288,8 @@ class DbQueue(Queue):
         share is what its buckets allow, and the rest of the window is
         filled only with items no limit applies to.
         """
+        self.dialect.redoable(txn)
+
         def claim(n, where, params):
             return self.dialect.claim(txn, self.claimant, now + self.lease, now,
                                       n, where, params, self.maxFrame or NO_LIMIT)
@@ -465,6 +467,7 @@ class DbQueue(Queue):
         self._flushing = True
 
         def delete(txn):
+            self.dialect.redoable(txn)
             self._deleteIds(txn, "queue_item", [rowId for rowId, _ in batch])
 
         def done(result):

@@ -80,6 +80,14 @@ class Dialect:
     def begin(self, txn):
         """Start a transaction that will write."""
 
+    def redoable(self, txn):
+        """
+        This transaction need not wait for the disk: lost in a crash of the
+        server, it is done again (a claim, an acknowledgement: the item
+        runs once more), and a later transaction that does wait makes it
+        durable too, the log being written in order.
+        """
+
     #: SQL for the schema (namespace) that unqualified table names are in.
     currentSchema = "current_schema()"
 
@@ -533,6 +541,9 @@ class Postgres(Dialect):
     paramstyle = "format"
     connectTimeout = "connect_timeout"
     lockRows = " FOR UPDATE SKIP LOCKED"
+
+    def redoable(self, txn):
+        txn.execute("SET LOCAL synchronous_commit TO OFF")
     #: Every INSERT into queue_item, by snq or by anyone's plain SQL,
     #: notifies this channel when it commits.
     channel = "snq_queue_item"
