@@ -37,6 +37,11 @@ class FloodTestsMixin:
         return [Item(transport=transport, payload=i, site=site, created=0, **kw)
                 for i in range(n)]
 
+    def urgent(self, site):
+        """An item of priority 5, its payload C{"urgent"}."""
+        return [Item(transport="noop", payload="urgent", site=site, priority=5,
+                     created=0)]
+
     @defer.inlineCallbacks
     def claimed(self, limit):
         """One claim of C{limit} → (site, payload) in the order given."""
@@ -57,8 +62,7 @@ class FloodTestsMixin:
         """
         yield self.queue.enqueue(self.items(300))
         yield self.queue.enqueue(self.items(300, site="b"))
-        yield self.queue.enqueue([Item(transport="noop", payload="urgent",
-                                       site="b", priority=5, created=0)])
+        yield self.queue.enqueue(self.urgent("b"))
         first = yield self.claimed(3)
         self.assertEqual(first[0], ("b", "urgent"))
 
@@ -307,8 +311,7 @@ class RedisFloodTests(RedisFixture, FloodTestsMixin, TestCase):
         for _ in range(5):
             yield self.queue.enqueue(self.items(1000))
         yield self.queue.enqueue(self.items(1, site="b"))
-        yield self.queue.enqueue([Item(transport="noop", payload="urgent",
-                                       site="a", priority=5, created=0)])
+        yield self.queue.enqueue(self.urgent("a"))
         first = yield self.claimed(4)
         self.assertEqual(first[0], ("a", "urgent"))
         self.assertIn(("b", 0), first)
