@@ -467,7 +467,6 @@ class DbQueue(Queue):
         self._flushing = True
 
         def delete(txn):
-            self.dialect.redoable(txn)
             self._deleteIds(txn, "queue_item", [rowId for rowId, _ in batch])
 
         def done(result):

@@ -82,9 +82,9 @@ class Dialect:
 
     def redoable(self, txn):
         """
-        This transaction need not wait for the disk: lost in a crash of the
-        server, it is done again (a claim, an acknowledgement: the item
-        runs once more), and a later transaction that does wait makes it
+        This transaction (a claim) need not wait for the disk: lost in a
+        crash of the server, its items are claimed again, as those in
+        flight would be; and a later transaction that does wait makes it
         durable too, the log being written in order.
         """
 
