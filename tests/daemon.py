@@ -81,14 +81,19 @@ class Daemon:
         self.kill()
 
 
-def descendants(pid: int) -> list[int]:
-    """The processes under C{pid}, children first, from C{/proc}."""
+def children(pid: int) -> list[int]:
+    """C{pid}'s child processes, from C{/proc} (none once it is gone)."""
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(p) for p in f.read().split()]
+            return [int(p) for p in f.read().split()]
     except FileNotFoundError:
         return []
-    return children + [d for child in children for d in descendants(child)]
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes under C{pid}, children first."""
+    below = children(pid)
+    return below + [d for child in below for d in descendants(child)]
 
 
 @defer.inlineCallbacks

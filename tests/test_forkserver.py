@@ -26,7 +26,7 @@ from snq.client import Producer
 from snq.forkserver import TEMPLATE_FD, prepare
 from snq.pool import JOURNAL, WorkerPool
 from snq.spawner import ExecSpawner, ForkSpawner
-from tests.daemon import Daemon, handledIds, waitFor
+from tests.daemon import Daemon, children, handledIds, waitFor
 from tests.test_pool import FakeProcessReactor, makeConfig
 from tests.test_pool_integration import CONFIG, PoolTestCase, alive
 from tests.test_redis import REDIS_URL, RedisFixture
@@ -310,20 +310,18 @@ class ForkServerMixin:
 
     def family(self, daemon):
         """→ (the master's fork server children, all its children)."""
-        master = daemon.process.pid
-        children = [int(p) for p in read(f"/proc/{master}/task/{master}/children")
-                    .split()]
-        templates = [p for p in children
+        below = children(daemon.process.pid)
+        templates = [p for p in below
                      if "snq.forkserver" in read(f"/proc/{p}/cmdline")]
-        return templates, children
+        return templates, below
 
     @defer.inlineCallbacks
     def test_workersAreForkedFromTheTemplate(self):
         daemon = self.daemon()
         workers = yield self.allRunning()
-        templates, children = self.family(daemon)
+        templates, below = self.family(daemon)
         self.assertEqual(len(templates), 1)
-        self.assertEqual(children, templates, "the workers are not the master's")
+        self.assertEqual(below, templates, "the workers are not the master's")
         for worker in workers:
             with open(f"/proc/{worker['pid']}/stat") as f:
                 parent = int(f.read().rsplit(")", 1)[1].split()[1])
@@ -354,8 +352,8 @@ class ForkServerMixin:
         yield deferLater(reactor, 0.2, lambda: None)
         yield waitFor(lambda: ids <= set(handledIds(self.record)), timeout=60,
                       what="every item handled")
-        templates, children = self.family(daemon)
-        self.assertEqual(children, templates, "every replacement was forked too")
+        templates, below = self.family(daemon)
+        self.assertEqual(below, templates, "every replacement was forked too")
         self.assertGreater(len(ids), 100)
         print(f"\nkill -9 → replacement running: {sorted(took)}")
 
@@ -402,9 +400,9 @@ class ForkServerIntegrationTests(ForkServerMixin, PoolTestCase):
                 "[daemon]\n", "[daemon]\nfork_server = false\n"))
         daemon = Daemon(self, self.dir, "-c", path)
         workers = yield self.allRunning()
-        templates, children = self.family(daemon)
+        templates, below = self.family(daemon)
         self.assertEqual(templates, [])
-        self.assertEqual(sorted(children), sorted(w["pid"] for w in workers))
+        self.assertEqual(sorted(below), sorted(w["pid"] for w in workers))
 
 
 REDIS_CONFIG = """
