@@ -198,9 +198,9 @@ class Scenario(Run):
         """
         Enqueue C{items}, then start the daemon on them, and once it drains
         the producer's side traffic (C{more}); → the marks once all ran.
-        The backlog is whole
-        before a worker claims: a producer slower than the workers would
-        otherwise measure itself, and leave no backlog to pass.
+        The backlog is whole before a worker claims: a producer slower than
+        the workers would otherwise measure itself, and leave no backlog to
+        pass.
         """
         process = self.producer(items, *more)
 

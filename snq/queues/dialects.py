@@ -541,9 +541,6 @@ class Postgres(Dialect):
     paramstyle = "format"
     connectTimeout = "connect_timeout"
     lockRows = " FOR UPDATE SKIP LOCKED"
-
-    def redoable(self, txn):
-        txn.execute("SET LOCAL synchronous_commit TO OFF")
     #: Every INSERT into queue_item, by snq or by anyone's plain SQL,
     #: notifies this channel when it commits.
     channel = "snq_queue_item"
@@ -616,6 +613,9 @@ class Postgres(Dialect):
         import psycopg
 
         self.retryable = (psycopg.OperationalError,)
+
+    def redoable(self, txn):
+        txn.execute("SET LOCAL synchronous_commit TO OFF")
 
     #: A cut network (rather than a closed connection) shows up within about
     #: a minute instead of the kernel's two hours, on connections waiting

@@ -2,8 +2,8 @@
 -- ARGV: now, deadline, limit, token prefix, key prefix.
 -- For each list: puts its due retries at the front of their lines and up
 -- to SORT of its oldest frames and NEWEST of its newest at the back of
--- theirs (lines: see lines.lua), then
--- claims from the lines into processing: the highest priority first, and
+-- theirs (lines: see lines.lua), then claims from the lines into
+-- processing: the highest priority first, and
 -- within a priority the lines take turns, each as many items as its site's
 -- weight times the claim's share per line, and no more than the rate
 -- limits of its transport and site allow.
